@@ -1,0 +1,1 @@
+"""HF safetensors <-> idefics-jax Orbax checkpoints."""

@@ -1,0 +1,147 @@
+"""HF safetensors (one file or shards, bf16 or fp32) -> idefics-jax Orbax checkpoint.
+
+Streams tensor by tensor into preallocated output arrays, so peak host memory is the output plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+from convert import _names
+from convert._safetensors import CheckpointError, TensorInfo, read_header, read_tensor
+from idefics_jax._checkpoint import META_FILE, PARAMS_DIR, param_shapes, save_params
+from idefics_jax._config import ModelConfig, from_hf_file
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class Progress:
+    """One status line on stderr, rewritten in place on a terminal and every 10% otherwise."""
+
+    def __init__(self, what: str, total: int, enabled: bool = True):
+        self.what, self.total, self.enabled = what, max(total, 1), enabled
+        self.done, self.t0, self.last_pct = 0, time.time(), -10
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int):
+        self.done += n
+        if not self.enabled:
+            return
+        pct = int(100 * self.done / self.total)
+        if self.tty or pct >= self.last_pct + 10 or self.done >= self.total:
+            self.last_pct = pct
+            rate = self.done / max(time.time() - self.t0, 1e-9) / 2**20
+            end = "\r" if self.tty and self.done < self.total else "\n"
+            print(f"{self.what}: {pct:3d}% ({self.done / 2**20:,.1f} / {self.total / 2**20:,.1f} MiB, {rate:,.0f} MiB/s)",
+                  end=end, file=sys.stderr, flush=True)
+
+
+def hf_tensors(src: str) -> dict[str, TensorInfo]:
+    """Every tensor of an HF checkpoint, from `model.safetensors` or the shards its index names."""
+    index = os.path.join(src, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: malformed index (no weight_map)") from None
+        out: dict[str, TensorInfo] = {}
+        for name in files:
+            shard = os.path.join(src, name)
+            if not os.path.exists(shard):
+                raise CheckpointError(f"{name}: missing shard named in model.safetensors.index.json")
+            out.update(read_header(shard))
+        return out
+    single = os.path.join(src, "model.safetensors")
+    if os.path.exists(single):
+        return read_header(single)
+    raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_hf_checkpoint(src: str, dtype=None, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Reads an HF directory into our parameter arrays (keyed by path), checking every key and shape.
+
+    dtype: output dtype ("float32", "bfloat16" or a numpy dtype); None keeps the checkpoint's.
+    """
+    config = from_hf_file(src)
+    tensors = hf_tensors(src)
+    if "lm_head.weight" not in tensors:
+        config = config.replace(tie_word_embeddings=True)  # the reference ties when the head is absent
+    shapes = param_shapes(config)
+    wanted = _names.entries(config, shapes)
+    missing = sorted(set(wanted) - set(tensors))
+    leftover = sorted(set(tensors) - set(wanted))
+    if missing:
+        raise CheckpointError(f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
+    if leftover:
+        raise CheckpointError(f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
+    if dtype is None:
+        dtype = tensors["model.text_model.embed_tokens.weight"].dtype
+    dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
+    if dtype is None:
+        raise ValueError(f"unsupported dtype (use one of {', '.join(DTYPES)})")
+
+    for key, e in wanted.items():
+        if tensors[key].shape != e.hf_shape:
+            raise CheckpointError(
+                f"{os.path.basename(tensors[key].file)}: '{key}' has shape {tensors[key].shape}, "
+                f"config.json implies {e.hf_shape}")
+    arrays = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
+    bar = Progress("converting", sum(tensors[k].nbytes for k in wanted), enabled=progress)
+    # File order, so each shard is read front to back once.
+    for key in sorted(wanted, key=lambda k: (tensors[k].file, tensors[k].start)):
+        e, info = wanted[key], tensors[key]
+        x = _names.to_ours(e, read_tensor(info), shapes[e.path]).astype(dtype, copy=False)
+        if e.layer is None:
+            arrays[e.path][...] = x
+        else:
+            arrays[e.path][e.layer] = x
+        bar.update(info.nbytes)
+    return config, arrays
+
+
+def copy_side_files(src: str, dst: str) -> None:
+    """Tokenizer, processor, chat template and generation config: everything but the weights."""
+    for name in os.listdir(src):
+        full = os.path.join(src, name)
+        if os.path.isfile(full) and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            shutil.copy2(full, os.path.join(dst, name))
+
+
+def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True) -> ModelConfig:
+    """HF directory `src` -> Orbax checkpoint directory `dst` (config and tokenizer files beside the params).
+
+    Written to a temporary directory next to `dst` and renamed when complete, so a failure leaves nothing loadable.
+    """
+    if os.path.exists(dst):
+        raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src}: not a directory")
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        config, arrays = read_hf_checkpoint(src, dtype, progress=progress)
+        copy_side_files(src, tmp)
+        if progress:
+            print("writing orbax checkpoint ...", file=sys.stderr, flush=True)
+        save_params(os.path.join(tmp, PARAMS_DIR), arrays)
+        dtype_name = "bfloat16" if next(iter(arrays.values())).dtype == DTYPES["bfloat16"] else "float32"
+        del arrays
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({"format": 1, "dtype": dtype_name, "tie_word_embeddings": config.tie_word_embeddings}, f)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config

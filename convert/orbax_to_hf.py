@@ -1,0 +1,90 @@
+"""idefics-jax Orbax checkpoint -> HF safetensors directory that transformers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+from flax import nnx
+
+from convert import _names
+from convert._safetensors import write_file
+from convert.hf_to_orbax import Progress, copy_side_files
+from idefics_jax._checkpoint import load_pretrained
+from idefics_jax._config import to_hf_dict
+
+SHARD_BYTES = 4 * 2**30
+
+
+def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
+    """Our parameters -> HF tensors by name (an untied head is written out even when we tie it)."""
+    config = model.config
+    arrays = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    out = {}
+    for key, e in _names.entries(config, {k: v.shape for k, v in arrays.items()}).items():
+        y = arrays[e.path] if e.layer is None else arrays[e.path][e.layer]
+        out[key] = np.ascontiguousarray(e.transform.to_hf(y))
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = arrays["text/embed"]
+    return out
+
+
+def export(src: str, dst: str, progress: bool = True) -> None:
+    """Orbax checkpoint `src` -> HF directory `dst` (safetensors shards of at most 4 GiB, config, tokenizer)."""
+    if os.path.exists(dst):
+        raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
+    model = load_pretrained(src)
+    tensors = model_to_hf_tensors(model)
+    hf_config = _hf_config(src, model.config)
+    del model
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        copy_side_files(src, tmp)
+        for name in os.listdir(tmp):
+            if name.startswith("idefics_jax") or os.path.isdir(os.path.join(tmp, name)):
+                os.remove(os.path.join(tmp, name))
+        hf_config["tie_word_embeddings"] = False  # the head is always written out
+        hf_config.setdefault("text_config", {})["tie_word_embeddings"] = False
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        shards, cur, size = [], {}, 0
+        for k, v in tensors.items():
+            if cur and size + v.nbytes > SHARD_BYTES:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + v.nbytes
+        shards.append(cur)
+        bar = Progress("exporting", sum(v.nbytes for v in tensors.values()), enabled=progress)
+        if len(shards) == 1:
+            write_file(os.path.join(tmp, "model.safetensors"), shards[0])
+            bar.update(size)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_file(os.path.join(tmp, name), shard)
+                weight_map.update({k: name for k in shard})
+                bar.update(sum(v.nbytes for v in shard.values()))
+            index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"wrote {dst}", file=sys.stderr)
+
+
+def _hf_config(src: str, model_config) -> dict:
+    path = os.path.join(src, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return to_hf_dict(model_config)

@@ -1,0 +1,14 @@
+"""Idefics2, Idefics3 and SmolVLM in JAX / Flax NNX."""
+
+from idefics_jax._checkpoint import LoadError, load_pretrained, param_count
+from idefics_jax._config import (ConfigError, ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig,
+                                 TextConfig, VisionConfig, from_hf_dict, from_hf_file, to_hf_dict)
+from idefics_jax._decoder import KVCache
+from idefics_jax._model import IdeficsModel
+from idefics_jax._presets import PRESETS
+
+__all__ = [
+    "ConfigError", "IdeficsModel", "KVCache", "LoadError", "ModelConfig", "PRESETS", "PerceiverConfig",
+    "PixelShuffleConfig", "RopeConfig", "TextConfig", "VisionConfig", "from_hf_dict", "from_hf_file",
+    "load_pretrained", "param_count", "to_hf_dict",
+]

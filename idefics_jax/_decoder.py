@@ -1,0 +1,92 @@
+"""Llama / Mistral decoder: pre-RMSNorm, GQA with RoPE, SwiGLU; layers stacked and scanned."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from idefics_jax._config import TextConfig
+from idefics_jax._layers import Stacked, apply_rope, attend, normal, ones, param, rms_norm, rope_inv_freq, scan_layers
+
+_ONES = jax.nn.initializers.ones
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated to S slots: k, v (L, B, S, K, H)."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, c: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
+        shape = (c.num_layers, batch, slots, c.num_kv_heads, c.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _layer_spec(c: TextConfig) -> dict:
+    D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    w = normal()
+    return {
+        "attn_norm": ((D,), ("embed",), _ONES),
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), w),
+        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
+        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), w),
+        "mlp_norm": ((D,), ("embed",), _ONES),
+        "gate": ((D, F), ("embed", "mlp"), w),
+        "up": ((D, F), ("embed", "mlp"), w),
+        "down": ((F, D), ("mlp", "embed"), w),
+    }
+
+
+def causal_mask(attention_mask_BS, sliding_window: int | None = None):
+    """(B, S) key validity -> (B, S, S): causal, valid keys only, and within the window if one is set."""
+    S = attention_mask_BS.shape[1]
+    q, k = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    return allowed[None] & attention_mask_BS[:, None, :].astype(bool)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, c: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = c
+        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=dtype)
+        self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
+        self.norm = ones(rngs, (c.hidden_size,), ("embed",), dtype)
+
+    def __call__(self, x_BTD, pos_BT, mask_BTS, cache: KVCache | None = None, cache_index=None, remat: bool = False):
+        """Runs all layers on embeddings (B, T, D).
+
+        Without a cache, keys are the T tokens themselves and `mask_BTS` is (B, T, T). With a cache, the new keys
+        and values are written at slots [cache_index, cache_index + T) and `mask_BTS` covers all S slots.
+        Returns the final-normed hidden states (B, T, D) and the updated cache (or None).
+        """
+        c = self.config
+        inv_freq = rope_inv_freq(c.rope, c.head_dim)
+
+        def layer(x, w, kv):
+            h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+            q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq)
+            k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq)
+            v = jnp.einsum("BTD,DKH->BTKH", h, w["v"])
+            if kv is not None:
+                start = (0, cache_index, 0, 0)
+                k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+                v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+                kv = (k, v)
+            x = x + jnp.einsum("BTNH,NHD->BTD", attend(q, k, v, mask_BTS), w["o"])
+            h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+            h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["gate"])) * jnp.einsum("BTD,DF->BTF", h, w["up"])
+            return x + jnp.einsum("BTF,FD->BTD", h, w["down"]), kv
+
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = scan_layers(layer, x_BTD, self.layers.weights(), kv_in, remat=remat)
+        new_cache = None if cache is None else KVCache(*kv_out)
+        return rms_norm(x, self.norm[...], c.rms_norm_eps), new_cache

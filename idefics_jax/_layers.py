@@ -1,0 +1,114 @@
+"""Shared building blocks.
+
+Axis legend for every einsum and `x_XYZ` name in this package:
+  B batch, I images, T query tokens, S key/source tokens, D model width, N query heads, K kv heads,
+  G query heads per kv head, H head dim, F mlp width, V vocab, L layers, P patches per side.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from idefics_jax._config import RopeConfig
+
+Axes = Sequence[str | None]
+
+
+def normal(std: float = 0.02):
+    return jax.nn.initializers.normal(std)
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, init=None, dtype=jnp.float32) -> nnx.Param:
+    """A parameter with its logical axis names (mapped to mesh axes by `idefics_jax.sharding`)."""
+    assert len(shape) == len(axes), (shape, axes)
+    init = init or normal()
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+def ones(rngs: nnx.Rngs, shape, axes, dtype=jnp.float32) -> nnx.Param:
+    return param(rngs, shape, axes, jax.nn.initializers.ones, dtype)
+
+
+def zeros(rngs: nnx.Rngs, shape, axes, dtype=jnp.float32) -> nnx.Param:
+    return param(rngs, shape, axes, jax.nn.initializers.zeros, dtype)
+
+
+class Stacked(nnx.Module):
+    """Parameters of `L` identical layers, stacked on a leading `layers` axis so one `lax.scan` runs them.
+
+    `spec` maps a name to (per-layer shape, logical axes, init).
+    """
+
+    def __init__(self, num_layers: int, spec: dict, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self._names = tuple(spec)
+        for name, (shape, axes, init) in spec.items():
+            setattr(self, name, param(rngs, (num_layers, *shape), ("layers", *axes), init, dtype))
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {n: getattr(self, n)[...] for n in self._names}
+
+
+def scan_layers(fn: Callable, carry, weights: dict, xs=None, remat: bool = False):
+    """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`)."""
+    body = jax.checkpoint(fn) if remat else fn
+    return jax.lax.scan(lambda c, wx: body(c, *wx), carry, (weights, xs))
+
+
+def rms_norm(x, w, eps: float):
+    # fp32 statistics, cast back before the weight, as in the reference.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
+
+
+def layer_norm(x, w, b, eps: float):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)  # the two-pass form, not E[x^2] - E[x]^2
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies (H/2,), float32, with llama3 scaling when configured."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if rope.type == "llama3":
+        orig, lo, hi, factor = rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor, rope.factor
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = orig / lo, orig / hi
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        mid = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x_BTNH, pos_BT, inv_freq):
+    """Half-split ("rotate_half") rotary embedding; angles in fp32, applied in the input dtype."""
+    ang = pos_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]
+    cos = jnp.cos(ang).astype(x_BTNH.dtype)[:, :, None, :]
+    sin = jnp.sin(ang).astype(x_BTNH.dtype)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Scaled dot-product attention with grouped kv heads; softmax in fp32.
+
+    `mask_BTS` is True where query t may see key s. Fully masked rows give a uniform average, never NaN.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH).astype(jnp.float32) * (H**-0.5)
+    logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+    return out.reshape(B, T, N, H)

@@ -1,0 +1,140 @@
+"""The vision-language model: vision encoder -> connector -> image tokens merged into the text -> decoder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from idefics_jax._config import ModelConfig, PixelShuffleConfig
+from idefics_jax._connector import PixelShuffleConnector
+from idefics_jax._decoder import Decoder, causal_mask
+from idefics_jax._layers import param
+from idefics_jax._vision import VisionEncoder, patch_mask
+
+# The connector is chosen by the type of its config.
+CONNECTORS: dict[type, type[nnx.Module]] = {PixelShuffleConfig: PixelShuffleConnector}
+
+
+def real_images(pixel_values_BICHW) -> jax.Array:
+    """(B*I,) True for real images; padding images are exactly zero everywhere."""
+    B, I = pixel_values_BICHW.shape[:2]
+    return jnp.any(pixel_values_BICHW.reshape(B * I, -1) != 0, axis=1)
+
+
+def merge_image_features(x_BTD, input_ids_BT, feats_ITD, real_I, image_token_id: int):
+    """Writes the real images' features, in (batch, image) order, over the image-token embeddings.
+
+    Static shapes: the k-th image token (row-major over the batch) takes row k % T of the (k // T)-th real image.
+    """
+    B, T, D = x_BTD.shape
+    I, Timg = feats_ITD.shape[:2]
+    is_img = (input_ids_BT == image_token_id).reshape(-1)
+    k = jnp.cumsum(is_img) - 1
+    slots = jnp.nonzero(real_I, size=I, fill_value=0)[0]
+    img = slots[jnp.clip(k // Timg, 0, I - 1)]
+    rows = feats_ITD[img, jnp.clip(k % Timg, 0, Timg - 1)].astype(x_BTD.dtype)
+    return jnp.where(is_img[:, None], rows, x_BTD.reshape(B * T, D)).reshape(B, T, D)
+
+
+def positions_from_mask(attention_mask_BT):
+    """Position ids as `generate` makes them: cumsum of the mask minus one, pads at 1."""
+    pos = jnp.cumsum(attention_mask_BT, axis=-1) - 1
+    return jnp.where(attention_mask_BT == 0, 1, pos)
+
+
+class IdeficsModel(nnx.Module):
+    """Idefics2 / Idefics3 / SmolVLM for conditional generation.
+
+    Call it with the HF processor's numpy outputs: `model(input_ids, attention_mask, pixel_values,
+    pixel_attention_mask) -> logits (B, T, V) float32`.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.vision = VisionEncoder(config.vision, rngs=rngs, dtype=dtype)
+        self.connector = CONNECTORS[type(config.connector)](config, rngs=rngs, dtype=dtype)
+        self.text = Decoder(config.text, rngs=rngs, dtype=dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype)
+
+    @property
+    def dtype(self):
+        return self.text.embed.dtype
+
+    def image_features(self, pixel_values_BICHW, pixel_mask_BIHW=None, remat: bool = False):
+        """-> features (B*I, image_seq_len, D) for every image slot, and which slots are real images (B*I,)."""
+        B, I, C, H, W = pixel_values_BICHW.shape
+        pixels = pixel_values_BICHW.reshape(B * I, C, H, W)
+        real = real_images(pixel_values_BICHW)
+        if pixel_mask_BIHW is None:
+            pixel_mask = jnp.ones((B * I, H, W), bool)
+        else:
+            pixel_mask = pixel_mask_BIHW.reshape(B * I, H, W)
+        v = self.config.vision
+        pmask = patch_mask(pixel_mask, v.patch_size, v.patch_valid_if_all_pixels)
+        # Padding images run with a full mask so that no NaN can reach a gradient; their rows are never read.
+        pmask = pmask | ~real[:, None, None]
+        hidden = self.vision(pixels, pmask, remat=remat)
+        return self.connector(hidden, pmask.reshape(B * I, -1)), real
+
+    def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: bool = False):
+        x = jnp.take(self.text.embed[...], input_ids_BT, axis=0)
+        if pixel_values is None:
+            return x
+        feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat)
+        return merge_image_features(x, input_ids_BT, feats, real, self.config.image_token_id)
+
+    def lm_logits(self, h_BTD):
+        w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False):
+        """Traceable forward pass (use inside your own jit / grad). Shapes as in `__call__`."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        x = self.embed(input_ids, pixel_values, pixel_attention_mask, remat=remat)
+        mask = causal_mask(attention_mask, self.config.text.sliding_window)
+        h, _ = self.text(x, positions_from_mask(attention_mask), mask, remat=remat)
+        return self.lm_logits(h)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None):
+        """input_ids (B, T) int; attention_mask (B, T) 1 = token; pixel_values (B, I, C, H, W) float with all-zero
+        padding images; pixel_attention_mask (B, I, H, W) 1 = valid pixel. Returns logits (B, T, V) float32."""
+        check_inputs(self.config, input_ids, attention_mask, pixel_values, pixel_attention_mask)
+        return _jit_forward(self, input_ids, attention_mask, pixel_values, pixel_attention_mask)
+
+
+@nnx.jit
+def _jit_forward(model, input_ids, attention_mask, pixel_values, pixel_attention_mask):
+    return model.forward(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+
+
+def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, pixel_attention_mask) -> None:
+    """Host-side checks, before any device work; raises ValueError naming the problem."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a 2-D integer array (batch, tokens); got shape {ids.shape} {ids.dtype}")
+    if attention_mask is not None and np.shape(attention_mask) != ids.shape:
+        raise ValueError(f"attention_mask shape {np.shape(attention_mask)} differs from input_ids shape {ids.shape}")
+    n_tokens = int((ids == config.image_token_id).sum())
+    if pixel_values is None:
+        if n_tokens:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
+        return
+    pv = np.asarray(pixel_values)
+    if pv.ndim != 5:
+        raise ValueError(f"pixel_values must be 5-D (batch, images, channels, height, width); got shape {pv.shape}")
+    if pv.shape[0] != ids.shape[0]:
+        raise ValueError(f"pixel_values batch {pv.shape[0]} differs from input_ids batch {ids.shape[0]}")
+    if pixel_attention_mask is not None and np.shape(pixel_attention_mask) != pv.shape[:2] + pv.shape[3:]:
+        raise ValueError(
+            f"pixel_attention_mask shape {np.shape(pixel_attention_mask)} does not match pixel_values {pv.shape}"
+        )
+    n_real = int(np.any(pv.reshape(pv.shape[0] * pv.shape[1], -1) != 0, axis=1).sum())
+    if n_tokens != n_real * config.image_seq_len:
+        raise ValueError(
+            f"image tokens and images do not match: {n_tokens} image tokens for {n_real} images "
+            f"x {config.image_seq_len} tokens each"
+        )

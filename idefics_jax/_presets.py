@@ -1,0 +1,83 @@
+"""Configs of the published checkpoints, and a tiny one for tests.
+
+Values are those of each checkpoint's `config.json`; `tests/test_presets.py` checks the parameter counts.
+"""
+
+from idefics_jax._config import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
+
+_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16)
+_SIGLIP_B16_512 = VisionConfig(
+    hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, image_size=512, patch_size=16
+)
+
+IDEFICS3_8B_LLAMA3 = ModelConfig(
+    model_type="idefics3",
+    vision=VisionConfig(**_SIGLIP_SO400M, image_size=364, patch_size=14),
+    text=TextConfig(
+        vocab_size=128259, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope=RopeConfig(theta=500000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    connector=PixelShuffleConfig(scale_factor=2),
+    image_token_id=128257,
+)
+
+SMOLVLM_256M = ModelConfig(
+    model_type="idefics3",
+    vision=_SIGLIP_B16_512,
+    text=TextConfig(
+        vocab_size=49280, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope=RopeConfig(theta=100000.0),
+    ),
+    connector=PixelShuffleConfig(scale_factor=4),
+    image_token_id=49190,
+)
+
+SMOLVLM_500M = ModelConfig(
+    model_type="idefics3",
+    vision=_SIGLIP_B16_512,
+    text=TextConfig(
+        vocab_size=49280, hidden_size=960, intermediate_size=2560, num_layers=32, num_heads=15,
+        num_kv_heads=5, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope=RopeConfig(theta=100000.0),
+    ),
+    connector=PixelShuffleConfig(scale_factor=4),
+    image_token_id=49190,
+)
+
+# HuggingFaceTB/SmolVLM-Instruct.
+SMOLVLM_2_2B = ModelConfig(
+    model_type="idefics3",
+    vision=VisionConfig(**_SIGLIP_SO400M, image_size=384, patch_size=14),
+    text=TextConfig(
+        vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=32,
+        num_kv_heads=32, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=16384,
+        rope=RopeConfig(theta=273768.0),
+    ),
+    connector=PixelShuffleConfig(scale_factor=3),
+    image_token_id=49153,
+)
+
+# Small enough for CPU tests; head counts keep GQA (6 heads over 2 kv heads) and llama3 RoPE.
+TINY = ModelConfig(
+    model_type="idefics3",
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32, patch_size=4),
+    text=TextConfig(
+        vocab_size=160, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
+        head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=512,
+        rope=RopeConfig(theta=500000.0, type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=64),
+    ),
+    connector=PixelShuffleConfig(scale_factor=2),
+    image_token_id=5,  # `<image>` in idefics_jax.testing.char_tokenizer
+)
+
+PRESETS = {
+    "idefics3-8b-llama3": IDEFICS3_8B_LLAMA3,
+    "smolvlm-256m": SMOLVLM_256M,
+    "smolvlm-500m": SMOLVLM_500M,
+    "smolvlm-2.2b": SMOLVLM_2_2B,
+    "tiny": TINY,
+}

@@ -1,0 +1,97 @@
+"""SigLIP vision encoder with NaViT-style position ids from the patch mask."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from idefics_jax._config import VisionConfig
+from idefics_jax._layers import Stacked, attend, layer_norm, normal, ones, param, scan_layers, zeros
+
+_ONES, _ZEROS = jax.nn.initializers.ones, jax.nn.initializers.zeros
+
+
+def _layer_spec(c: VisionConfig) -> dict:
+    D, F, N, H = c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim
+    w = normal()
+    return {
+        "ln1_scale": ((D,), ("embed",), _ONES), "ln1_bias": ((D,), ("embed",), _ZEROS),
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), w), "q_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "k": ((D, N, H), ("embed", "heads", "head_dim"), w), "k_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "v": ((D, N, H), ("embed", "heads", "head_dim"), w), "v_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), w), "o_bias": ((D,), ("embed",), _ZEROS),
+        "ln2_scale": ((D,), ("embed",), _ONES), "ln2_bias": ((D,), ("embed",), _ZEROS),
+        "fc1": ((D, F), ("embed", "mlp"), w), "fc1_bias": ((F,), ("mlp",), _ZEROS),
+        "fc2": ((F, D), ("mlp", "embed"), w), "fc2_bias": ((D,), ("embed",), _ZEROS),
+    }
+
+
+def _layer(eps: float):
+    def fn(x_ISD, w, key_mask_IS):
+        h = layer_norm(x_ISD, w["ln1_scale"], w["ln1_bias"], eps)
+        q = jnp.einsum("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"]
+        k = jnp.einsum("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"]
+        v = jnp.einsum("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"]
+        a = attend(q, k, v, jnp.broadcast_to(key_mask_IS[:, None, :], (*key_mask_IS.shape[:1], x_ISD.shape[1], x_ISD.shape[1])))
+        x_ISD = x_ISD + jnp.einsum("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"]
+        h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
+        h = jax.nn.gelu(jnp.einsum("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
+        return x_ISD + jnp.einsum("ISF,FD->ISD", h, w["fc2"]) + w["fc2_bias"]
+
+    return fn
+
+
+def patch_mask(pixel_mask_IHW, patch: int, all_pixels: bool):
+    """Pixel validity (I, H, W) -> patch validity (I, H/p, W/p); leftover pixels are dropped."""
+    I, Hp, Wp = pixel_mask_IHW.shape[0], pixel_mask_IHW.shape[1] // patch, pixel_mask_IHW.shape[2] // patch
+    m = pixel_mask_IHW[:, : Hp * patch, : Wp * patch].reshape(I, Hp, patch, Wp, patch).astype(jnp.int32)
+    count = m.sum(axis=(2, 4))
+    return count == patch * patch if all_pixels else count > 0
+
+
+def position_ids(mask_IPP, n: int):
+    """NaViT position ids: each valid patch's fractional coordinate bucketed into the n x n table.
+
+    Float32 throughout, with searchsorted(side='right'), to match the reference bit for bit.
+    """
+    boundaries = jnp.asarray((np.arange(1, n) / n).astype(np.float32))
+
+    def bucket(length, valid_count):
+        frac = jnp.arange(length, dtype=jnp.float32)[None] * (1.0 / valid_count.astype(jnp.float32))[:, None]
+        frac = jnp.minimum(frac, jnp.float32(1.0 - 1e-6))
+        return jnp.searchsorted(boundaries, frac, side="right")
+
+    I, Ph, Pw = mask_IPP.shape
+    bh = bucket(Ph, mask_IPP[:, :, 0].sum(axis=1))
+    bw = bucket(Pw, mask_IPP[:, 0, :].sum(axis=1))
+    pos = (bh[:, :, None] * n + bw[:, None, :]).reshape(I, -1)
+    return jnp.where(mask_IPP.reshape(I, -1), pos, 0)
+
+
+class VisionEncoder(nnx.Module):
+    def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = c
+        D, p, n = c.hidden_size, c.patch_size, c.patches_per_side
+        self.patch_embed = param(rngs, (c.num_channels, p, p, D), (None, None, None, "embed"), dtype=dtype)
+        self.patch_bias = zeros(rngs, (D,), ("embed",), dtype)
+        self.pos_embed = param(rngs, (n * n, D), (None, "embed"), dtype=dtype)
+        self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
+        self.post_ln_scale = ones(rngs, (D,), ("embed",), dtype)
+        self.post_ln_bias = zeros(rngs, (D,), ("embed",), dtype)
+
+    def __call__(self, pixels_ICHW, mask_IPP, remat: bool = False):
+        """pixels (I, C, H, W) normalised; mask (I, H/p, W/p) valid patches -> hidden states (I, S, D)."""
+        c = self.config
+        p = c.patch_size
+        I, C, Hpx, Wpx = pixels_ICHW.shape
+        Ph, Pw = Hpx // p, Wpx // p
+        x = pixels_ICHW[:, :, : Ph * p, : Pw * p].reshape(I, C, Ph, p, Pw, p).astype(self.patch_embed.dtype)
+        x = jnp.einsum("ICYpXq,CpqD->IYXD", x, self.patch_embed[...]) + self.patch_bias[...]
+        x = x.reshape(I, Ph * Pw, -1)
+        x = x + jnp.take(self.pos_embed[...], position_ids(mask_IPP, c.patches_per_side), axis=0)
+        key_mask = mask_IPP.reshape(I, -1)
+        layer = _layer(c.layer_norm_eps)
+        x, _ = scan_layers(lambda x, w, _: (layer(x, w, key_mask), None), x, self.layers.weights(), remat=remat)
+        return layer_norm(x, self.post_ln_scale[...], self.post_ln_bias[...], c.layer_norm_eps)

@@ -1,0 +1,118 @@
+"""Random HF checkpoints built offline: a character tokenizer, the PIL image processor, random weights.
+
+Used by the tests, the demo and the benchmarks; nothing here touches a model hub. Needs torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from idefics_jax._config import ModelConfig, to_hf_dict
+from idefics_jax._presets import TINY
+
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+           "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+IMAGE_TOKEN_ID = SPECIAL.index("<image>")
+
+
+def char_tokenizer():
+    """A tokenizer with one token per printable ASCII character plus the Idefics3 special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for ch in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>", additional_special_tokens=SPECIAL[4:], padding_side="left",
+    )
+
+
+def processor(config: ModelConfig, tokenizer=None, tiles_per_side: int = 2, do_image_splitting: bool = True):
+    """The Idefics3 processor (PIL backend) for `config`: tiles of the vision image size, images resized so the
+    longest edge is `tiles_per_side` tiles."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    side = config.vision.image_size
+    ip = Idefics3ImageProcessorPil(
+        size={"longest_edge": side * tiles_per_side}, max_image_size={"longest_edge": side},
+        do_image_splitting=do_image_splitting,
+    )
+    return Idefics3Processor(image_processor=ip, tokenizer=tokenizer or char_tokenizer(),
+                             image_seq_len=config.image_seq_len, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """TINY with vocab and image token matching `char_tokenizer`."""
+    c = TINY.replace(image_token_id=IMAGE_TOKEN_ID)
+    return dataclasses.replace(c, **overrides)
+
+
+def hf_model(config: ModelConfig, seed: int = 0):
+    """A transformers model with random weights for `config` (norms and biases randomised too)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    d = to_hf_dict(config)
+    mt = d.pop("model_type")
+    d.pop("architectures")
+    hf_config = AutoConfig.for_model(mt, **d)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Non-trivial norms and biases, so a swapped or dropped one shows in the logits.
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf_checkpoint(path: str, config: ModelConfig | None = None, *, seed: int = 0, max_shard_size=None,
+                       drop_lm_head: bool = False, tiles_per_side: int = 2) -> str:
+    """Writes a random HF checkpoint (weights, config, tokenizer, processor) to `path`."""
+    config = config or tiny_config()
+    model = hf_model(config, seed)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    processor(config, tiles_per_side=tiles_per_side).save_pretrained(path)
+    if drop_lm_head:
+        _drop_tensor(path, "lm_head.weight")
+    return path
+
+
+def _drop_tensor(path: str, key: str) -> None:
+    """Removes one tensor from a single-file checkpoint (a checkpoint saved with a tied head looks like this)."""
+    from safetensors.numpy import load_file, save_file
+
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    del tensors[key]
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def random_image(rng: np.random.Generator, height: int, width: int):
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def write_config(path: str, d: dict) -> None:
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)

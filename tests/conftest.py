@@ -1,0 +1,68 @@
+import os
+
+import numpy as np
+import pytest
+
+# Tests run on the CPU in fp32; full-precision matmuls keep parity tolerances meaningful.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from idefics_jax import testing  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """A random tiny Idefics3 HF checkpoint, one safetensors file."""
+    return testing.save_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_sharded(tmp_path_factory):
+    """The same architecture, other weights, saved as several shards with an index."""
+    return testing.save_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny-sharded"), seed=1,
+                                      max_shard_size="60KB")
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_hf):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_hf)
+
+
+def chat(processor, n_images: int, text: str) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.fixture(scope="session")
+def cases(processor):
+    """Processor outputs (numpy) for the parity cases."""
+    rng = np.random.default_rng(0)
+    img = lambda h, w: testing.random_image(rng, h, w)  # noqa: E731
+    out = {}
+    # 50x70: resized to 46x64, split into 2x2 tiles of 32, the last row and column padded.
+    out["one_image_split_padded"] = dict(processor(text=[chat(processor, 1, "what is this?")],
+                                                   images=[[img(50, 70)]], return_tensors="np"))
+    out["batch_1_and_2_images"] = dict(processor(
+        text=[chat(processor, 1, "one?"), chat(processor, 2, "and these two images, what differs?")],
+        images=[[img(40, 30)], [img(64, 64), img(20, 90)]], return_tensors="np", padding=True))
+    out["text_only"] = dict(processor(text=["<|im_start|>User: hello, how are you?<end_of_utterance>\nAssistant:",
+                                            "<|im_start|>User: hi<end_of_utterance>\nAssistant:"],
+                                      return_tensors="np", padding=True))
+    return out
+
+
+def hf_logits(model, inputs) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}).logits.float().numpy()
+
+
+def rel_err(a, b, attention_mask) -> float:
+    """max |a - b| / max |b| over non-padded positions."""
+    keep = np.asarray(attention_mask).astype(bool)
+    return float(np.abs(a[keep] - b[keep]).max() / np.abs(b[keep]).max())

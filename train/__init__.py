@@ -1,0 +1,1 @@
+"""Fine-tuning (see issue: optax training program)."""
