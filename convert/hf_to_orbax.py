@@ -17,7 +17,7 @@ import numpy as np
 
 from convert import _names
 from convert._safetensors import CheckpointError, TensorInfo, read_header, read_tensor
-from idefics_jax._checkpoint import META_FILE, PARAMS_DIR, param_shapes, save_params
+from idefics_jax._checkpoint import META_FILE, PARAMS_DIR, finalize_partial, param_shapes, save_partial
 from idefics_jax._config import ModelConfig, from_hf_file
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -68,46 +68,64 @@ def hf_tensors(src: str) -> dict[str, TensorInfo]:
     raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
 
 
+class HFCheckpoint:
+    """An HF directory checked against its config: every key present, none left over, every shape right.
+
+    `array(path)` assembles one of our parameters (all layers of a stacked one) from the HF tensors it needs.
+    """
+
+    def __init__(self, src: str, dtype=None):
+        self.src = src
+        config = from_hf_file(src)
+        self.tensors = hf_tensors(src)
+        if "lm_head.weight" not in self.tensors:
+            config = config.replace(tie_word_embeddings=True)  # the reference ties when the head is absent
+        self.config = config
+        self.shapes = param_shapes(config)
+        wanted = _names.entries(config, self.shapes)
+        missing = sorted(set(wanted) - set(self.tensors))
+        leftover = sorted(set(self.tensors) - set(wanted))
+        if missing:
+            raise CheckpointError(f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
+        if leftover:
+            raise CheckpointError(f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
+        for key, e in wanted.items():
+            if self.tensors[key].shape != e.hf_shape:
+                raise CheckpointError(
+                    f"{os.path.basename(self.tensors[key].file)}: '{key}' has shape {self.tensors[key].shape}, "
+                    f"config.json implies {e.hf_shape}")
+        if dtype is None:
+            dtype = self.tensors["model.text_model.embed_tokens.weight"].dtype
+        self.dtype = DTYPES.get(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        if self.dtype is None:
+            raise ValueError(f"unsupported dtype '{dtype}' (use one of {', '.join(DTYPES)})")
+        self.by_path: dict[str, list[_names.Entry]] = {}
+        for e in wanted.values():
+            self.by_path.setdefault(e.path, []).append(e)
+        self.nbytes = sum(self.tensors[k].nbytes for k in wanted)
+
+    def array(self, path: str, progress: Progress | None = None) -> np.ndarray:
+        out = np.empty(self.shapes[path], self.dtype)
+        for e in self.by_path[path]:
+            info = self.tensors[e.hf_key]
+            x = _names.to_ours(e, read_tensor(info), self.shapes[path]).astype(self.dtype, copy=False)
+            if e.layer is None:
+                out[...] = x
+            else:
+                out[e.layer] = x
+            if progress:
+                progress.update(info.nbytes)
+        return out
+
+
 def read_hf_checkpoint(src: str, dtype=None, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Reads an HF directory into our parameter arrays (keyed by path), checking every key and shape.
+    """Reads an HF directory into our parameter arrays keyed by path ("text/layers/q").
 
     dtype: output dtype ("float32", "bfloat16" or a numpy dtype); None keeps the checkpoint's.
     """
-    config = from_hf_file(src)
-    tensors = hf_tensors(src)
-    if "lm_head.weight" not in tensors:
-        config = config.replace(tie_word_embeddings=True)  # the reference ties when the head is absent
-    shapes = param_shapes(config)
-    wanted = _names.entries(config, shapes)
-    missing = sorted(set(wanted) - set(tensors))
-    leftover = sorted(set(tensors) - set(wanted))
-    if missing:
-        raise CheckpointError(f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
-    if leftover:
-        raise CheckpointError(f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
-    if dtype is None:
-        dtype = tensors["model.text_model.embed_tokens.weight"].dtype
-    dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
-    if dtype is None:
-        raise ValueError(f"unsupported dtype (use one of {', '.join(DTYPES)})")
-
-    for key, e in wanted.items():
-        if tensors[key].shape != e.hf_shape:
-            raise CheckpointError(
-                f"{os.path.basename(tensors[key].file)}: '{key}' has shape {tensors[key].shape}, "
-                f"config.json implies {e.hf_shape}")
-    arrays = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
-    bar = Progress("converting", sum(tensors[k].nbytes for k in wanted), enabled=progress)
-    # File order, so each shard is read front to back once.
-    for key in sorted(wanted, key=lambda k: (tensors[k].file, tensors[k].start)):
-        e, info = wanted[key], tensors[key]
-        x = _names.to_ours(e, read_tensor(info), shapes[e.path]).astype(dtype, copy=False)
-        if e.layer is None:
-            arrays[e.path][...] = x
-        else:
-            arrays[e.path][e.layer] = x
-        bar.update(info.nbytes)
-    return config, arrays
+    ckpt = HFCheckpoint(src, dtype)
+    bar = Progress("converting", ckpt.nbytes, enabled=progress)
+    return ckpt.config, {path: ckpt.array(path, bar) for path in ckpt.shapes}
 
 
 def copy_side_files(src: str, dst: str) -> None:
@@ -131,17 +149,19 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
     try:
-        config, arrays = read_hf_checkpoint(src, dtype, progress=progress)
+        ckpt = HFCheckpoint(src, dtype)
         copy_side_files(src, tmp)
-        if progress:
-            print("writing orbax checkpoint ...", file=sys.stderr, flush=True)
-        save_params(os.path.join(tmp, PARAMS_DIR), arrays)
-        dtype_name = "bfloat16" if next(iter(arrays.values())).dtype == DTYPES["bfloat16"] else "float32"
-        del arrays
+        bar = Progress("converting", ckpt.nbytes, enabled=progress)
+        params = os.path.join(tmp, PARAMS_DIR)
+        # One parameter at a time: build it, write it, free it. Peak memory is the largest parameter, not the model.
+        for path in ckpt.shapes:
+            save_partial(params, path, ckpt.array(path, bar))
+        finalize_partial(params)
+        dtype_name = "bfloat16" if ckpt.dtype == DTYPES["bfloat16"] else "float32"
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"format": 1, "dtype": dtype_name, "tie_word_embeddings": config.tie_word_embeddings}, f)
+            json.dump({"format": 1, "dtype": dtype_name, "tie_word_embeddings": ckpt.config.tie_word_embeddings}, f)
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return config
+    return ckpt.config

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
 from idefics_jax import sharding as shd
@@ -16,6 +17,7 @@ from idefics_jax._config import ModelConfig, from_hf_file
 from idefics_jax._model import IdeficsModel
 
 PARAMS_DIR = "params"
+STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
 META_FILE = "idefics_jax.json"  # written last: a directory without it is not a finished checkpoint
 
 
@@ -63,10 +65,17 @@ def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=N
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_params(directory: str, arrays: dict[str, np.ndarray]) -> None:
-    """Writes the parameters (host arrays keyed by path) as an Orbax checkpoint at `directory`."""
-    ckptr = ocp.PyTreeCheckpointer()
-    ckptr.save(os.path.abspath(directory), _nest(arrays))
+def save_partial(directory: str, path: str, array: np.ndarray) -> None:
+    """Adds one parameter to the Orbax checkpoint being written at `directory` (see `finalize_partial`).
+
+    Saving the whole tree at once makes Orbax hold about one extra model-size of buffers; one array at a time it
+    holds one array's.
+    """
+    ocp1.partial.save(os.path.abspath(directory), _nest({path: array}))
+
+
+def finalize_partial(directory: str) -> None:
+    ocp1.partial.finalize(os.path.abspath(directory))
 
 
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.DEFAULT_RULES) -> IdeficsModel:
@@ -107,7 +116,7 @@ def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:
         for p, v in flat
     })
     ckptr = ocp.PyTreeCheckpointer()
-    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
+    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
     try:
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=jax.tree.map(
