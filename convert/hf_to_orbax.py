@@ -128,6 +128,16 @@ def read_hf_checkpoint(src: str, dtype=None, progress: bool = False) -> tuple[Mo
     return ckpt.config, {path: ckpt.array(path, bar) for path in ckpt.shapes}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def check_side_files(src: str) -> None:
+    """The output must run on its own, so the tokenizer has to come along."""
+    if not any(os.path.exists(os.path.join(src, f)) for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{src}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); "
+                              "the converted checkpoint could not run on its own")
+
+
 def copy_side_files(src: str, dst: str) -> None:
     """Tokenizer, processor, chat template and generation config: everything but the weights."""
     for name in os.listdir(src):
@@ -145,11 +155,12 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
         raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
+    check_side_files(src)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
+    ckpt = HFCheckpoint(src, dtype)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
     try:
-        ckpt = HFCheckpoint(src, dtype)
         copy_side_files(src, tmp)
         bar = Progress("converting", ckpt.nbytes, enabled=progress)
         params = os.path.join(tmp, PARAMS_DIR)
@@ -161,7 +172,16 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"format": 1, "dtype": dtype_name, "tie_word_embeddings": ckpt.config.tie_word_embeddings}, f)
         os.rename(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            free = shutil.disk_usage(parent).free
+            raise OSError(f"{dst}: no space left on device while writing ({free / 2**20:,.1f} MiB free; "
+                          f"the output needs about {ckpt.nbytes / 2**20:,.1f} MiB)") from None
         raise
     return ckpt.config
+
+
+def _disk_full(e: BaseException) -> bool:
+    # Orbax reports tensorstore's ENOSPC as a ValueError carrying the OS message.
+    return (isinstance(e, OSError) and e.errno == 28) or "No space left on device" in str(e)

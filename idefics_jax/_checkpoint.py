@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import jax
@@ -122,7 +123,9 @@ def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:
             item=target, restore_args=jax.tree.map(
                 lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)))
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise LoadError(f"{path}: parameters do not match config.json ({str(e).splitlines()[0][:200]})") from None
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        what = "missing or damaged" if re.search("not[ _]found", detail, re.I) else "do not match config.json"
+        raise LoadError(f"{path}: parameters {what} ({detail})") from None
     leaves = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.State(restored))}
     new = [(p, v.replace(leaves["/".join(map(str, p))])) for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(new))
