@@ -11,7 +11,7 @@ from math import prod
 
 import numpy as np
 
-from idefics_jax._config import ModelConfig, PixelShuffleConfig
+from idefics_jax._config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,22 @@ LM_HEAD = [("lm_head.weight", "lm_head", IN)]
 
 PIXEL_SHUFFLE = [("model.connector.modality_projection.proj.weight", "connector/proj", IN)]
 
+_PR = "model.connector.perceiver_resampler."
+_PL = _PR + "layers.{i}."
+PERCEIVER = [
+    *[(f"model.connector.modality_projection.{p}_proj.weight", f"connector/{p}", IN) for p in ("gate", "up", "down")],
+    (_PR + "latents", "connector/latents", SAME),
+    (_PL + "input_latents_norm.weight", "connector/layers/latents_norm", SAME),
+    (_PL + "input_context_norm.weight", "connector/layers/context_norm", SAME),
+    *[(_PL + f"self_attn.{p}_proj.weight", f"connector/layers/{p}", IN) for p in "qkv"],
+    (_PL + "self_attn.o_proj.weight", "connector/layers/o", IN2),
+    (_PL + "post_attention_layernorm.weight", "connector/layers/mlp_norm", SAME),
+    *[(_PL + f"mlp.{p}_proj.weight", f"connector/layers/{p}", IN) for p in ("gate", "up", "down")],
+    (_PR + "norm.weight", "connector/norm", SAME),
+]
+
 # The connector's rules, chosen by the type of its config.
-CONNECTOR_RULES: dict[type, list] = {PixelShuffleConfig: PIXEL_SHUFFLE}
+CONNECTOR_RULES: dict[type, list] = {PixelShuffleConfig: PIXEL_SHUFFLE, PerceiverConfig: PERCEIVER}
 
 
 @dataclass(frozen=True)

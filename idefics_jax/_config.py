@@ -139,7 +139,10 @@ def _text_from_hf(t: dict, model_type: str) -> TextConfig:
     hidden = int(_need(t, "hidden_size", w))
     heads = int(_need(t, "num_attention_heads", w))
     default_eps = 1e-6 if model_type == "idefics2" else 1e-5
-    window = t.get("sliding_window") if t.get("model_type", "mistral") == "mistral" else None
+    # Idefics2's decoder is Mistral, whose class default window (4096) applies when the key is absent; an
+    # explicit null turns the window off. Llama has no window.
+    is_mistral = t.get("model_type") == "mistral" or (model_type == "idefics2" and "model_type" not in t)
+    window = t.get("sliding_window", 4096) if is_mistral else None
     return TextConfig(
         vocab_size=int(_need(t, "vocab_size", w)),
         hidden_size=hidden,
@@ -181,14 +184,20 @@ def from_hf_dict(d: dict) -> ModelConfig:
     text, vision = _text_from_hf(t, mt), _vision_from_hf(v, mt)
     if mt == "idefics2":
         p = d.get("perceiver_config") or {}
+        # The reference takes the text model's width and eps only when the perceiver's own width (default 4096)
+        # differs from it; otherwise the perceiver keeps its own eps (default 1e-6), e.g. 1e-6 beside the text's
+        # 1e-5 in Idefics2-8b.
+        if int(p.get("hidden_size", 4096)) != text.hidden_size:
+            perceiver_eps = text.rms_norm_eps
+        else:
+            perceiver_eps = float(p.get("rms_norm_eps", 1e-6))
         connector: PixelShuffleConfig | PerceiverConfig = PerceiverConfig(
             num_latents=int(p.get("resampler_n_latents", 64)),
             depth=int(p.get("resampler_depth", 3)),
             num_heads=int(p.get("resampler_n_heads", 16)),
             head_dim=int(p.get("resampler_head_dim", 96)),
             num_kv_heads=int(p.get("num_key_value_heads", 4)),
-            # The reference overwrites these from the text config.
-            rms_norm_eps=text.rms_norm_eps,
+            rms_norm_eps=perceiver_eps,
         )
         default_image_token = 32001
     else:
@@ -283,6 +292,7 @@ def to_hf_dict(c: ModelConfig) -> dict:
             "resampler_head_dim": p.head_dim,
             "num_key_value_heads": p.num_kv_heads,
             "hidden_size": t.hidden_size,
-            "rms_norm_eps": t.rms_norm_eps,
+            "rms_norm_eps": p.rms_norm_eps,
+            "hidden_act": "silu",
         }
     return out

@@ -7,14 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._config import ModelConfig, PixelShuffleConfig
+from idefics_jax._config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 from idefics_jax._connector import PixelShuffleConnector
 from idefics_jax._decoder import Decoder, causal_mask
 from idefics_jax._layers import param
+from idefics_jax._perceiver import PerceiverConnector
 from idefics_jax._vision import VisionEncoder, patch_mask
 
 # The connector is chosen by the type of its config.
-CONNECTORS: dict[type, type[nnx.Module]] = {PixelShuffleConfig: PixelShuffleConnector}
+CONNECTORS: dict[type, type[nnx.Module]] = {
+    PixelShuffleConfig: PixelShuffleConnector,
+    PerceiverConfig: PerceiverConnector,
+}
 
 
 def real_images(pixel_values_BICHW) -> jax.Array:

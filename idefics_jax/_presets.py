@@ -1,13 +1,27 @@
 """Configs of the published checkpoints, and a tiny one for tests.
 
-Values are those of each checkpoint's `config.json`; `tests/test_presets.py` checks the parameter counts.
+Values are those of each checkpoint's `config.json`; `tests/test_config.py` checks the parameter counts.
 """
 
-from idefics_jax._config import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
+from idefics_jax._config import ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
 
 _SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16)
 _SIGLIP_B16_512 = VisionConfig(
     hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, image_size=512, patch_size=16
+)
+
+# HuggingFaceM4/idefics2-8b and idefics2-8b-base share this config: Mistral-7B-v0.1 (plus 3 added tokens) and
+# SigLIP so400m at 980 px. The perceiver's config sets no width, so it keeps its own eps (1e-6), not the text's.
+IDEFICS2_8B = ModelConfig(
+    model_type="idefics2",
+    vision=VisionConfig(**_SIGLIP_SO400M, image_size=980, patch_size=14, patch_valid_if_all_pixels=True),
+    text=TextConfig(
+        vocab_size=32003, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=32768,
+        rope=RopeConfig(theta=10000.0), sliding_window=4096,
+    ),
+    connector=PerceiverConfig(num_latents=64, depth=3, num_heads=16, head_dim=96, num_kv_heads=4, rms_norm_eps=1e-6),
+    image_token_id=32001,
 )
 
 IDEFICS3_8B_LLAMA3 = ModelConfig(
@@ -74,10 +88,28 @@ TINY = ModelConfig(
     image_token_id=5,  # `<image>` in idefics_jax.testing.char_tokenizer
 )
 
+# Idefics2 counterpart of TINY: Mistral with a sliding window longer than any test prompt, and a perceiver whose
+# heads x head_dim (40) differ from the width (48) and whose eps differs from the text's.
+TINY_IDEFICS2 = ModelConfig(
+    model_type="idefics2",
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32, patch_size=4,
+                        patch_valid_if_all_pixels=True),
+    text=TextConfig(
+        vocab_size=160, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
+        head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=512, rope=RopeConfig(theta=10000.0),
+        sliding_window=4096,
+    ),
+    connector=PerceiverConfig(num_latents=6, depth=2, num_heads=4, head_dim=10, num_kv_heads=2, rms_norm_eps=1e-6),
+    image_token_id=5,  # `<image>` in idefics_jax.testing.char_tokenizer
+)
+
 PRESETS = {
+    "idefics2-8b": IDEFICS2_8B,
+    "idefics2-8b-base": IDEFICS2_8B,
     "idefics3-8b-llama3": IDEFICS3_8B_LLAMA3,
     "smolvlm-256m": SMOLVLM_256M,
     "smolvlm-500m": SMOLVLM_500M,
     "smolvlm-2.2b": SMOLVLM_2_2B,
     "tiny": TINY,
+    "tiny-idefics2": TINY_IDEFICS2,
 }

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from idefics_jax._config import ModelConfig, to_hf_dict
-from idefics_jax._presets import TINY
+from idefics_jax._config import ModelConfig, PerceiverConfig, to_hf_dict
+from idefics_jax._presets import TINY, TINY_IDEFICS2
 
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
@@ -59,6 +59,31 @@ def processor(config: ModelConfig, tokenizer=None, tiles_per_side: int = 2, do_i
                              image_seq_len=config.image_seq_len, chat_template=CHAT_TEMPLATE)
 
 
+def idefics2_processor(config: ModelConfig, tokenizer=None, do_image_splitting: bool = True):
+    """The Idefics2 processor (PIL backend) for `config`: images shrunk to at most the vision image size and grown
+    to at least 378/980 of it, as Idefics2-8b does; with splitting, 4 crops + the original per image."""
+    from transformers import Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    side = config.vision.image_size
+    ip = Idefics2ImageProcessorPil(size={"shortest_edge": round(side * 378 / 980), "longest_edge": side},
+                                   do_image_splitting=do_image_splitting)
+    return Idefics2Processor(image_processor=ip, tokenizer=tokenizer or char_tokenizer(),
+                             image_seq_len=config.image_seq_len, chat_template=CHAT_TEMPLATE)
+
+
+def make_processor(config: ModelConfig, tiles_per_side: int = 2):
+    """The processor for `config`'s model family (`tiles_per_side` applies to Idefics3 only)."""
+    if isinstance(config.connector, PerceiverConfig):
+        return idefics2_processor(config)
+    return processor(config, tiles_per_side=tiles_per_side)
+
+
+def tiny_idefics2_config(**overrides) -> ModelConfig:
+    """TINY_IDEFICS2 (vocab and image token already match `char_tokenizer`)."""
+    return dataclasses.replace(TINY_IDEFICS2, **overrides)
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """TINY with vocab and image token matching `char_tokenizer`."""
     c = TINY.replace(image_token_id=IMAGE_TOKEN_ID)
@@ -78,8 +103,9 @@ def hf_model(config: ModelConfig, seed: int = 0):
     model = AutoModelForImageTextToText.from_config(hf_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # Non-trivial norms and biases, so a swapped or dropped one shows in the logits.
-            if name.endswith("bias") or "norm" in name:
+            # Non-trivial norms, biases and perceiver latents (all ones at init), so a swapped or dropped one
+            # shows in the logits.
+            if name.endswith("bias") or "norm" in name or name.endswith("latents"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -91,7 +117,7 @@ def save_hf_checkpoint(path: str, config: ModelConfig | None = None, *, seed: in
     model = hf_model(config, seed)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kw)
-    processor(config, tiles_per_side=tiles_per_side).save_pretrained(path)
+    make_processor(config, tiles_per_side=tiles_per_side).save_pretrained(path)
     if drop_lm_head:
         _drop_tensor(path, "lm_head.weight")
     return path

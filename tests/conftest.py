@@ -66,3 +66,41 @@ def rel_err(a, b, attention_mask) -> float:
     """max |a - b| / max |b| over non-padded positions."""
     keep = np.asarray(attention_mask).astype(bool)
     return float(np.abs(a[keep] - b[keep]).max() / np.abs(b[keep]).max())
+
+
+@pytest.fixture(scope="session")
+def tiny2_hf(tmp_path_factory):
+    """A random tiny Idefics2 HF checkpoint with its processor (image splitting on)."""
+    return testing.save_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny-idefics2"),
+                                      testing.tiny_idefics2_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def processor2(tiny2_hf):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny2_hf)
+
+
+TEXT_ONLY = ["<|im_start|>User: hello, how are you?<end_of_utterance>\nAssistant:",
+             "<|im_start|>User: hi<end_of_utterance>\nAssistant:"]
+
+
+@pytest.fixture(scope="session")
+def cases2(processor2):
+    """Idefics2 processor outputs (numpy). Image sizes are not multiples of the patch, and the 4 crops are
+    smaller than the original, so padded pixels cut through patches (where the all-pixels rule decides)."""
+    rng = np.random.default_rng(0)
+    img = lambda h, w: testing.random_image(rng, h, w)  # noqa: E731
+    p = processor2
+    return {
+        # 30x45 -> original 21x32, crops 15x22 and 15x23, all padded to 21x32.
+        "one_image_split": dict(p(text=[chat(p, 1, "what is this?")], images=[[img(30, 45)]], return_tensors="np")),
+        "batch_1_and_2_images": dict(p(
+            text=[chat(p, 1, "one?"), chat(p, 2, "and these two images, what differs?")],
+            images=[[img(40, 26)], [img(64, 64), img(18, 90)]], return_tensors="np", padding=True)),
+        "batch_image_and_no_image": dict(p(
+            text=[chat(p, 1, "describe"), "<|im_start|>User: just text here<end_of_utterance>\nAssistant:"],
+            images=[[img(50, 37)], []], return_tensors="np", padding=True)),
+        "text_only": dict(p(text=TEXT_ONLY, return_tensors="np", padding=True)),
+    }

@@ -9,6 +9,8 @@ from idefics_jax import PRESETS, from_hf_dict, to_hf_dict
 
 # Parameter counts as published on each checkpoint's model page (rounded there; these are exact sums).
 PUBLISHED = {
+    "idefics2-8b": (8.4e9, 0.05e9),
+    "idefics2-8b-base": (8.4e9, 0.05e9),
     "idefics3-8b-llama3": (8.46e9, 0.005e9),
     "smolvlm-256m": (256e6, 0.5e6),
     "smolvlm-500m": (507e6, 0.5e6),
@@ -59,3 +61,78 @@ def test_preset_parameter_count(name):
     published, rounding = PUBLISHED[name]
     print(f"{name}: {ours:,} parameters")
     assert abs(ours - published) <= rounding
+
+
+# HuggingFaceM4/idefics2-8b's config.json (4.x spellings, remote-code model_type leftovers, no perceiver width).
+IDEFICS2_8B_HUB = {
+    "architectures": ["Idefics2ForConditionalGeneration"],
+    "image_token_id": 32001,
+    "model_type": "idefics2",
+    "perceiver_config": {"hidden_act": "silu", "model_type": "idefics2", "num_key_value_heads": 4,
+                         "resampler_depth": 3, "resampler_head_dim": 96, "resampler_n_heads": 16,
+                         "resampler_n_latents": 64},
+    "text_config": {"hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+                    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+                    "torch_dtype": "bfloat16", "vocab_size": 32003},
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vision_config": {"hidden_size": 1152, "image_size": 980, "intermediate_size": 4304, "model_type": "idefics2",
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14},
+}
+
+
+def _as_transformers_reads_it(d: dict) -> dict:
+    """`d` after transformers has parsed it (defaults filled in, perceiver width and eps overwritten or not)."""
+    from transformers import AutoConfig
+
+    d = copy.deepcopy(d)
+    mt = d.pop("model_type")
+    d.pop("architectures", None)
+    return AutoConfig.for_model(mt, **d).to_dict()
+
+
+def _idefics2_variants():
+    hub = IDEFICS2_8B_HUB
+    narrow = copy.deepcopy(hub)  # a perceiver width that differs: the reference takes the text's width and eps
+    narrow["perceiver_config"].update(hidden_size=1024, rms_norm_eps=1e-3)
+    same = copy.deepcopy(hub)  # the same width: the perceiver keeps its own eps
+    same["perceiver_config"].update(hidden_size=4096, rms_norm_eps=1e-3)
+    no_window = copy.deepcopy(hub)  # absent: Mistral's default 4096
+    del no_window["text_config"]["sliding_window"]
+    window_off = copy.deepcopy(hub)
+    window_off["text_config"]["sliding_window"] = None
+    v5 = to_hf_dict(PRESETS["idefics2-8b"])
+    return {"hub": hub, "narrow_perceiver": narrow, "same_width_perceiver": same, "no_window": no_window,
+            "window_off": window_off, "v5": v5}
+
+
+def test_idefics2_hub_config_is_the_preset():
+    assert from_hf_dict(IDEFICS2_8B_HUB) == PRESETS["idefics2-8b"] == PRESETS["idefics2-8b-base"]
+    c = PRESETS["idefics2-8b"]
+    assert (c.text.rms_norm_eps, c.connector.rms_norm_eps, c.text.sliding_window) == (1e-5, 1e-6, 4096)
+
+
+@pytest.mark.parametrize("name", sorted(_idefics2_variants()))
+def test_idefics2_config_reads_as_transformers_does(name):
+    """The raw config.json and transformers' parsed view of it give the same config."""
+    d = _idefics2_variants()[name]
+    ours = from_hf_dict(d)
+    assert ours == from_hf_dict(_as_transformers_reads_it(d))
+    expected_eps = {"narrow_perceiver": 1e-5, "same_width_perceiver": 1e-3}.get(name, 1e-6)
+    expected_window = {"window_off": None}.get(name, 4096)
+    assert ours.connector.rms_norm_eps == expected_eps
+    assert ours.text.sliding_window == expected_window
+
+
+def test_idefics2_to_hf_dict_round_trips_through_transformers(tmp_path):
+    """What we write, transformers saves back unchanged in meaning (perceiver keys, mistral text, v5 rope)."""
+    from transformers import Idefics2Config
+
+    for c in (PRESETS["idefics2-8b"], PRESETS["tiny-idefics2"]):
+        d = to_hf_dict(c)
+        assert from_hf_dict(d) == c
+        assert d["text_config"]["model_type"] == "mistral" and "rope_parameters" in d["text_config"]
+        d.pop("model_type"), d.pop("architectures")
+        Idefics2Config(**d).save_pretrained(tmp_path)
+        assert idefics_jax.from_hf_file(str(tmp_path)) == c

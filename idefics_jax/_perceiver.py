@@ -1,0 +1,75 @@
+"""Idefics2 connector: SwiGLU projection into the text width, then a Perceiver resampler to a fixed token count."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from idefics_jax._config import ModelConfig, PerceiverConfig
+from idefics_jax._layers import Stacked, attend, normal, ones, param, rms_norm, scan_layers
+
+_ONES = jax.nn.initializers.ones
+
+
+def _layer_spec(p: PerceiverConfig, D: int) -> dict:
+    N, K, H, F = p.num_heads, p.num_kv_heads, p.head_dim, 4 * D
+    w = normal()
+    return {
+        "latents_norm": ((D,), ("embed",), _ONES),
+        "context_norm": ((D,), ("embed",), _ONES),
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), w),
+        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
+        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), w),
+        "mlp_norm": ((D,), ("embed",), _ONES),
+        "gate": ((D, F), ("embed", "mlp"), w),
+        "up": ((D, F), ("embed", "mlp"), w),
+        "down": ((F, D), ("mlp", "embed"), w),
+    }
+
+
+def _swiglu(x, gate, up, down):
+    h = jax.nn.silu(jnp.einsum("...D,DF->...F", x, gate)) * jnp.einsum("...D,DF->...F", x, up)
+    return jnp.einsum("...F,FD->...D", h, down)
+
+
+class PerceiverConnector(nnx.Module):
+    """Vision states (I, S, Dv) and their patch mask (I, S) -> `num_latents` image tokens (I, T, D) per image."""
+
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        p = c.connector
+        self.config = p
+        Dv, D, F = c.vision.hidden_size, c.text.hidden_size, c.text.intermediate_size
+        self.gate = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype)
+        self.up = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype)
+        self.down = param(rngs, (F, D), ("mlp", "embed"), dtype=dtype)
+        self.latents = param(rngs, (p.num_latents, D), (None, "embed"), dtype=dtype)
+        self.layers = Stacked(p.depth, _layer_spec(p, D), rngs=rngs, dtype=dtype)
+        self.norm = ones(rngs, (D,), ("embed",), dtype)
+
+    def __call__(self, x_ISD, mask_IS):
+        p = self.config
+        eps = p.rms_norm_eps
+        context = _swiglu(x_ISD, self.gate[...], self.up[...], self.down[...])
+        I, S, D = context.shape
+        T = p.num_latents
+        latents = jnp.broadcast_to(self.latents[...].astype(context.dtype), (I, T, D))
+        # The latents are keys too (attention runs over [context; latents]), so they are never masked.
+        keys_valid = jnp.concatenate([mask_IS.astype(bool), jnp.ones((I, T), bool)], axis=1)
+        mask_ITS = jnp.broadcast_to(keys_valid[:, None, :], (I, T, S + T))
+
+        def layer(lat_ITD, w, _):
+            lat_normed = rms_norm(lat_ITD, w["latents_norm"], eps)
+            # Each layer norms the same projected features afresh: only the latents are carried between layers.
+            ctx_normed = rms_norm(context, w["context_norm"], eps)
+            kv_in = jnp.concatenate([ctx_normed, lat_normed], axis=1)
+            q = jnp.einsum("ITD,DNH->ITNH", lat_normed, w["q"])
+            k = jnp.einsum("ISD,DKH->ISKH", kv_in, w["k"])
+            v = jnp.einsum("ISD,DKH->ISKH", kv_in, w["v"])
+            lat_ITD = lat_ITD + jnp.einsum("ITNH,NHD->ITD", attend(q, k, v, mask_ITS), w["o"])
+            h = rms_norm(lat_ITD, w["mlp_norm"], eps)
+            return lat_ITD + _swiglu(h, w["gate"], w["up"], w["down"]), None
+
+        latents, _ = scan_layers(layer, latents, self.layers.weights())
+        return rms_norm(latents, self.norm[...], eps)
