@@ -1,0 +1,58 @@
+"""The synthetic shapes task obeys its specification."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from train import shapes
+
+
+def _pixels_of(image, color):
+    a = np.asarray(image).astype(int)
+    return np.all(np.abs(a - np.array(shapes.COLORS[color])) < 8, axis=-1)
+
+
+def test_images_follow_the_rules():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(300):
+        ex = shapes.sample(rng)
+        w, h = ex.image.size
+        assert ex.image.mode == "RGB" and 64 <= w <= 160 and 64 <= h <= 160
+        assert 1 <= len(ex.shapes) <= 4
+        for i, s in enumerate(ex.shapes):
+            x0, y0, x1, y1 = s.box
+            assert x1 - x0 >= 14 and y1 - y0 >= 14 and 0 <= x0 and x1 <= w and 0 <= y0 and y1 <= h
+            for t in ex.shapes[i + 1:]:
+                assert shapes._overlaps(s.box, t.box, gap=0) is False
+        # Every shape is visible in its colour and the rest of the image is white.
+        covered = np.zeros((h, w), bool)
+        for s in ex.shapes:
+            x0, y0, x1, y1 = s.box
+            m = _pixels_of(ex.image, s.color)[y0:y1, x0:x1]
+            assert m.sum() >= 0.4 * (x1 - x0) * (y1 - y0)
+            covered[y0:y1, x0:x1] = True
+        assert np.all(np.asarray(ex.image)[~covered] == 255)
+        for q in ex.questions:
+            kinds.add(q.kind)
+            if q.kind == "count":
+                assert q.text == "How many shapes are there?" and q.answer == str(len(ex.shapes))
+            elif q.kind == "color":
+                kind = q.text.removeprefix("What color is the ").removesuffix("?")
+                match = [s for s in ex.shapes if s.kind == kind]
+                assert len(match) == 1 and q.answer == match[0].color
+            else:
+                color = q.text.removeprefix("What shape is the ").removesuffix(" object?")
+                match = [s for s in ex.shapes if s.color == color]
+                assert len(match) == 1 and q.answer == match[0].kind
+            assert q.answer == q.answer.lower() and " " not in q.answer
+    assert kinds == {"count", "color", "shape"}
+
+
+def test_records_are_deterministic_cauldron_records():
+    a, b = list(shapes.records(5, seed=3)), list(shapes.records(5, seed=3))
+    assert a == b and a != list(shapes.records(5, seed=4))
+    for r in a:
+        assert Image.open(io.BytesIO(r["images"][0])).mode == "RGB"
+        assert all(set(t) == {"user", "assistant", "source"} for t in r["texts"])

@@ -1,0 +1,119 @@
+"""The synthetic visual task behind the shipped `tiny-shapes` model.
+
+White RGB images, 64-160 px a side, with 1-4 non-overlapping filled circles, squares and triangles in red, green,
+blue or yellow, each at least 14 px across. Three exactly worded questions, each answered with one lowercase word:
+  "How many shapes are there?"              -> "3"
+  "What color is the circle?"               -> "red"       (only when exactly one circle is present)
+  "What shape is the blue object?"          -> "triangle"  (only when exactly one shape has that colour)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+MIN_SIDE, MAX_SIDE, MIN_SIZE = 64, 160, 14
+KINDS = ("count", "color", "shape")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive of x0/y0, exclusive of x1/y1
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    kind: str  # "count", "color" or "shape"
+    text: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    image: Image.Image
+    shapes: tuple[Shape, ...]
+    questions: tuple[Question, ...]
+
+
+def questions_for(shapes) -> tuple[Question, ...]:
+    """Every question the task allows for these shapes."""
+    qs = [Question("count", "How many shapes are there?", str(len(shapes)))]
+    for kind in SHAPES:
+        same = [s for s in shapes if s.kind == kind]
+        if len(same) == 1:
+            qs.append(Question("color", f"What color is the {kind}?", same[0].color))
+    for color in COLORS:
+        same = [s for s in shapes if s.color == color]
+        if len(same) == 1:
+            qs.append(Question("shape", f"What shape is the {color} object?", same[0].kind))
+    return tuple(qs)
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+    x0, y0, x1, y1 = s.box
+    fill = COLORS[s.color]
+    if s.kind == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif s.kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+
+
+def _overlaps(a, b, gap: int = 2) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def sample(rng: np.random.Generator) -> Example:
+    """One random image with its shapes and every allowed question."""
+    while True:
+        w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+        n = int(rng.integers(1, 5))
+        shapes: list[Shape] = []
+        for _ in range(200):  # rejection sampling of non-overlapping boxes
+            if len(shapes) == n:
+                break
+            size = int(rng.integers(MIN_SIZE, max(MIN_SIZE + 1, min(w, h) // 2) + 1))
+            x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+            box = (x, y, x + size, y + size)
+            if any(_overlaps(box, s.box) for s in shapes):
+                continue
+            shapes.append(Shape(SHAPES[rng.integers(3)], list(COLORS)[rng.integers(4)], box))
+        if len(shapes) == n:
+            break
+    image = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for s in shapes:
+        _draw(draw, s)
+    return Example(image, tuple(shapes), questions_for(shapes))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def records(n: int, seed: int, questions_per_image: int | None = None):
+    """`n` records in The Cauldron's shape: {"images": [png bytes], "texts": [{user, assistant, source}]}.
+
+    Each record asks its image's questions as successive turns (all of them, or a random `questions_per_image`).
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        ex = sample(rng)
+        qs = list(ex.questions)
+        if questions_per_image is not None and len(qs) > questions_per_image:
+            qs = [qs[i] for i in sorted(rng.choice(len(qs), questions_per_image, replace=False))]
+        rng.shuffle(qs)
+        yield {
+            "images": [png_bytes(ex.image)],
+            "texts": [{"user": q.text, "assistant": q.answer, "source": f"shapes-{q.kind}"} for q in qs],
+        }
