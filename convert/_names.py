@@ -154,6 +154,12 @@ def entries(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str
     return out
 
 
+def transforms(config: ModelConfig) -> dict[str, object]:
+    """Our parameter path -> its transform: Linear / Conv ones are matmul weights, Same / Flat ones are not."""
+    rules = VISION + CONNECTOR_RULES[type(config.connector)] + TEXT + ([] if config.tie_word_embeddings else LM_HEAD)
+    return {path: tr for _, path, tr in rules}
+
+
 def to_ours(entry: Entry, x: np.ndarray, target_shape) -> np.ndarray:
     t = target_shape[1:] if entry.layer is not None else target_shape
     return entry.transform.to_ours(x, t)

@@ -1,0 +1,144 @@
+"""Training configs: frozen dataclasses read from a YAML file in `configs/`, any field overridable as key=value.
+
+    cfg = load("configs/tiny.yaml", ["steps=20", "optim.learning_rate=1e-3", "workdir=/tmp/run"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # a TFDS data directory written by `train.tfds_builder`, or "shapes" for the synthetic task
+    eval: str = ""  # held-out data (same forms); "" = no evaluation
+    batch_size: int = 8
+    max_length: int = 512  # longer records are skipped and counted, never truncated
+    length_buckets: tuple[int, ...] = (128, 256, 512)
+    image_splitting: bool = True
+    longest_edge: int = 0  # 0 = the processor's own
+    max_images: int = 4
+    shuffle_seed: int = 0
+    num_records: int = 0  # for generated data ("shapes"): how many records to write
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    min_learning_rate_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.01  # not applied to norms, biases and embeddings
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # 0 = no LoRA: train the (unfrozen) weights themselves
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("text/layers/q", "text/layers/k", "text/layers/v", "text/layers/o")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all devices not used by the other axes
+    tensor: int = 1
+    rules: str = "fsdp"  # a file in configs/sharding/ (without .yaml) or a path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = ""  # HF directory, idefics-jax checkpoint, or a preset name for a random init
+    workdir: str = "out/train"
+    steps: int = 1000
+    seed: int = 0
+    compute_dtype: str = "float32"  # "bfloat16": bf16 compute over fp32 master weights
+    remat: str = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
+    freeze: tuple[str, ...] = ()  # any of "vision", "connector", "text"
+    log_every: int = 10
+    eval_every: int = 0  # 0 = never
+    eval_batches: int = 4
+    eval_generate_tokens: int = 8  # greedy answer length for exact-match accuracy
+    save_every: int = 200
+    keep: int = 3
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    lora: LoraConfig = LoraConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, hint, where: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return _build(hint, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        (inner, *_) = typing.get_args(hint)
+        return tuple(_coerce(v, inner, where) for v in value)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{where}: '{value}' is not a boolean")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if hint in (int, float, str):
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: '{value}' is not a {hint.__name__}") from None
+    return value
+
+
+def _build(cls, d: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field '{(where + '.' if where else '') + unknown[0]}'")
+    return cls(**{k: _coerce(v, hints[k], (where + "." if where else "") + k) for k, v in d.items()})
+
+
+def _set(d: dict, dotted: str, value: str) -> None:
+    *head, last = dotted.split(".")
+    for h in head:
+        d = d.setdefault(h, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override '{dotted}': '{h}' is not a section")
+    d[last] = yaml.safe_load(value) if value else ""
+
+
+def load(path: str, overrides: list[str] = ()) -> TrainConfig:
+    """Reads a YAML config and applies `key=value` overrides (nested keys with dots)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path) as f:
+        try:
+            d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not key=value")
+        k, v = o.split("=", 1)
+        _set(d, k.strip(), v.strip())
+    return _build(TrainConfig, d)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

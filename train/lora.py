@@ -1,0 +1,48 @@
+"""LoRA adapters over our stacked parameters: W' = W + (alpha / r) * A @ B, computed inside the step.
+
+Adapters live beside the model, keyed by parameter path ("text/layers/q"), so the model code is untouched; the
+same `apply` merges them for export. A weight of shape (L, *in, *out) gets A (L, prod(in), r), B (L, r, prod(out)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from convert._names import Linear, transforms
+from idefics_jax._config import ModelConfig
+from train.config import LoraConfig
+
+
+def _split(shape, n_in: int, stacked: bool):
+    lead = 1 if stacked else 0
+    return shape[:lead], math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
+
+
+def init(config: ModelConfig, params: dict[str, jax.Array], cfg: LoraConfig, key) -> dict[str, dict[str, jax.Array]]:
+    """Adapters for every target path; B starts at zero so the model starts unchanged."""
+    trs = transforms(config)
+    out = {}
+    for i, path in enumerate(cfg.targets):
+        if path not in params:
+            raise ValueError(f"LoRA target '{path}' is not a parameter of this model")
+        tr = trs[path]
+        if not isinstance(tr, Linear):
+            raise ValueError(f"LoRA target '{path}' is not a matmul weight")
+        lead, d_in, d_out = _split(params[path].shape, tr.n_in, "/layers/" in path)
+        a = jax.random.normal(jax.random.fold_in(key, i), (*lead, d_in, cfg.rank), jnp.float32) / math.sqrt(d_in)
+        out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, d_out), jnp.float32)}
+    return out
+
+
+def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig) -> dict[str, jax.Array]:
+    """Parameters with the adapters folded in (differentiable in the adapters)."""
+    scale = cfg.alpha / cfg.rank
+    out = dict(params)
+    for path, ab in adapters.items():
+        w = params[path]
+        delta = jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"]) * scale
+        out[path] = w + delta.reshape(w.shape).astype(w.dtype)
+    return out
