@@ -120,6 +120,9 @@ def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, p
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be a 2-D integer array (batch, tokens); got shape {ids.shape} {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
+        # jnp.take would quietly turn these into NaN embeddings.
+        raise ValueError(f"input_ids must lie in [0, {config.text.vocab_size}); got values from {ids.min()} to {ids.max()}")
     if attention_mask is not None and np.shape(attention_mask) != ids.shape:
         raise ValueError(f"attention_mask shape {np.shape(attention_mask)} differs from input_ids shape {ids.shape}")
     n_tokens = int((ids == config.image_token_id).sum())
