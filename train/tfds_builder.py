@@ -1,7 +1,8 @@
 """A TFDS dataset builder writing Cauldron-shaped records as array_record, without TensorFlow.
 
-Sources: The Cauldron's parquet files (read with pyarrow), or a folder of images plus a JSONL file whose lines are
-`{"images": ["relative/path.png", ...], "texts": [{"user": ..., "assistant": ..., "source": ...}, ...]}`.
+Sources: The Cauldron's parquet files (read with pyarrow), a folder of images plus a JSONL file whose lines are
+`{"images": ["relative/path.png", ...], "texts": [{"user": ..., "assistant": ..., "source": ...}, ...]}`, or records
+made in Python.
 
 Images are stored as the source's encoded bytes (`tfds.features.Scalar(np.object_)`): `tfds.features.Image` would
 decode them inside `tfds.data_source` reads, where an undecodable image fails the whole read instead of being
@@ -18,7 +19,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -83,7 +84,18 @@ def _jsonl_row(line: str, root: str, where: str) -> Row:
     return {**row, "images": images}
 
 
-Source = ParquetSource | ImageFolderSource
+@dataclasses.dataclass(frozen=True)
+class GeneratedSource:
+    """Records made in Python (a synthetic task): `make()` returns an iterable of Records or Cauldron rows."""
+
+    make: Callable[[], Iterable[records.Record | Mapping]]
+
+    def rows(self) -> Iterator[Row]:
+        for r in self.make():
+            yield records.to_dict(r) if isinstance(r, records.Record) else r
+
+
+Source = ParquetSource | ImageFolderSource | GeneratedSource
 
 
 def features() -> tfds.features.FeaturesDict:
