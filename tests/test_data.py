@@ -71,12 +71,17 @@ def test_builder_round_trips_parquet(tmp_path):
     write_parquet(tmp_path / "a.parquet", [cauldron_row(r) for r in recs[:4]])
     write_parquet(tmp_path / "b.parquet", [cauldron_row(r) for r in recs[4:]])
     src = tfds_builder.ParquetSource((str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")), batch_rows=3)
-    report = tfds_builder.build(str(tmp_path / "ds"), {"train": src, "validation": tfds_builder.ParquetSource(
-        (str(tmp_path / "b.parquet"),))})
-    assert report.num_records == {"train": 7, "validation": 3}
-    assert report.skipped == {"train": {}, "validation": {}}
+    generated = tfds_builder.GeneratedSource(lambda: [*recs[:2], {"images": []}, cauldron_row(recs[2])])
+    report = tfds_builder.build(str(tmp_path / "ds"), {
+        "train": src,
+        "validation": tfds_builder.ParquetSource((str(tmp_path / "b.parquet"),)),
+        "generated": generated,
+    })
+    assert report.num_records == {"train": 7, "validation": 3, "generated": 3}
+    assert report.skipped == {"train": {}, "validation": {}, "generated": {"malformed": 1}}
     assert read_all(tmp_path / "ds", "train") == recs  # bytes and texts identical, source order kept
     assert read_all(tmp_path / "ds", "validation") == recs[4:]
+    assert read_all(tmp_path / "ds", "generated") == recs[:3]
     with pytest.raises(FileExistsError):
         tfds_builder.build(str(tmp_path / "ds"), {"train": src})
 
@@ -341,6 +346,19 @@ def test_too_long_records_are_skipped_not_truncated(processor):
     assert len(col.encode(short).input_ids) <= 64
     with pytest.raises(collate.TooLong):
         col.encode(Record((), (Turn("q" * 40, "a" * 20),)))
+
+
+def test_image_that_normalises_to_zeros_is_skipped():
+    # With mean 0 and std 1, a black image becomes all zeros: the model's mark of a padding image.
+    proc = testing.processor(testing.tiny_config())
+    proc.image_processor.image_mean, proc.image_processor.image_std = [0.0] * 3, [1.0] * 3
+    col = Collator(proc, CollateConfig(length_buckets=(512,)), 32)
+    black, grey = (io.BytesIO(), io.BytesIO())
+    Image.new("RGB", (40, 40)).save(black, "PNG")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(grey, "PNG")
+    with pytest.raises(collate.BlankImage):
+        col.encode(Record((black.getvalue(),), (Turn("q", "a"),)))
+    col.encode(Record((grey.getvalue(),), (Turn("q", "a"),)))
 
 
 def test_from_pretrained_reads_processor_and_image_size(tiny_hf):

@@ -10,6 +10,9 @@ so the labelled suffix is carried over to the processor's tokens unchanged (and 
 Shapes are static so that a jitted step compiles once per bucket: token length is padded to the smallest of
 `length_buckets` that fits, sub-image slots to the smallest of `image_buckets`, sub-images to `image_size` square.
 A record that does not fit is skipped (`TooLong`, `TooManyImages`), never truncated.
+
+Labels are aligned with input_ids, not shifted (as transformers expects): position t's logits are scored against
+labels[t + 1].
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class TooManyImages(SkipRecord):
 
 class TooLong(SkipRecord):
     reason = "too_long"
+
+
+class BlankImage(SkipRecord):
+    """An image that is all zeros after normalisation: the model would take it for a padding image."""
+
+    reason = "blank_image"
 
 
 class TemplateError(ValueError):
@@ -228,6 +237,8 @@ class Collator:
         else:
             pv = np.zeros((0, self.channels, self.image_size, self.image_size), np.float32)
             mask = np.zeros((0, self.image_size, self.image_size), bool)
+        if len(pv) and not pv.reshape(len(pv), -1).any(axis=1).all():
+            raise BlankImage("a sub-image is all zeros after normalisation (the mark of a padding image)")
         if pv.shape[0] > self.image_buckets[-1]:
             raise TooManyImages(f"{pv.shape[0]} sub-images (largest image bucket {self.image_buckets[-1]})")
         if max(pv.shape[2:], default=0) > self.image_size:

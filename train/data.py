@@ -36,7 +36,7 @@ class LoaderConfig:
     num_epochs: int | None = None  # None: repeat forever (training); 1 for evaluation
     drop_remainder: bool = True  # False: the last partial batch is filled with empty rows (attention 0)
     num_threads: int = 4  # threads decoding images and running the processor
-    prefetch: int = 32  # encoded records read ahead
+    prefetch: int = 16  # encoded records read ahead (each holds its float32 sub-images)
 
     def __post_init__(self):
         if self.batch_size < 1:
