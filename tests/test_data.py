@@ -446,3 +446,26 @@ def test_collator_invariants_hold_for_random_records(collator, image_pool, hyp):
             return
     batch = collator.collate(examples, batch_size=len(examples) + hyp.draw(st.integers(0, 1)))
     check_invariants(collator, recs, batch)
+
+
+def test_batch_gives_the_same_loss_in_transformers_and_jax(tiny_hf):
+    """The batch contract end to end: right padding, an empty row, bool pixel mask, unshifted labels."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    import idefics_jax
+
+    col = Collator.from_pretrained(tiny_hf, CollateConfig(length_buckets=(256, 512), max_images=2))
+    recs = sample_records(3)[1:] + [Record((), (Turn("hi", "hello"), Turn("and?", "bye")))]
+    batch = col.collate([col.encode(r) for r in recs], batch_size=4)
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_hf).eval()
+    with torch.no_grad():
+        want = float(hf(**{k: torch.from_numpy(v).long() if k == "labels" else torch.from_numpy(v)
+                           for k, v in batch.items()}).loss)
+    labels = batch.pop("labels")
+    logits = np.asarray(idefics_jax.load_pretrained(tiny_hf)(**batch), np.float64)[:, :-1]
+    target, on = labels[:, 1:], labels[:, 1:] != IGNORE
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    got = -np.take_along_axis(logp, np.where(on, target, 0)[..., None], -1)[..., 0][on].mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
