@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -25,6 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from train import records
+
+log = logging.getLogger(__name__)
 
 NAME = "cauldron_records"  # the registered TFDS name of `CauldronRecords`; one dataset per data_dir
 VERSION = "1.0.0"
@@ -140,6 +143,8 @@ class CauldronRecords(tfds.core.GeneratorBasedBuilder):
                     records.decode_images(rec)
             except records.SkipRecord as e:
                 skipped[e.reason] += 1
+                if skipped[e.reason] <= 5:  # the first few of each reason; all are counted
+                    log.warning("split '%s': skipped row %d (%s): %s", split, i, e.reason, e)
                 continue
             kept += 1
             yield i, records.to_dict(rec)
