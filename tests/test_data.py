@@ -107,13 +107,14 @@ def test_builder_round_trips_image_folder(tmp_path):
 def test_builder_skips_and_counts_malformed_rows(tmp_path):
     good = sample_records(3)
     rng = np.random.default_rng(2)
+    texts = cauldron_row(good[0])["texts"]
     rows = [cauldron_row(r) for r in good] + [
         {"images": [], "texts": None},  # missing texts
-        {"images": None, "texts": [{"user": "q", "assistant": "a", "source": "s"}]},  # missing images
+        {"images": None, "texts": texts},  # missing images
         {"images": [], "texts": [{"user": "q", "assistant": None, "source": "s"}]},  # turn without an answer
         {"images": [], "texts": []},  # no turns
-        {"images": [{"bytes": b"not an image", "path": None}], "texts": cauldron_row(good[0])["texts"]},
-        {"images": [{"bytes": encoded(rng, 30, 30, "JPEG")[:200], "path": None}], "texts": cauldron_row(good[0])["texts"]},
+        {"images": [{"bytes": b"not an image", "path": None}], "texts": texts},
+        {"images": [{"bytes": encoded(rng, 30, 30, "JPEG")[:200], "path": None}], "texts": texts},  # truncated
     ]
     write_parquet(tmp_path / "a.parquet", rows)
     (tmp_path / "d.jsonl").write_text("\n".join([
