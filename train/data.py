@@ -1,0 +1,176 @@
+"""Training batches: a built dataset read with `tfds.data_source`, shuffled, sharded and batched with grain.
+
+Order is a pure function of (seed, process_index, process_count): host p reads records p, p + count, ... of the
+split, in an order reshuffled every epoch from the seed. Records are decoded and encoded in threads; batches are
+assembled in order. A record the collator cannot use is skipped and counted (`BatchIterator.skipped`), and the
+counts are part of the iterator state, which `get_state` / `set_state` save and restore exactly (grain's
+`grain.checkpoint.CheckpointSave` / `CheckpointRestore` put it in an Orbax checkpoint, one file per process).
+
+    collator = Collator.from_pretrained(checkpoint, CollateConfig(max_images=1))
+    it = iter(batches(tfds_builder.data_source(data_dir, "train"), collator, LoaderConfig(batch_size=8, seed=0)))
+    batch = next(it)              # numpy dict; see `Collator.collate`
+    state = it.get_state()        # JSON-serialisable
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import grain
+
+from train import records
+from train.collate import Collator, Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int  # per host
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever (training); 1 for evaluation
+    drop_remainder: bool = True  # False: the last partial batch is filled with empty rows (attention 0)
+    num_threads: int = 4  # threads decoding images and running the processor
+    prefetch: int = 16  # encoded records read ahead (each holds its float32 sub-images)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in the stream for a record the collator could not use."""
+
+    reason: str
+    message: str
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def record_dataset(source: Sequence, config: LoaderConfig, *, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.MapDataset:
+    """This host's raw records: its shard of `source`, shuffled from the seed (anew each epoch), repeated.
+
+    Shards are strided (host p takes records p, p + count, ...), so their sizes differ by at most one record.
+
+    process_index / process_count default to jax's; pass them to build another host's view (tests do).
+    """
+    p, n = _processes(process_index, process_count)
+    if len(source) == 0:
+        raise ValueError("the dataset has no records")
+    ds = grain.MapDataset.source(source)[p::n]
+    if len(ds) == 0:
+        raise ValueError(f"host {p} of {n} gets no records: the dataset has only {len(source)}")
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)  # seeds each epoch with seed + epoch
+    return ds.repeat(config.num_epochs)
+
+
+def encode_or_skip(collator: Collator, raw: Any) -> Example | Skipped:
+    """A stored record (`tfds.data_source` item or Record) -> Example, or Skipped saying why."""
+    try:
+        rec = raw if isinstance(raw, records.Record) else records.from_example(raw)
+        return collator.encode(rec)
+    except records.SkipRecord as e:
+        return Skipped(e.reason, str(e))
+
+
+def batches(source: Sequence, collator: Collator, config: LoaderConfig, *, process_index: int | None = None,
+            process_count: int | None = None) -> "Batches":
+    """This host's batches (an IterDataset; `iter()` gives a checkpointable BatchIterator)."""
+    p, n = _processes(process_index, process_count)
+    shard = record_dataset(source, config, process_index=p, process_count=n)
+    shard_len = len(range(p, len(source), n))  # records per epoch on this host
+    # A run of skips this long holds a whole epoch of this shard, however it straddles epoch boundaries.
+    patience = 2 * shard_len - 1
+    encoded = shard.map(functools.partial(encode_or_skip, collator)).to_iter_dataset(
+        grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
+    return Batches(encoded, collator.collate, config, patience=patience)
+
+
+class Batches(grain.IterDataset):
+    """Groups encoded records into batches of `config.batch_size`, skipping and counting Skipped ones."""
+
+    def __init__(self, parent: grain.IterDataset, collate: Callable, config: LoaderConfig, patience: int):
+        super().__init__(parent)
+        self._collate, self._config, self._patience = collate, config, patience
+
+    def __iter__(self) -> "BatchIterator":
+        return BatchIterator(self._parent.__iter__(), self._collate, self._config, self._patience)
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Yields collated numpy batches. State: the parent's position, skip counts, usable records seen."""
+
+    LOGGED_PER_REASON = 5  # the first few skip messages of each reason are logged; all are counted
+
+    def __init__(self, parent: grain.DatasetIterator, collate: Callable, config: LoaderConfig, patience: int):
+        super().__init__(parent)
+        self._collate, self._config = collate, config
+        # Consecutive skips that span a whole epoch mean nothing usable is left: stop instead of spinning.
+        self._patience = patience
+        self._skipped: collections.Counter = collections.Counter()
+        self._run = 0  # consecutive skips
+        self._good = 0  # usable records seen
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records skipped so far on this host, by reason."""
+        return dict(self._skipped)
+
+    def __next__(self) -> dict:
+        examples: list[Example] = []
+        while len(examples) < self._config.batch_size:
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                if not self._good and self._skipped:
+                    raise ValueError(f"no usable records: all {self._run} were skipped ({self._counts()})") from None
+                if not examples or self._config.drop_remainder:
+                    raise
+                break
+            if isinstance(item, Skipped):
+                self._count(item)
+                continue
+            self._run = 0
+            self._good += 1
+            examples.append(item)
+        return self._collate(examples, self._config.batch_size)
+
+    def _count(self, item: Skipped) -> None:
+        self._skipped[item.reason] += 1
+        self._run += 1
+        if self._skipped[item.reason] <= self.LOGGED_PER_REASON:
+            log.warning("skipped a record (%s): %s", item.reason, item.message)
+        if self._run >= self._patience:
+            raise ValueError(f"no usable records: the last {self._run} in a row were skipped ({self._counts()})")
+
+    def _counts(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self._skipped.items()))
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "skipped": dict(self._skipped), "run": self._run,
+                "good": self._good}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._skipped = collections.Counter(state["skipped"])
+        self._run = int(state["run"])
+        self._good = int(state["good"])
