@@ -23,9 +23,13 @@ class LoadError(ValueError):
     """A path that holds no loadable model, with the reason in one line."""
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32) -> IdeficsModel:
+def abstract_model(config: ModelConfig, dtype=jnp.float32, partitioning: shd.Partitioning | None = None) -> IdeficsModel:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype))
+    return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
+
+
+def _partitioning(mesh, rules) -> shd.Partitioning | None:
+    return None if mesh is None else shd.Partitioning(mesh, rules)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -52,7 +56,7 @@ def _nest(flat: dict[str, object]) -> dict:
 def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.DEFAULT_RULES):
     """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given)."""
     dtype = next(iter(arrays.values())).dtype
-    model = abstract_model(config, dtype)
+    model = abstract_model(config, dtype, _partitioning(mesh, rules))
     graphdef, state = nnx.split(model)
 
     def place(path, var):
@@ -99,7 +103,7 @@ def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
     stored = jnp.dtype(meta["dtype"])
     dtype = jnp.dtype(dtype or stored)
-    graphdef, state = nnx.split(abstract_model(config, stored))
+    graphdef, state = nnx.split(abstract_model(config, stored, _partitioning(mesh, rules)))
     flat = nnx.to_flat_state(state)
     target = _nest({
         "/".join(map(str, p)): jax.ShapeDtypeStruct(
