@@ -135,7 +135,7 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
         copy_side_files(src, tmp)
         if progress:
             print("writing orbax checkpoint ...", file=sys.stderr, flush=True)
-        save_params(os.path.join(tmp, PARAMS_DIR), arrays)
+        save_params(os.path.join(tmp, PARAMS_DIR), arrays, config)
         dtype_name = "bfloat16" if next(iter(arrays.values())).dtype == DTYPES["bfloat16"] else "float32"
         del arrays
         with open(os.path.join(tmp, META_FILE), "w") as f:

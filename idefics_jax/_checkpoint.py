@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -17,6 +18,10 @@ from idefics_jax._model import IdeficsModel
 
 PARAMS_DIR = "params"
 META_FILE = "idefics_jax.json"  # written last: a directory without it is not a finished checkpoint
+# Each dimension a mesh may split is stored in this many pieces (when it divides): a mesh splitting it 2, 4, 8 or
+# 16 ways then finds each device's slice made of whole stored chunks, so a process reads its own slices only.
+CHUNK_PARTS = 16
+MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
 
 
 class LoadError(ValueError):
@@ -67,9 +72,41 @@ def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=N
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_params(directory: str, arrays: dict[str, np.ndarray]) -> None:
-    """Writes the parameters (host arrays keyed by path) as an Orbax checkpoint at `directory`."""
-    ckptr = ocp.PyTreeCheckpointer()
+def chunk_shape(shape, axes, itemsize: int, rules=shd.DEFAULT_RULES) -> tuple[int, ...]:
+    """The stored chunk of a parameter: dimensions the rules may shard in up to CHUNK_PARTS pieces, others whole."""
+    if math.prod(shape) * itemsize < MIN_SPLIT_BYTES:
+        return tuple(shape)
+    shardable = {name for name, target in rules if target}
+    return tuple(d // math.gcd(d, CHUNK_PARTS) if a in shardable else d for d, a in zip(shape, axes))
+
+
+class _ChunkedNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy writer with our chunk shapes (keyed by the array's tree path, "text.layers.q").
+
+    Orbax would store each host array as one chunk (up to 2 GB), which every process must then read whole
+    whatever its slice.
+    """
+
+    def __init__(self, chunks: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self._chunks = chunks
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        chunks = self._chunks.get(tspec["kvstore"].get("path", ""))
+        if chunks is not None and tspec.get("driver") == "zarr":
+            tspec = {**tspec, "metadata": {**tspec["metadata"], "chunks": list(chunks)}}
+        return await super()._open_and_write(value, tspec, ts_context)
+
+
+def save_params(directory: str, arrays: dict[str, np.ndarray], config: ModelConfig) -> None:
+    """Writes the parameters (host arrays keyed by path) as an Orbax checkpoint at `directory`, chunked so that
+    processes of a sharded restore read their own slices only (see CHUNK_PARTS)."""
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config)))
+    chunks = {".".join(map(str, p)): chunk_shape(v.shape, v.get_metadata()["axes"], arrays["/".join(map(str, p))].itemsize)
+              for p, v in flat}
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, _ChunkedNumpyHandler(chunks)), (jax.Array, ocp.type_handlers.ArrayHandler()))
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
     ckptr.save(os.path.abspath(directory), _nest(arrays))
 
 
