@@ -7,7 +7,8 @@
 processes. INPUTS holds `<case>/<key>` processor arrays, and `train/<key>` a batch with labels. For each mesh,
 OUT.npz gets under `<mesh>/`: the logits of every case, the loss and updated parameters of one AdamW step
 (`param/<path>`; `param_before/<path>` for `one`), the partition spec of every parameter before and after the step, and the parameter bytes on
-each device of this process. With several processes each one starts the same program, as on a TPU pod;
+each device of this process; on meshes, `prefill/` holds the text-only case's logits through a KV cache
+allocated on the mesh, and that cache's partition spec. With several processes each one starts the same program, as on a TPU pod;
 process 0 writes OUT.npz. Every process writes OUT.<process>.json with the bytes it read from disk to load
 CKPT2 on a (1, 8, 1) mesh.
 
@@ -29,6 +30,26 @@ def _read_bytes() -> int:
     """Bytes this process has read through read(2) and pread(2) so far (Linux)."""
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def _prefill(model, batch):
+    """The prompt run through the decoder into a KV cache allocated on the model's mesh -> (logits, cache)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from idefics_jax import KVCache
+    from idefics_jax._model import positions_from_mask
+
+    @nnx.jit
+    def run(model, ids, attention_mask):
+        T, S = ids.shape[1], ids.shape[1] + 4
+        cache = KVCache.zeros(model.config.text, ids.shape[0], S, model.dtype, model.partitioning)
+        slots = jnp.pad(attention_mask, ((0, 0), (0, S - T))).astype(bool)
+        mask = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None] & slots[:, None, :]
+        h, cache = model.text(model.embed(ids), positions_from_mask(attention_mask), mask, cache, 0)
+        return model.lm_logits(h), cache
+
+    return run(model, batch["input_ids"], batch["attention_mask"])
 
 
 def main(argv=None) -> int:
@@ -84,6 +105,10 @@ def main(argv=None) -> int:
                 out[f"{mesh_arg}/param_before/{name}"] = shd.to_host(v[...])
         per_device = shd.param_bytes_per_device(model)
         out[f"{mesh_arg}/bytes_per_device"] = np.array([per_device.get(d, 0) for d in jax.local_devices()], np.int64)
+        if mesh is not None:
+            logits, cache = _prefill(model, inputs["text_only"])
+            out[f"{mesh_arg}/prefill/logits"] = shd.to_host(logits)
+            out[f"{mesh_arg}/prefill/cache_spec"] = np.array(str(cache.k.sharding.spec))
         # eps well above rounding noise: Adam divides each gradient by its own magnitude, so a parameter whose
         # gradient is exactly zero in theory (a key bias: softmax ignores a shift shared by all keys) would
         # otherwise move by a different +-lr on each layout.

@@ -198,6 +198,17 @@ def test_training_step_trains(one_process):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+def test_kv_cache_on_mesh(one_process, inputs, mesh):
+    """A prefill through a KV cache allocated on the mesh: batch over data/fsdp, kv heads (2) over tensor when
+    they divide; the same logits as the forward pass without a cache."""
+    got, _ = one_process
+    keep = inputs[1]["text_only"]["attention_mask"].astype(bool)
+    assert _rel(got[f"{mesh}/prefill/logits"], got["one/text_only/logits"], keep) <= 1e-5
+    expected = {"2,2,2": (None, "data", None, "tensor"), "1,8,1": (), "1,2,4": (None, "fsdp")}
+    assert str(got[f"{mesh}/prefill/cache_spec"]) == str(shd.PartitionSpec(*expected[mesh]))
+
+
+@pytest.mark.parametrize("mesh", MESHES)
 def test_parameters_are_split(one_process, mesh):
     got, _ = one_process
     specs = {k.split("/spec/")[1]: str(v) for k, v in got.items() if k.startswith(f"{mesh}/spec/")}

@@ -27,9 +27,10 @@ def cross_entropy(logits_BTV, labels_BT):
 
     A sum and a count rather than a mean, so that gradient accumulation can weigh micro-batches by tokens.
     """
-    logits, labels = logits_BTV[:, :-1].astype(jnp.float32), labels_BT[:, 1:]
+    # Labels shifted left rather than logits sliced: no copy of the (B, T, V) logits.
+    labels = jnp.pad(labels_BT[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
     valid = labels != IGNORE_INDEX
-    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), jnp.where(valid, labels, 0))
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
