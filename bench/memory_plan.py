@@ -2,7 +2,7 @@
 
 Each program is lowered and compiled for the full-size model on simulated CPU devices with abstract inputs
 (nothing is allocated), and XLA's memory analysis of the compiled per-device program is printed next to a hand
-estimate. Takes a few minutes on a laptop CPU:
+estimate. Takes about a minute on a 2-core CPU:
 
     python bench/memory_plan.py [--out docs/memory-plan.md]
 
@@ -53,7 +53,7 @@ PLATFORMS = (
     Platform("TPU v5e-8", 8, 16),
     Platform("TPU v4-8", 4, 32),
     Platform("TPU v5p-8", 4, 95),
-    Platform("8x H100 80GB", 8, 80),
+    Platform("8x H100 80GB", 8, 74.5),  # 80 GB
 )
 
 
@@ -241,7 +241,7 @@ def document(results) -> str:
 Per-device GiB for full fine-tuning and for inference of Idefics3-8B-Llama3 (8,462,086,384 parameters). Each
 cell reads **compiled / hand**: *compiled* is XLA's memory analysis of the full-size program, lowered and
 compiled on {" and ".join(map(str, counts))} simulated CPU devices with abstract inputs (`bench/memory_plan.py`;
-nothing is allocated, a few minutes on a laptop); *hand* is the back-of-the-envelope estimate beside it.
+nothing is allocated; under a minute on a 2-core CPU); *hand* is the back-of-the-envelope estimate beside it.
 Parameters, optimizer state and KV cache under *compiled* are the exact bytes of each device's shards; the
 activations column is the compiled program's temporaries (activations, gradients, gathered weights); the peak is
 arguments + outputs - donated + temporaries. "Fits": *yes* when the compiled peak is under 90% of the device's
