@@ -21,6 +21,7 @@ from convert import _names
 from convert._safetensors import write_file
 from idefics_jax import PRESETS, to_hf_dict
 from idefics_jax._checkpoint import param_shapes
+from idefics_jax.testing import char_tokenizer
 
 
 def write_random_checkpoint(path: str, preset: str, shards: int) -> int:
@@ -30,6 +31,7 @@ def write_random_checkpoint(path: str, preset: str, shards: int) -> int:
     d = to_hf_dict(config)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f)
+    char_tokenizer().save_pretrained(path)  # the converter insists on tokenizer files
     entries = list(_names.entries(config, param_shapes(config)).values())
     rng = np.random.default_rng(0)
     per = -(-len(entries) // shards)

@@ -17,7 +17,7 @@ import numpy as np
 
 from convert import _names
 from convert._safetensors import CheckpointError, TensorInfo, read_header, read_tensor
-from idefics_jax._checkpoint import META_FILE, PARAMS_DIR, finalize_partial, param_shapes, save_partial
+from idefics_jax._checkpoint import META_FILE, PARAMS_DIR, finalize_partial, param_axes, param_shapes, save_partial
 from idefics_jax._config import ModelConfig, from_hf_file
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -165,8 +165,9 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
         bar = Progress("converting", ckpt.nbytes, enabled=progress)
         params = os.path.join(tmp, PARAMS_DIR)
         # One parameter at a time: build it, write it, free it. Peak memory is the largest parameter, not the model.
+        axes = param_axes(ckpt.config)
         for path in ckpt.shapes:
-            save_partial(params, path, ckpt.array(path, bar))
+            save_partial(params, path, ckpt.array(path, bar), axes[path])
         finalize_partial(params)
         dtype_name = "bfloat16" if ckpt.dtype == DTYPES["bfloat16"] else "float32"
         with open(os.path.join(tmp, META_FILE), "w") as f:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
+import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +22,23 @@ from idefics_jax._model import IdeficsModel
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
 META_FILE = "idefics_jax.json"  # written last: a directory without it is not a finished checkpoint
+# Each dimension a mesh may split is stored in this many pieces (when it divides): a mesh splitting it 2, 4, 8 or
+# 16 ways then finds each device's slice made of whole stored chunks, so a process reads its own slices only.
+CHUNK_PARTS = 16
+MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
 
 
 class LoadError(ValueError):
     """A path that holds no loadable model, with the reason in one line."""
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32) -> IdeficsModel:
+def abstract_model(config: ModelConfig, dtype=jnp.float32, partitioning: shd.Partitioning | None = None) -> IdeficsModel:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype))
+    return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
+
+
+def _partitioning(mesh, rules) -> shd.Partitioning | None:
+    return None if mesh is None else shd.Partitioning(mesh, rules)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,7 +65,7 @@ def _nest(flat: dict[str, object]) -> dict:
 def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.DEFAULT_RULES):
     """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given)."""
     dtype = next(iter(arrays.values())).dtype
-    model = abstract_model(config, dtype)
+    model = abstract_model(config, dtype, _partitioning(mesh, rules))
     graphdef, state = nnx.split(model)
 
     def place(path, var):
@@ -66,17 +76,76 @@ def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=N
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_partial(directory: str, path: str, array: np.ndarray) -> None:
-    """Adds one parameter to the Orbax checkpoint being written at `directory` (see `finalize_partial`).
+def chunk_shape(shape, axes, itemsize: int, rules=shd.DEFAULT_RULES) -> tuple[int, ...]:
+    """The stored chunk of a parameter: dimensions the rules may shard in up to CHUNK_PARTS pieces, others whole."""
+    if math.prod(shape) * itemsize < MIN_SPLIT_BYTES:
+        return tuple(shape)
+    shardable = {name for name, target in rules if target}
+    return tuple(d // math.gcd(d, CHUNK_PARTS) if a in shardable else d for d, a in zip(shape, axes))
+
+
+@contextlib.contextmanager
+def _chunked_writes(chunks: dict[str, tuple[int, ...]]):
+    """Orbax's numpy writer with our chunk shapes (keyed by the array's tree path, "text.layers.q").
+
+    Orbax would store each host array as one chunk (up to 2 GB), which every process must then read whole whatever
+    its slice. Its partial save builds its own numpy handler, so the writer method is swapped for the duration of
+    the save; `tests/test_sharding.py` measures the bytes each process reads and fails if this stops working.
+    """
+    handler = ocp.type_handlers.NumpyHandler
+    original = handler._open_and_write
+
+    async def write(self, value, tspec, ts_context):
+        shape = chunks.get(tspec["kvstore"].get("path", ""))
+        if shape is not None:
+            tspec = {**tspec, "metadata": _with_read_chunks(tspec.get("driver"), tspec["metadata"], list(shape))}
+        return await original(self, value, tspec, ts_context)
+
+    handler._open_and_write = write
+    try:
+        yield
+    finally:
+        handler._open_and_write = original
+
+
+def _with_read_chunks(driver: str, metadata: dict, shape: list[int]) -> dict:
+    """zarr: the chunks themselves; zarr3 (what the partial save writes): the inner chunks of its sharding codec,
+    which tensorstore reads one by one."""
+    if driver == "zarr":
+        return {**metadata, "chunks": shape}
+    codecs = [
+        {**c, "configuration": {**c["configuration"], "chunk_shape": shape}} if c.get("name") == "sharding_indexed" else c
+        for c in metadata.get("codecs", [])
+    ]
+    return {**metadata, "codecs": codecs}
+
+
+def param_axes(config: ModelConfig) -> dict[str, tuple]:
+    """Logical axis names by parameter path."""
+    return {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
+
+
+def save_partial(directory: str, path: str, array: np.ndarray, axes) -> None:
+    """Adds one parameter to the Orbax checkpoint being written at `directory` (see `finalize_partial`), chunked so
+    that the processes of a sharded restore read their own slices only (see CHUNK_PARTS).
 
     Saving the whole tree at once makes Orbax hold about one extra model-size of buffers; one array at a time it
     holds one array's.
     """
-    ocp1.partial.save(os.path.abspath(directory), _nest({path: array}))
+    with _chunked_writes({path.replace("/", "."): chunk_shape(array.shape, axes, array.itemsize)}):
+        ocp1.partial.save(os.path.abspath(directory), _nest({path: array}))
 
 
 def finalize_partial(directory: str) -> None:
     ocp1.partial.finalize(os.path.abspath(directory))
+
+
+def save_params(directory: str, arrays: dict[str, np.ndarray], config: ModelConfig) -> None:
+    """Writes the parameters (host arrays keyed by path) as an Orbax checkpoint at `directory`."""
+    axes = param_axes(config)
+    for path in list(arrays):
+        save_partial(directory, path, arrays[path], axes[path])
+    finalize_partial(directory)
 
 
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.DEFAULT_RULES) -> IdeficsModel:
@@ -109,7 +178,7 @@ def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
     stored = jnp.dtype(meta["dtype"])
     dtype = jnp.dtype(dtype or stored)
-    graphdef, state = nnx.split(abstract_model(config, stored))
+    graphdef, state = nnx.split(abstract_model(config, stored, _partitioning(mesh, rules)))
     flat = nnx.to_flat_state(state)
     target = _nest({
         "/".join(map(str, p)): jax.ShapeDtypeStruct(

@@ -10,6 +10,7 @@ from flax import nnx
 
 from idefics_jax._config import TextConfig
 from idefics_jax._layers import Stacked, apply_rope, attend, normal, ones, param, rms_norm, rope_inv_freq, scan_layers
+from idefics_jax.sharding import Partitioning, constrain
 
 _ONES = jax.nn.initializers.ones
 
@@ -22,10 +23,14 @@ class KVCache:
     k: jax.Array
     v: jax.Array
 
+    AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+
     @classmethod
-    def zeros(cls, c: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
+    def zeros(cls, c: TextConfig, batch: int, slots: int, dtype, partitioning: Partitioning | None = None) -> "KVCache":
+        """With `partitioning`, allocated sharded (batch over data/fsdp, kv heads over tensor) on its mesh."""
         shape = (c.num_layers, batch, slots, c.num_kv_heads, c.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        where = partitioning.sharding(cls.AXES, shape) if partitioning else None
+        return cls(jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where))
 
 
 def _layer_spec(c: TextConfig) -> dict:
@@ -55,8 +60,9 @@ def causal_mask(attention_mask_BS, sliding_window: int | None = None):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, c: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, c: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioning: Partitioning | None = None):
         self.config = c
+        self.partitioning = partitioning
         self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=dtype)
         self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (c.hidden_size,), ("embed",), dtype)
@@ -70,21 +76,25 @@ class Decoder(nnx.Module):
         """
         c = self.config
         inv_freq = rope_inv_freq(c.rope, c.head_dim)
+        # Batch over data/fsdp, heads and MLP width over tensor; the residual stream is whole on each tensor shard.
+        shard = lambda x, *axes: constrain(x, axes, self.partitioning)  # noqa: E731
+        x_BTD = shard(x_BTD, "batch", None, None)
 
         def layer(x, w, kv):
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq)
-            k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq)
-            v = jnp.einsum("BTD,DKH->BTKH", h, w["v"])
+            q = shard(apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq), "batch", None, "heads", None)
+            k = shard(apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq), "batch", None, "kv_heads", None)
+            v = shard(jnp.einsum("BTD,DKH->BTKH", h, w["v"]), "batch", None, "kv_heads", None)
             if kv is not None:
                 start = (0, cache_index, 0, 0)
-                k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-                v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+                k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), "batch", None, "kv_heads", None)
+                v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), "batch", None, "kv_heads", None)
                 kv = (k, v)
-            x = x + jnp.einsum("BTNH,NHD->BTD", attend(q, k, v, mask_BTS), w["o"])
+            x = shard(x + jnp.einsum("BTNH,NHD->BTD", attend(q, k, v, mask_BTS), w["o"]), "batch", None, None)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["gate"])) * jnp.einsum("BTD,DF->BTF", h, w["up"])
-            return x + jnp.einsum("BTF,FD->BTD", h, w["down"]), kv
+            h = shard(h, "batch", None, "mlp")
+            return shard(x + jnp.einsum("BTF,FD->BTD", h, w["down"]), "batch", None, None), kv
 
         kv_in = None if cache is None else (cache.k, cache.v)
         x, kv_out = scan_layers(layer, x_BTD, self.layers.weights(), kv_in, remat=remat)

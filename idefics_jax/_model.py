@@ -13,6 +13,7 @@ from idefics_jax._decoder import Decoder, causal_mask
 from idefics_jax._layers import param
 from idefics_jax._perceiver import PerceiverConnector
 from idefics_jax._vision import VisionEncoder, patch_mask
+from idefics_jax.sharding import Partitioning, constrain, put
 
 # The connector is chosen by the type of its config.
 CONNECTORS: dict[type, type[nnx.Module]] = {
@@ -52,14 +53,19 @@ class IdeficsModel(nnx.Module):
     """Idefics2 / Idefics3 / SmolVLM for conditional generation.
 
     Call it with the HF processor's numpy outputs: `model(input_ids, attention_mask, pixel_values,
-    pixel_attention_mask) -> logits (B, T, V) float32`.
+    pixel_attention_mask) -> logits (B, T, V) float32`. On a mesh the logits are a global array sharded over
+    it: `idefics_jax.sharding.to_host(logits)` gathers them on every process.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 partitioning: Partitioning | None = None):
+        """partitioning: the mesh and rules the activations are laid out by (`load_pretrained(mesh=...)` sets it);
+        None runs unconstrained, wherever the arrays are."""
         self.config = config
-        self.vision = VisionEncoder(config.vision, rngs=rngs, dtype=dtype)
+        self.partitioning = partitioning
+        self.vision = VisionEncoder(config.vision, rngs=rngs, dtype=dtype, partitioning=partitioning)
         self.connector = CONNECTORS[type(config.connector)](config, rngs=rngs, dtype=dtype)
-        self.text = Decoder(config.text, rngs=rngs, dtype=dtype)
+        self.text = Decoder(config.text, rngs=rngs, dtype=dtype, partitioning=partitioning)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype)
 
@@ -70,7 +76,7 @@ class IdeficsModel(nnx.Module):
     def image_features(self, pixel_values_BICHW, pixel_mask_BIHW=None, remat: bool = False):
         """-> features (B*I, image_seq_len, D) for every image slot, and which slots are real images (B*I,)."""
         B, I, C, H, W = pixel_values_BICHW.shape
-        pixels = pixel_values_BICHW.reshape(B * I, C, H, W)
+        pixels = constrain(pixel_values_BICHW.reshape(B * I, C, H, W), ("batch", None, None, None), self.partitioning)
         real = real_images(pixel_values_BICHW)
         if pixel_mask_BIHW is None:
             pixel_mask = jnp.ones((B * I, H, W), bool)
@@ -81,10 +87,14 @@ class IdeficsModel(nnx.Module):
         # Padding images run with a full mask so that no NaN can reach a gradient; their rows are never read.
         pmask = pmask | ~real[:, None, None]
         hidden = self.vision(pixels, pmask, remat=remat)
-        return self.connector(hidden, pmask.reshape(B * I, -1)), real
+        feats = constrain(self.connector(hidden, pmask.reshape(B * I, -1)), ("batch", None, None), self.partitioning)
+        return feats, real
 
     def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: bool = False):
-        x = jnp.take(self.text.embed[...], input_ids_BT, axis=0)
+        # Gathered whole along the width first (as FSDP gathers every weight when used): a lookup from a
+        # width-sharded table comes out width-sharded, and going from there to batch-sharded costs a full copy.
+        table = constrain(self.text.embed[...], ("vocab", None), self.partitioning)
+        x = jnp.take(table, input_ids_BT, axis=0)
         if pixel_values is None:
             return x
         feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat)
@@ -92,7 +102,8 @@ class IdeficsModel(nnx.Module):
 
     def lm_logits(self, h_BTD):
         w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
+        return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False):
         """Traceable forward pass (use inside your own jit / grad). Shapes as in `__call__`."""
@@ -107,7 +118,9 @@ class IdeficsModel(nnx.Module):
         """input_ids (B, T) int; attention_mask (B, T) 1 = token; pixel_values (B, I, C, H, W) float with all-zero
         padding images; pixel_attention_mask (B, I, H, W) 1 = valid pixel. Returns logits (B, T, V) float32."""
         check_inputs(self.config, input_ids, attention_mask, pixel_values, pixel_attention_mask)
-        return _jit_forward(self, input_ids, attention_mask, pixel_values, pixel_attention_mask)
+        # Every process passes the same whole batch; each places its own devices' slices of it.
+        batch = lambda x: None if x is None else put(x, ("batch",) + (None,) * (np.ndim(x) - 1), self.partitioning)  # noqa: E731
+        return _jit_forward(self, *map(batch, (input_ids, attention_mask, pixel_values, pixel_attention_mask)))
 
 
 @nnx.jit

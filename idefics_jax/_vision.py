@@ -9,6 +9,7 @@ from flax import nnx
 
 from idefics_jax._config import VisionConfig
 from idefics_jax._layers import Stacked, attend, layer_norm, normal, ones, param, scan_layers, zeros
+from idefics_jax.sharding import Partitioning, constrain
 
 _ONES, _ZEROS = jax.nn.initializers.ones, jax.nn.initializers.zeros
 
@@ -28,17 +29,20 @@ def _layer_spec(c: VisionConfig) -> dict:
     }
 
 
-def _layer(eps: float):
+def _layer(eps: float, part: Partitioning | None):
+    # Images over data/fsdp (they are the batch here), heads and MLP width over tensor.
+    shard = lambda x, *axes: constrain(x, axes, part)  # noqa: E731
+
     def fn(x_ISD, w, key_mask_IS):
         h = layer_norm(x_ISD, w["ln1_scale"], w["ln1_bias"], eps)
-        q = jnp.einsum("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"]
-        k = jnp.einsum("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"]
-        v = jnp.einsum("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"]
+        q = shard(jnp.einsum("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
+        k = shard(jnp.einsum("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
+        v = shard(jnp.einsum("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
         a = attend(q, k, v, jnp.broadcast_to(key_mask_IS[:, None, :], (*key_mask_IS.shape[:1], x_ISD.shape[1], x_ISD.shape[1])))
-        x_ISD = x_ISD + jnp.einsum("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"]
+        x_ISD = shard(x_ISD + jnp.einsum("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
         h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
-        h = jax.nn.gelu(jnp.einsum("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
-        return x_ISD + jnp.einsum("ISF,FD->ISD", h, w["fc2"]) + w["fc2_bias"]
+        h = shard(jax.nn.gelu(jnp.einsum("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True), "batch", None, "mlp")
+        return shard(x_ISD + jnp.einsum("ISF,FD->ISD", h, w["fc2"]) + w["fc2_bias"], "batch", None, None)
 
     return fn
 
@@ -71,8 +75,9 @@ def position_ids(mask_IPP, n: int):
 
 
 class VisionEncoder(nnx.Module):
-    def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioning: Partitioning | None = None):
         self.config = c
+        self.partitioning = partitioning
         D, p, n = c.hidden_size, c.patch_size, c.patches_per_side
         self.patch_embed = param(rngs, (c.num_channels, p, p, D), (None, None, None, "embed"), dtype=dtype)
         self.patch_bias = zeros(rngs, (D,), ("embed",), dtype)
@@ -90,8 +95,10 @@ class VisionEncoder(nnx.Module):
         x = pixels_ICHW[:, :, : Ph * p, : Pw * p].reshape(I, C, Ph, p, Pw, p).astype(self.patch_embed.dtype)
         x = jnp.einsum("ICYpXq,CpqD->IYXD", x, self.patch_embed[...]) + self.patch_bias[...]
         x = x.reshape(I, Ph * Pw, -1)
-        x = x + jnp.take(self.pos_embed[...], position_ids(mask_IPP, c.patches_per_side), axis=0)
+        pos_embed = constrain(self.pos_embed[...], (None, None), self.partitioning)  # whole, as for the text embeddings
+        x = x + jnp.take(pos_embed, position_ids(mask_IPP, c.patches_per_side), axis=0)
+        x = constrain(x, ("batch", None, None), self.partitioning)
         key_mask = mask_IPP.reshape(I, -1)
-        layer = _layer(c.layer_norm_eps)
+        layer = _layer(c.layer_norm_eps, self.partitioning)
         x, _ = scan_layers(lambda x, w, _: (layer(x, w, key_mask), None), x, self.layers.weights(), remat=remat)
         return layer_norm(x, self.post_ln_scale[...], self.post_ln_bias[...], c.layer_norm_eps)

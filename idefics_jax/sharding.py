@@ -1,50 +1,114 @@
 """Logical axis names -> mesh axes `data`, `fsdp`, `tensor`.
 
-Every parameter names its logical axes where it is created (`axes=` metadata); this one table maps them.
-A logical axis whose size the mesh axis does not divide stays replicated on that dimension.
+Every parameter names its logical axes where it is created (`axes=` metadata), and activations name theirs
+where they are computed; the rules table in `configs/sharding.py` maps both. A logical axis whose mesh axes do
+not divide its size stays replicated on that dimension (e.g. 6 heads over `tensor=4`), so every mesh runs every
+model, at the cost of memory when the sizes do not divide.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+from configs.sharding import MESH_AXES, RULES, MeshShape, Rules
 
-DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("head_dim", None),
-)
+DEFAULT_RULES: Rules = RULES
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+def make_mesh(shape: MeshShape | Sequence[int], devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    `jax.make_mesh` orders the devices so that `tensor`, the innermost axis, stays within a host and on the
+    fastest links.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = shape.resolve(len(devices)) if isinstance(shape, MeshShape) else tuple(shape)
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh shape {sizes} needs {int(np.prod(sizes))} devices, {len(devices)} given")
+    # Auto axes: the compiler propagates shardings between our constraints.
+    return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """The PartitionSpec for an array with logical `axes`. Each mesh axis is used at most once (first come);
+    a dimension takes the longest prefix of its mesh axes whose product divides it."""
     table = dict(rules)
     used: set[str] = set()
     out = []
     for name, size in zip(axes, shape):
         target = table.get(name) if name else None
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1 and n not in used)
-        total = 1
-        for n in names:
-            total *= mesh.shape[n]
-        if not names or size % total:
-            out.append(None)
-            continue
+        names = [target] if isinstance(target, str) else list(target or ())
+        names = [n for n in names if mesh.shape.get(n, 1) > 1 and n not in used]
+        while names and size % int(np.prod([mesh.shape[n] for n in names])):
+            names.pop()
         used.update(names)
-        out.append(names[0] if len(names) == 1 else names)
+        out.append(None if not names else names[0] if len(names) == 1 else tuple(names))
     return PartitionSpec(*out)
 
 
 def sharding_for(axes, shape, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
     if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioning:
+    """A mesh and the rules mapping logical axis names onto it.
+
+    The model holds one (static, so part of every jit cache key) and constrains its activations with it; a
+    model without one runs wherever its arrays are, unconstrained.
+    """
+
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+
+    def __post_init__(self):
+        # Tuples throughout: the model's graph definition must hash.
+        object.__setattr__(self, "rules", tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in self.rules))
+
+    def spec(self, axes, shape) -> PartitionSpec:
+        return spec_for(axes, shape, self.mesh, self.rules)
+
+    def sharding(self, axes, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
+    """`x` laid out by its logical `axes` (inside jit); the identity when there is no mesh."""
+    if part is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, part.sharding(axes, x.shape))
+
+
+def put(x, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
+    """A host array, the same on every process, as a global array laid out by `axes`; each process places
+    only its own devices' slices."""
+    x = np.asarray(x)
+    if part is None:
+        return jax.device_put(x)
+    return jax.make_array_from_callback(x.shape, part.sharding(axes, x.shape), lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def param_bytes_per_device(model) -> dict:
+    """Bytes of parameters each device holds (device -> bytes), from the arrays' actual shards."""
+    out: dict = {}
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        for shard in v[...].addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out

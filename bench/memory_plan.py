@@ -1,0 +1,313 @@
+"""Per-device memory of Idefics3-8B for fine-tuning and inference on TPU v5e-8, v4-8, v5p-8 and 8x H100.
+
+Each program is lowered and compiled for the full-size model on simulated CPU devices with abstract inputs
+(nothing is allocated), and XLA's memory analysis of the compiled per-device program is printed next to a hand
+estimate. Takes about a minute on a 2-core CPU:
+
+    python bench/memory_plan.py [--out docs/memory-plan.md]
+
+Caveats: the CPU compiler is not the TPU or GPU one. It schedules, fuses and pads differently (TPU pads the
+two minor dimensions to tiles) and computes some bf16 operations in fp32, so treat the compiled temporaries as
+the right order of magnitude, not an exact budget. Arguments (parameters, optimizer state, cache) are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from configs import sharding as cfg  # noqa: E402
+from idefics_jax import sharding as shd  # noqa: E402
+from idefics_jax._checkpoint import abstract_model  # noqa: E402
+from idefics_jax._decoder import KVCache  # noqa: E402
+from idefics_jax._model import positions_from_mask  # noqa: E402
+from idefics_jax._presets import IDEFICS3_8B_LLAMA3  # noqa: E402
+from train import step as train  # noqa: E402
+
+GiB = 2**30
+CONFIG = IDEFICS3_8B_LLAMA3
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    name: str
+    devices: int  # as jax sees them: a v4 or v5p chip is one device (megacore)
+    hbm_gib: float
+
+
+PLATFORMS = (
+    Platform("TPU v5e-8", 8, 16),
+    Platform("TPU v4-8", 4, 32),
+    Platform("TPU v5p-8", 4, 95),
+    Platform("8x H100 80GB", 8, 74.5),  # 80 GB
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    mesh: cfg.MeshShape
+    dtype: object
+    batch: int  # global
+    tokens: int  # prompt / training sequence length, image tokens included
+    images: int  # image tiles per sample (2x2 split + the global image = 5)
+    cache_slots: int = 0  # KV cache length for inference (prompt + generated)
+
+    @property
+    def training(self) -> bool:
+        return not self.cache_slots
+
+
+def workloads(devices: int) -> tuple[Workload, ...]:
+    return (
+        # Full fine-tuning, AdamW, remat per layer, one sample per device.
+        Workload("fine-tune, fp32 params + AdamW", cfg.FSDP, jnp.float32, devices, 2048, 5),
+        Workload("fine-tune, bf16 params + AdamW", cfg.FSDP, jnp.bfloat16, devices, 2048, 5),
+        # Serving batch 8: prefill of a 2048-token prompt into a 4096-slot cache.
+        Workload("inference, bf16, batch 8", cfg.FSDP_TP, jnp.bfloat16, 8, 2048, 5, cache_slots=4096),
+    )
+
+
+def _with_shardings(state, part: shd.Partitioning):
+    """Abstract leaves carrying the shardings their logical axes give (scalars replicated)."""
+
+    def leaf(v):
+        sds = v.get_value()
+        axes = v.get_metadata().get("axes")
+        sharding = part.sharding(axes, sds.shape) if axes else NamedSharding(part.mesh, PartitionSpec())
+        return v.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
+
+    return nnx.from_flat_state([(p, leaf(v)) for p, v in nnx.to_flat_state(state)])
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays with shardings (the largest shard, for uneven layouts)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _batch(w: Workload, part: shd.Partitioning, labels: bool) -> dict:
+    v = CONFIG.vision
+    B, T, I, P = w.batch, w.tokens, w.images, v.image_size
+    shapes = {"input_ids": ((B, T), jnp.int32), "attention_mask": ((B, T), jnp.int32),
+              "pixel_values": ((B, I, 3, P, P), jnp.float32), "pixel_attention_mask": ((B, I, P, P), jnp.bool_)}
+    if labels:
+        shapes["labels"] = ((B, T), jnp.int32)
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=part.sharding(("batch",) + (None,) * (len(s) - 1), s))
+            for k, (s, d) in shapes.items()}
+
+
+def compile_program(w: Workload, devices) -> dict:
+    """Lowers and compiles `w` on `devices`; returns bytes per device by component and XLA's analysis."""
+    part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
+    model = abstract_model(CONFIG, w.dtype, part)
+    out = {"mesh": dict(zip(cfg.MESH_AXES, part.mesh.devices.shape))}
+    t0 = time.time()
+    if w.training:
+        optimizer = nnx.eval_shape(lambda m: train.make_optimizer(m, 1e-5, weight_decay=0.1), model)
+        graphdef, state = nnx.split((model, optimizer))
+        state = _with_shardings(state, part)
+        params, opt_state = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param), nnx.state(nnx.merge(graphdef, state)[1])
+        out["params"], out["optimizer"] = _per_device_bytes(params), _per_device_bytes(opt_state)
+        batch = _batch(w, part, labels=True)
+
+        def fn(state, batch):
+            m, o = nnx.merge(graphdef, state)
+            loss = train.step(m, o, batch, remat=True)
+            return loss, nnx.state((m, o))
+
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        jitted = jax.jit(fn, donate_argnums=0, out_shardings=(NamedSharding(part.mesh, PartitionSpec()), shardings))
+        lowered = jitted.lower(state, batch)
+    else:
+        graphdef, state = nnx.split(model)
+        state = _with_shardings(state, part)
+        out["params"], out["optimizer"] = _per_device_bytes(state), 0
+        batch = _batch(w, part, labels=False)
+        t = CONFIG.text
+        shape = (t.num_layers, w.batch, w.cache_slots, t.num_kv_heads, t.head_dim)
+        kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
+        cache = KVCache(kv, kv)
+        out["kv_cache"] = _per_device_bytes(cache)
+
+        def prefill(state, batch, cache):
+            m = nnx.merge(graphdef, state)
+            x = m.embed(batch["input_ids"], batch["pixel_values"], batch["pixel_attention_mask"])
+            T, S = w.tokens, w.cache_slots
+            # Query t sees the valid prompt slots up to t; the slots after the prompt are still empty.
+            slots = jnp.pad(batch["attention_mask"], ((0, 0), (0, S - T))).astype(bool)
+            mask = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None] & slots[:, None, :]
+            h, cache = m.text(x, positions_from_mask(batch["attention_mask"]), mask, cache, 0)
+            return m.lm_logits(h[:, -1:]), cache
+
+        jitted = jax.jit(prefill, donate_argnums=2,
+                         out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)))
+        lowered = jitted.lower(state, batch, cache)
+    out["lower_s"] = time.time() - t0
+    t0 = time.time()
+    compiled = lowered.compile()
+    out["compile_s"] = time.time() - t0
+    m = compiled.memory_analysis()
+    out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
+               temporaries=m.temp_size_in_bytes)
+    out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    out["hand"] = hand_estimate(w, out["mesh"])
+    return out
+
+
+def hand_estimate(w: Workload, mesh: dict) -> dict:
+    """Back-of-the-envelope bytes per device: parameters split evenly, plus the buffers that dominate.
+
+    Activation terms (B samples per device, T tokens, S cache slots, L layers, N heads per device):
+    training (remat per layer): gradients (like the parameters) + two vocabulary-sized matrices live at once
+    (lm_head gathered whole and its gradient, later the embedding table's gradient: the vocabulary, 128259,
+    divides by no mesh axis) + one layer input saved per layer + one layer recomputed (its weights gathered
+    twice over, fp32 attention logits B*N*T*T 3 times, MLP) + fp32 logits B*T*V twice (logits, gradient).
+    Prefill: the embedding table and lm_head gathered whole + fp32 attention logits B*N*T*S 3 times + one
+    layer's weights and MLP.
+    """
+    t, v = CONFIG.text, CONFIG.vision
+    b = jnp.dtype(w.dtype).itemsize
+    P = sum(math.prod(s.shape) for s in jax.tree.leaves(nnx.state(abstract_model(CONFIG))))
+    tp = mesh["tensor"]
+    est = {"params": P * b / (mesh["fsdp"] * tp)}
+    B = w.batch / (mesh["data"] * mesh["fsdp"])  # samples per device
+    T, D, V, F, L, H = w.tokens, t.hidden_size, t.vocab_size, t.intermediate_size, t.num_layers, t.head_dim
+    N = t.num_heads / tp if t.num_heads % tp == 0 else t.num_heads
+    imgs, S_img = B * w.images, v.patches_per_side**2
+    layer = (D * (t.num_heads + 2 * t.num_kv_heads) * H + t.num_heads * H * D + 3 * D * F) * b / tp
+    vocab = 2 * V * D * b  # embedding table and lm_head, whole
+    mlp = B * T * 3 * F / tp * 4
+    vision = imgs * S_img * (v.hidden_size + v.intermediate_size / tp) * 4 * 2
+    if w.training:
+        est["optimizer"] = 2 * est["params"]  # AdamW mu and nu in the parameter dtype
+        saved = L * B * T * D * b + v.num_layers * imgs * S_img * v.hidden_size * b
+        one_layer = 2 * layer + 3 * B * N * T * T * 4 + 2 * mlp + vision
+        est["activations"] = est["params"] + vocab + saved + one_layer + 2 * B * T * V * 4
+    else:
+        est["optimizer"] = 0
+        S = w.cache_slots
+        K = t.num_kv_heads / tp if t.num_kv_heads % tp == 0 else t.num_kv_heads
+        est["kv_cache"] = 2 * L * B * S * K * H * b
+        est["activations"] = vocab + 3 * B * N * T * S * 4 + layer + mlp + vision
+    est["total"] = sum(est.values())
+    return est
+
+
+def _g(x) -> str:
+    return "–" if x is None else f"{x / GiB:.2f}"
+
+
+def table(results: list[tuple[Platform, Workload, dict]]) -> str:
+    head = ("| platform (devices × HBM) | workload | mesh (data, fsdp, tensor) | params | optimizer | KV cache "
+            "| activations: compiled temp / hand | peak: compiled / hand | fits |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    rows = []
+    for p, w, r in results:
+        h = r["hand"]
+        mesh = r["mesh"]
+        budget = 0.9 * p.hbm_gib * GiB
+        fits = "yes" if r["peak"] <= budget else "by hand only" if h["total"] <= budget else "**no**"
+        rows.append(
+            f"| {p.name} ({p.devices} × {p.hbm_gib:g} GiB) | {w.name} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
+            f"| {_g(r['params'])} / {_g(h['params'])} | {_g(r['optimizer'])} / {_g(h['optimizer'])} "
+            f"| {_g(r.get('kv_cache'))} / {_g(h.get('kv_cache'))} | {_g(r['temporaries'])} / {_g(h['activations'])} "
+            f"| {_g(r['peak'])} / {_g(h['total'])} | {fits} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def document(results) -> str:
+    """The whole of docs/memory-plan.md."""
+    counts = sorted({p.devices for p, _, _ in results})
+    return f"""# Memory plan: Idefics3-8B on one TPU host or one 8-GPU machine
+
+Per-device GiB for full fine-tuning and for inference of Idefics3-8B-Llama3 (8,462,086,384 parameters). Each
+cell reads **compiled / hand**: *compiled* is XLA's memory analysis of the full-size program, lowered and
+compiled on {" and ".join(map(str, counts))} simulated CPU devices with abstract inputs (`bench/memory_plan.py`;
+nothing is allocated; under a minute on a 2-core CPU); *hand* is the back-of-the-envelope estimate beside it.
+Parameters, optimizer state and KV cache under *compiled* are the exact bytes of each device's shards; the
+activations column is the compiled program's temporaries (activations, gradients, gathered weights); the peak is
+arguments + outputs - donated + temporaries. "Fits": *yes* when the compiled peak is under 90% of the device's
+HBM, *by hand only* when only the hand estimate is (see the CPU caveat below), *no* when neither is.
+
+Workloads: fine-tuning is one AdamW step (`train/step.py`) with remat per layer, one sample per device of 2048
+tokens with 5 image tiles (a 2x2 split plus the global image, 364 px, 845 image tokens), mesh preset `FSDP`.
+Inference is the prefill of a batch of 8 such prompts into a KV cache of 4096 slots per sample (2048 prompt +
+2048 new tokens), bf16, mesh preset `FSDP_TP` (tensor 4, the rest FSDP). A v4-8 or v5p-8 is 4 chips, which
+jax sees as 4 devices (megacore).
+
+{table(results)}
+## Reading it
+
+- **Parameters**: 15.8 GiB in bf16, 31.5 GiB in fp32. They divide by the number of devices except the embedding
+  table and lm_head (1 GiB each in bf16): their vocabulary, 128,259, is odd, so they split over `fsdp` along the
+  width only, never over `tensor`. That is why inference (tensor 4) holds more than 1/8 of the model per device.
+- **Optimizer**: AdamW keeps two moments in the parameter dtype: twice the parameters.
+- **KV cache**: 2 x 32 layers x 8 kv heads x 128 x 2 bytes = 128 KiB per token; split over the batch (`fsdp`)
+  and the kv heads (`tensor`).
+- **Activations**: what dominates is the vocabulary and the attention: the fp32 logits over 128,259 tokens
+  (1 GiB per 2048-token sample, held about 3 times for the loss and its gradient), the embedding table and
+  lm_head gathered whole for their matmuls (and their gradients), and the fp32 attention logits of the layer
+  being recomputed (32 heads x 2048^2 x 4 bytes = 0.5 GiB per sample, a few copies). The prefill here attends
+  over all 4096 cache slots (2x the work and memory of attending over the prompt alone).
+- **The CPU compiler is not the TPU or GPU one**: it computes bf16 matmuls in fp32, so bf16 programs carry fp32
+  copies of gathered weights and gradients (the bf16 fine-tuning temporaries exceed the fp32 ones here); it
+  neither pads to TPU tiles nor schedules like the TPU compiler. Read the compiled temporaries of bf16 programs
+  as an upper bound and the fp32 ones as the right order of magnitude; the argument columns are exact.
+
+## What fits
+
+- **Full fine-tuning in fp32** (31.5 GiB of parameters, 63 GiB of moments) needs about 25 GiB per device on 8
+  devices and 40 GiB on 4: an 8x H100 or a v5p-8, not a v5e-8 (16 GiB) nor a v4-8 (32 GiB).
+- **bf16 parameters and moments** halve the state. On a v4-8 it fits by the hand estimate (the CPU compile
+  inflates bf16 temporaries); on a v5e-8 the state alone is 6 GiB of 16 and the activations do not fit at 2048
+  tokens: shorten the sequence, or train LoRA adapters (the fine-tuning issue adds them).
+- **Inference** fits everywhere; the largest terms are the vocabulary-sized matrices and the attention logits
+  of the prefill, which shrink with a smaller prefill chunk or batch.
+
+Regenerate with `python bench/memory_plan.py --out docs/memory-plan.md`.
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="also write the whole memory plan (markdown) to this file")
+    a = ap.parse_args(argv)
+    compiled: dict = {}
+    results = []
+    for p in PLATFORMS:
+        for w in workloads(p.devices):
+            key = (p.devices, w)
+            if key not in compiled:  # the same program on the same number of devices compiles once
+                print(f"compiling {w.name} on {p.devices} devices ...", file=sys.stderr, flush=True)
+                compiled[key] = compile_program(w, jax.devices()[: p.devices])
+                r = compiled[key]
+                print(f"  lowered in {r['lower_s']:.0f} s, compiled in {r['compile_s']:.0f} s; arguments "
+                      f"{_g(r['arguments'])} GiB, temporaries {_g(r['temporaries'])} GiB", file=sys.stderr, flush=True)
+            results.append((p, w, compiled[key]))
+    print(table(results))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(document(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Configuration tables: sharding rules and mesh presets (and, later, fine-tuning runs)."""
