@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{a.port}", num_processes=a.num_processes, process_id=a.process_id)
     import numpy as np
+    import optax
     from flax import nnx
 
     import idefics_jax
@@ -112,13 +113,15 @@ def main(argv=None) -> int:
         # eps well above rounding noise: Adam divides each gradient by its own magnitude, so a parameter whose
         # gradient is exactly zero in theory (a key bias: softmax ignores a shift shared by all keys) would
         # otherwise move by a different +-lr on each layout.
-        optimizer = train.make_optimizer(model, 1e-4, weight_decay=0.1, eps=1e-6)
-        out[f"{mesh_arg}/loss"] = shd.to_host(train.train_step(model, optimizer, train.put_batch(inputs["train"], model)))
-        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            name = "/".join(map(str, path))
-            out[f"{mesh_arg}/param/{name}"] = shd.to_host(v[...])
-            out[f"{mesh_arg}/spec_after_step/{name}"] = np.array(str(getattr(v[...].sharding, "spec", "")))
-        del model, optimizer
+        tx = optax.adamw(1e-4, weight_decay=0.1, eps=1e-6)
+        parts = train.split(model)
+        state = train.init_state(parts.trainable, tx)
+        state, metrics = train.make_train_step(parts, tx)(state, parts.frozen, train.put_batch(inputs["train"], model.partitioning))
+        out[f"{mesh_arg}/loss"] = shd.to_host(metrics["loss"])
+        for name, v in state.trainable.items():
+            out[f"{mesh_arg}/param/{name}"] = shd.to_host(v)
+            out[f"{mesh_arg}/spec_after_step/{name}"] = np.array(str(getattr(v.sharding, "spec", "")))
+        del model, state, parts
 
     if a.hf:
         model = idefics_jax.load_pretrained(a.hf, mesh=shd.make_mesh((2, 2, 2)))

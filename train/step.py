@@ -1,22 +1,29 @@
-"""One optimisation step: next-token cross-entropy on `labels` (-100 ignored) and an optax AdamW update.
+"""One optimisation step: next-token cross-entropy on `labels` (-100 ignored), gradients over the trainable
+parameters (all of them, the unfrozen parts, or LoRA adapters), micro-batch accumulation, and an optax update.
 
 The batch is a dict of the HF processor's arrays (`input_ids`, `attention_mask`, `pixel_values`,
-`pixel_attention_mask`) plus `labels` (B, T): the token each position should predict *after shifting*, as in
-transformers, i.e. the logits at t are scored against `labels[:, t + 1]`; -100 marks tokens that carry no loss
-(prompt, padding, image tokens).
+`pixel_attention_mask`) plus `labels` (B, T) aligned with `input_ids` as in transformers: the logits at t are scored
+against `labels[:, t + 1]`; -100 marks tokens that carry no loss (prompt, padding, image tokens).
 
-On a mesh the step needs nothing more: parameters and optimizer state carry their shardings, the model
+Parameters are plain dicts keyed by path ("text/layers/q"); the model is rebuilt around them inside the jitted
+step. On a mesh the step needs nothing more: parameters and optimizer state carry their shardings, the model
 constrains its activations, and the compiler inserts the collectives.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from train import lora as lora_lib
+from train.config import LoraConfig
 
 IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
@@ -27,38 +34,107 @@ def cross_entropy(logits_BTV, labels_BT):
 
     A sum and a count rather than a mean, so that gradient accumulation can weigh micro-batches by tokens.
     """
-    # Labels shifted left rather than logits sliced: no copy of the (B, T, V) logits.
-    labels = jnp.pad(labels_BT[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
+    logits, labels = logits_BTV[:, :-1].astype(jnp.float32), labels_BT[:, 1:]
     valid = labels != IGNORE_INDEX
-    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), jnp.where(valid, labels, 0))
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
-def loss_fn(model, batch: dict, remat: bool = False):
-    """Mean next-token loss over the scored tokens of the batch (0 when there are none)."""
-    logits = model.forward(*(batch.get(k) for k in MODEL_INPUTS), remat=remat)
-    total, count = cross_entropy(logits, batch["labels"])
-    return total / jnp.maximum(count, 1)
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The model cut into its structure and two parameter dicts: what trains and what stays fixed."""
+
+    graphdef: Any
+    variables: tuple  # ((path, Variable), ...) with metadata, for rebuilding the model
+    trainable: dict
+    frozen: dict
 
 
-def make_optimizer(model, learning_rate=1e-5, *, weight_decay: float = 0.0, **adamw) -> nnx.Optimizer:
-    """AdamW over every parameter. Its moments are created like the parameters, so they share their shardings."""
-    return nnx.Optimizer(model, optax.adamw(learning_rate, weight_decay=weight_decay, **adamw), wrt=nnx.Param)
+def _path(p) -> str:
+    return "/".join(map(str, p))
 
 
-def step(model, optimizer: nnx.Optimizer, batch: dict, remat: bool = False):
-    """One AdamW step on `batch`, updating `model` and `optimizer` in place; returns the loss before the step."""
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch, remat)
-    optimizer.update(model, grads)
-    return loss
+def split(model, freeze: tuple[str, ...] = (), lora: LoraConfig | None = None, key=None) -> Split:
+    """Parameters under a `freeze` prefix ("vision", "connector", "text") stay fixed; with LoRA (rank > 0) every
+    model parameter is fixed and new adapters train instead."""
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    params = {_path(p): v[...] for p, v in flat}
+    if lora is not None and lora.rank > 0:
+        adapters = lora_lib.init(model.config, params, lora, key if key is not None else jax.random.key(0))
+        return Split(graphdef, tuple(flat), adapters, params)
+    frozen = {p: v for p, v in params.items() if any(p == f or p.startswith(f + "/") for f in freeze)}
+    return Split(graphdef, tuple(flat), {p: v for p, v in params.items() if p not in frozen}, frozen)
 
 
-# The old parameters and optimizer state are donated: at 8B they are most of the device memory.
-train_step = nnx.jit(step, donate_argnums=(0, 1), static_argnames="remat")
+def merge(s: Split, params: dict):
+    """The model around `params` (a full dict keyed by path)."""
+    return nnx.merge(s.graphdef, nnx.from_flat_state([(p, v.replace(params[_path(p)])) for p, v in s.variables]))
 
 
-def put_batch(batch: dict, model) -> dict:
-    """A host batch, the same on every process, as global arrays split over the batch axes of the model's mesh."""
-    part = model.partitioning
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: dict
+    opt_state: Any
+
+
+def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
+    # Under jit the moments are created like the parameters, so they share their shardings.
+    return TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+
+
+def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool, lora: LoraConfig | None):
+    """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch`."""
+    params = lora_lib.apply(frozen, trainable, lora) if lora is not None and lora.rank > 0 else {**frozen, **trainable}
+    if compute_dtype is not None:
+        params = {p: v.astype(compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for p, v in params.items()}
+    logits = merge(s, params).forward(*(batch.get(k) for k in MODEL_INPUTS), remat=remat)
+    return cross_entropy(logits, batch["labels"])
+
+
+def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype=None, remat: bool = False,
+                    lora: LoraConfig | None = None, grad_accum: int = 1) -> Callable:
+    """-> jitted `step(state, frozen, batch) -> (state, metrics)`; the old state is donated.
+
+    compute_dtype: cast every parameter to it inside the step (bf16 compute over fp32 master weights).
+    grad_accum: the batch is cut into this many micro-batches, run one after another, and their gradients summed
+    before the single update; the loss is the mean over all scored tokens of the whole batch.
+    """
+    def total_loss(trainable, frozen, batch):
+        return _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype, remat=remat, lora=lora)
+
+    grad_fn = jax.value_and_grad(total_loss, has_aux=True)
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        if grad_accum == 1:
+            (total, count), grads = grad_fn(state.trainable, frozen, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+            def body(acc, mb):
+                (t, c), g = grad_fn(state.trainable, frozen, mb)
+                return jax.tree.map(jnp.add, acc, ((t, c), g)), None
+
+            zero = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), jax.tree.map(jnp.zeros_like, state.trainable))
+            ((total, count), grads), _ = jax.lax.scan(body, zero, micro)
+        n = jnp.maximum(count, 1)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": total / n, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_loss(s: Split, *, compute_dtype=None, lora: LoraConfig | None = None) -> Callable:
+    """-> jitted `loss(trainable, frozen, batch) -> (summed loss, scored tokens)`, for evaluation."""
+    return jax.jit(lambda trainable, frozen, batch: _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype,
+                                                          remat=False, lora=lora))
+
+
+def put_batch(batch: dict, part: shd.Partitioning | None) -> dict:
+    """A host batch, the same on every process, as global arrays split over the batch axes of the mesh."""
     return {k: shd.put(v, ("batch",) + (None,) * (np.ndim(v) - 1), part) for k, v in batch.items() if v is not None}
-
