@@ -19,6 +19,12 @@ def _export(a):
     export(a.src, a.dst)
 
 
+def _train(a):
+    from train import config, trainer
+
+    trainer.train(config.load(a.config, a.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -32,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", help="checkpoint written by `idefics-jax convert`")
     e.add_argument("dst", help="output HF directory (must not exist)")
     e.set_defaults(fn=_export)
+    t = sub.add_parser("train", help="fine-tune with a config from configs/ (resumes from WORKDIR)")
+    t.add_argument("config", help="YAML file, e.g. configs/tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value, nested with dots (optim.learning_rate=1e-4)")
+    t.set_defaults(fn=_train)
     return p
 
 
