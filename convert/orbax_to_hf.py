@@ -34,18 +34,28 @@ def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
 
 
 def export(src: str, dst: str, progress: bool = True) -> None:
-    """Orbax checkpoint `src` -> HF directory `dst` (safetensors shards of at most 4 GiB, config, tokenizer)."""
+    """Orbax checkpoint `src` (or a training WORKDIR) -> HF directory `dst` (safetensors shards of at most 4 GiB,
+    config, tokenizer). A training run's newest checkpoint is exported with its LoRA adapters merged."""
     if os.path.exists(dst):
         raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
-    model = load_pretrained(src)
+    if os.path.isdir(os.path.join(src, "checkpoints")):
+        from train.export import trained_model
+
+        model, side_files = trained_model(src)
+    else:
+        model, side_files = load_pretrained(src), src
+    write_hf(model, side_files, dst, progress)
+
+
+def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
+    """`model` -> HF directory `dst`, with the tokenizer, processor and config files of directory `side_files`."""
     tensors = model_to_hf_tensors(model)
-    hf_config = _hf_config(src, model.config)
-    del model
+    hf_config = _hf_config(side_files, model.config)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
     try:
-        copy_side_files(src, tmp)
+        copy_side_files(side_files, tmp)
         for name in os.listdir(tmp):
             if name.startswith("idefics_jax") or os.path.isdir(os.path.join(tmp, name)):
                 os.remove(os.path.join(tmp, name))

@@ -52,7 +52,6 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: all devices not used by the other axes
     tensor: int = 1
-    rules: str = "fsdp"  # a file in configs/sharding/ (without .yaml) or a path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +61,7 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute over fp32 master weights
-    remat: str = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
+    remat: str = "none"  # "none" or "full" (recompute each layer in the backward pass)
     freeze: tuple[str, ...] = ()  # any of "vision", "connector", "text"
     log_every: int = 10
     eval_every: int = 0  # 0 = never
@@ -137,7 +136,15 @@ def load(path: str, overrides: list[str] = ()) -> TrainConfig:
             raise ConfigError(f"override '{o}' is not key=value")
         k, v = o.split("=", 1)
         _set(d, k.strip(), v.strip())
-    return _build(TrainConfig, d)
+    cfg = _build(TrainConfig, d)
+    if cfg.remat not in ("none", "full"):
+        raise ConfigError(f"remat: '{cfg.remat}' is not one of none, full")
+    if cfg.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"compute_dtype: '{cfg.compute_dtype}' is not one of float32, bfloat16")
+    unknown = set(cfg.freeze) - {"vision", "connector", "text"}
+    if unknown:
+        raise ConfigError(f"freeze: '{sorted(unknown)[0]}' is not one of vision, connector, text")
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -44,7 +44,9 @@ def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     if path == "shapes":
         from train import shapes_model
 
-        path = shapes_model.write_base(os.path.join(cfg.workdir, "base"))
+        path = os.path.join(cfg.workdir, "base")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            shapes_model.write_base(path)
     if os.path.isdir(path) and not any(f.endswith(".safetensors") or f == "params" for f in os.listdir(path)):
         config = idefics_jax.from_hf_file(path)
         model = idefics_jax.IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)
