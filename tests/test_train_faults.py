@@ -1,0 +1,83 @@
+"""Training faults: a non-finite loss stops the run and keeps the last good checkpoint; a SIGKILL at any moment
+(saves included) leaves a checkpoint the next start resumes from; an empty dataset is a clear error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from idefics_jax import cli
+from train import config as config_lib, shapes, tfds_builder, trainer
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data") / "shapes")
+    tfds_builder.build(d, {"train": tfds_builder.GeneratedSource(lambda: shapes.records(64, seed=13))})
+    return d
+
+
+def _args(workdir, data, steps, *extra):
+    return [f"workdir={workdir}", f"data.train={data}", f"steps={steps}", "log_every=1", "data.eval=", "eval_every=0",
+            "data.batch_size=4", "optim.warmup_steps=1", *extra]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {m["step"]: m["loss"] for m in map(json.loads, f)}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_data, capsys):
+    work = str(tmp_path / "run")
+    trainer.train(config_lib.load("configs/tiny.yaml", _args(work, shapes_data, 4, "save_every=2")))
+    # Resumed with an absurd learning rate: one update sends the weights to ~1e30 and the next loss is not finite.
+    code = cli.main(["train", "configs/tiny.yaml", *_args(work, shapes_data, 12, "save_every=2",
+                                                           "optim.learning_rate=1e30", "optim.clip_norm=1e30")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "idefics-jax train: error: loss is" in line and "last good checkpoint: step 4" in line, line
+    from orbax.checkpoint import CheckpointManager
+
+    assert CheckpointManager(os.path.join(work, "checkpoints")).latest_step() == 4
+    from train.export import trained_model
+
+    trained_model(work)  # the kept checkpoint restores
+
+
+def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data):
+    steps = 10
+    straight = str(tmp_path / "straight")
+    trainer.train(config_lib.load("configs/tiny.yaml", _args(straight, shapes_data, steps, "save_every=1")))
+    work = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "train", "configs/tiny.yaml", *_args(work, shapes_data, steps, "save_every=1")]
+    kills = 0
+    for delay in (0.05, 0.13, 0.31):  # saving every step, so kills land in and between saves
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics = os.path.join(work, "metrics.jsonl")
+        start = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+        while proc.poll() is None and (not os.path.exists(metrics) or len(open(metrics).readlines()) <= start + 1):
+            time.sleep(0.01)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _losses(straight), _losses(work)  # a re-run step overwrites its earlier line in this dict
+    assert sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
+    empty = str(tmp_path / "empty")
+    with pytest.raises(ValueError):
+        tfds_builder.build(empty, {"train": tfds_builder.GeneratedSource(lambda: iter(()))})
+    code = cli.main(["train", "configs/tiny.yaml", f"workdir={tmp_path / 'w'}", f"data.train={empty}"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("idefics-jax train: error:"), line
