@@ -94,14 +94,23 @@ VISION = [
     (_VIS + "post_layernorm.bias", "vision/post_ln_bias", SAME),
 ]
 
+
+
+def _attention_and_swiglu(hf_layer: str, ours: str) -> list:
+    """The GQA attention and SwiGLU MLP weights of a decoder or perceiver layer (same HF names in both)."""
+    return [
+        *[(hf_layer + f"self_attn.{p}_proj.weight", f"{ours}/{p}", IN) for p in "qkv"],
+        (hf_layer + "self_attn.o_proj.weight", f"{ours}/o", IN2),
+        (hf_layer + "post_attention_layernorm.weight", f"{ours}/mlp_norm", SAME),
+        *[(hf_layer + f"mlp.{p}_proj.weight", f"{ours}/{p}", IN) for p in ("gate", "up", "down")],
+    ]
+
+
 _TL = "model.text_model.layers.{i}."
 TEXT = [
     ("model.text_model.embed_tokens.weight", "text/embed", SAME),
     (_TL + "input_layernorm.weight", "text/layers/attn_norm", SAME),
-    *[(_TL + f"self_attn.{p}_proj.weight", f"text/layers/{p}", IN) for p in "qkv"],
-    (_TL + "self_attn.o_proj.weight", "text/layers/o", IN2),
-    (_TL + "post_attention_layernorm.weight", "text/layers/mlp_norm", SAME),
-    *[(_TL + f"mlp.{p}_proj.weight", f"text/layers/{p}", IN) for p in ("gate", "up", "down")],
+    *_attention_and_swiglu(_TL, "text/layers"),
     ("model.text_model.norm.weight", "text/norm", SAME),
 ]
 
@@ -116,15 +125,16 @@ PERCEIVER = [
     (_PR + "latents", "connector/latents", SAME),
     (_PL + "input_latents_norm.weight", "connector/layers/latents_norm", SAME),
     (_PL + "input_context_norm.weight", "connector/layers/context_norm", SAME),
-    *[(_PL + f"self_attn.{p}_proj.weight", f"connector/layers/{p}", IN) for p in "qkv"],
-    (_PL + "self_attn.o_proj.weight", "connector/layers/o", IN2),
-    (_PL + "post_attention_layernorm.weight", "connector/layers/mlp_norm", SAME),
-    *[(_PL + f"mlp.{p}_proj.weight", f"connector/layers/{p}", IN) for p in ("gate", "up", "down")],
+    *_attention_and_swiglu(_PL, "connector/layers"),
     (_PR + "norm.weight", "connector/norm", SAME),
 ]
 
 # The connector's rules, chosen by the type of its config.
 CONNECTOR_RULES: dict[type, list] = {PixelShuffleConfig: PIXEL_SHUFFLE, PerceiverConfig: PERCEIVER}
+
+
+def _rules(config: ModelConfig) -> list:
+    return VISION + CONNECTOR_RULES[type(config.connector)] + TEXT + ([] if config.tie_word_embeddings else LM_HEAD)
 
 
 @dataclass(frozen=True)
@@ -138,9 +148,7 @@ class Entry:
 
 def entries(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Entry]:
     """Every HF key the model needs -> where it goes. `shapes` are our parameter shapes by path."""
-    rules = VISION + CONNECTOR_RULES[type(config.connector)] + TEXT
-    if not config.tie_word_embeddings:
-        rules = rules + LM_HEAD
+    rules = _rules(config)
     out = {}
     for hf, path, tr in rules:
         shape = shapes[path]
@@ -156,8 +164,7 @@ def entries(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str
 
 def transforms(config: ModelConfig) -> dict[str, object]:
     """Our parameter path -> its transform: Linear / Conv ones are matmul weights, Same / Flat ones are not."""
-    rules = VISION + CONNECTOR_RULES[type(config.connector)] + TEXT + ([] if config.tie_word_embeddings else LM_HEAD)
-    return {path: tr for _, path, tr in rules}
+    return {path: tr for _, path, tr in _rules(config)}
 
 
 def to_ours(entry: Entry, x: np.ndarray, target_shape) -> np.ndarray:
