@@ -11,6 +11,7 @@ from idefics_jax._config import ModelConfig, PixelShuffleConfig
 from idefics_jax._connector import PixelShuffleConnector
 from idefics_jax._decoder import Decoder, causal_mask
 from idefics_jax._layers import param
+from idefics_jax._sampling import GenerationDefaults
 from idefics_jax._vision import VisionEncoder, patch_mask
 
 # The connector is chosen by the type of its config.
@@ -58,6 +59,8 @@ class IdeficsModel(nnx.Module):
         self.text = Decoder(config.text, rngs=rngs, dtype=dtype)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype)
+        # eos / pad ids `generate` defaults to; `load_pretrained` sets the checkpoint's.
+        self.generation_defaults = GenerationDefaults()
 
     @property
     def dtype(self):
