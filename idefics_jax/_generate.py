@@ -49,17 +49,59 @@ def bucket(n: int, minimum: int = 16) -> int:
         b *= 2
 
 
+def _cpu_view(a: jax.Array, index=None, dtype=None) -> jax.Array | None:
+    """A zero-copy view of a CPU array (a slice of it, or its bits as another dtype), or None if the runtime
+    would copy."""
+    host = np.asarray(a)  # zero-copy on the CPU
+    view = host if index is None else host[index]
+    view = view if dtype is None else view.view(dtype)
+    out = jax.device_put(view)
+    return out if np.shares_memory(np.asarray(out), host) else None
+
+
+def layer_weights(model: IdeficsModel):
+    """The decoder weights as the decode loop reads them best on the CPU; None elsewhere (the stacked weights).
+
+    XLA:CPU copies a layer's slice of a stacked weight before each matmul of a scan, which doubles a decode
+    step's memory traffic: fp32 weights go in as one group per layer (zero-copy views), read in place. bf16
+    weights stay stacked but go in as uint16 bits: seeing bf16 matmul operands, XLA:CPU converts whole stacks to
+    f32 once per call and streams the f32 copies; as bits they are converted a layer at a time inside the loop.
+    """
+    stacked = model.text.layers.weights()
+    arrays = jax.tree.leaves(stacked)
+    if not all(isinstance(a, jax.Array) and len(a.devices()) == 1 and next(iter(a.devices())).platform == "cpu"
+               for a in arrays):
+        return None
+    if all(a.dtype == jnp.bfloat16 for a in arrays):
+        views = {n: _cpu_view(a, dtype=np.uint16) for n, a in stacked.items()}
+        return None if any(v is None for v in views.values()) else views
+    if any(a.dtype.itemsize < 4 for a in arrays):
+        return None
+    groups = [{n: _cpu_view(a, slice(i, i + 1)) for n, a in stacked.items()} for i in range(model.config.text.num_layers)]
+    return None if any(v is None for g in groups for v in g.values()) else groups
+
+
+def _per_layer(cache: KVCache, lw) -> KVCache:
+    """The cache as lists of per-layer arrays when the layers run one group each (in-place updates per layer)."""
+    if not isinstance(lw, list):
+        return cache
+    split = lambda a: [a[i:i + 1] for i in range(a.shape[0])]  # noqa: E731
+    return KVCache(split(cache.k), split(cache.v))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots"))
-def _prefill(graphdef, params, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots):
+def _prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots):
     model: IdeficsModel = nnx.merge(graphdef, params)
     c = model.config.text
     B, T = ids_BT.shape
     x = model.embed(ids_BT, pixel_values, pixel_mask)
-    # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below.
+    # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below. Prefill is
+    # compute-bound: it scans the stacked weights (as bits when bf16), whatever groups decoding uses.
     cache = KVCache.zeros(c, B, T, model.dtype)
-    h, cache = model.text(x, positions_from_mask(mask_BT), causal_mask(mask_BT, c.sliding_window), cache, 0)
+    h, cache = model.text(x, positions_from_mask(mask_BT), causal_mask(mask_BT, c.sliding_window), cache, 0,
+                          layer_weights=None if isinstance(lw, list) else lw)
     grow = ((0, 0), (0, 0), (0, slots - T), (0, 0), (0, 0))
-    cache = KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow))
+    cache = _per_layer(KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow)), lw)
     first = choose_tokens(model.lm_logits(h[:, -1:])[:, 0], 0, cfg, sp)
     tokens = jnp.zeros((B, slots), jnp.int32).at[:, :T].set(ids_BT).at[:, T].set(first)
     valid = jnp.zeros((B, slots), bool).at[:, :T].set(mask_BT.astype(bool))
@@ -68,7 +110,7 @@ def _prefill(graphdef, params, ids_BT, mask_BT, pixel_values, pixel_mask, sp: Sa
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, limit, sp: SamplingParams, *, cfg):
+def _decode(graphdef, params, lw, state: DecodeState, limit, sp: SamplingParams, *, cfg):
     """Decodes until `limit` new tokens exist or every row is done."""
     model: IdeficsModel = nnx.merge(graphdef, params)
     window = model.config.text.sliding_window
@@ -82,7 +124,7 @@ def _decode(graphdef, params, state: DecodeState, limit, sp: SamplingParams, *, 
         tok_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BS, q, 1, axis=1)
         valid = s.valid_BS | (slot_S == q)[None]
         mask = valid if window is None else valid & (slot_S > q - window)[None]
-        h, cache = model.text(model.embed(tok_B1), s.pos_B[:, None], mask[:, None, :], s.cache, q)
+        h, cache = model.text(model.embed(tok_B1), s.pos_B[:, None], mask[:, None, :], s.cache, q, layer_weights=lw)
         nxt = choose_tokens(model.lm_logits(h)[:, 0], s.step, cfg, sp)
         nxt = jnp.where(s.done_B, sp.pad_token_id, nxt)  # finished rows are padded, as in transformers
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens_BS, nxt[:, None], q + 1, axis=1)
@@ -148,7 +190,9 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     slots = bucket(Tb + max_new_tokens)
 
     graphdef, params = nnx.split(model)
-    state = _prefill(graphdef, params, ids_b, mask_b, pixel_values, pixel_attention_mask, sp, cfg=cfg, slots=slots)
+    lw = layer_weights(model)
+    state = _prefill(graphdef, params, lw, ids_b, mask_b, pixel_values, pixel_attention_mask, sp, cfg=cfg,
+                     slots=slots)
     produced = 0
     while True:
         # Copies (np.array), not views: `state` is donated to the next call.
@@ -158,7 +202,7 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
         if produced >= max_new_tokens or done_B.all():
             return
         limit = jnp.int32(min(produced + chunk_size, max_new_tokens))
-        state = _decode(graphdef, params, state, limit, sp, cfg=cfg)
+        state = _decode(graphdef, params, lw, state, limit, sp, cfg=cfg)
 
 
 def generate(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,

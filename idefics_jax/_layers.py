@@ -54,10 +54,31 @@ class Stacked(nnx.Module):
         return {n: getattr(self, n)[...] for n in self._names}
 
 
-def scan_layers(fn: Callable, carry, weights: dict, xs=None, remat: bool = False):
-    """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`)."""
+def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool = False):
+    """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`).
+
+    For generation on the CPU (see `_generate.layer_weights`), `weights` may also be a list of stacks, groups of
+    consecutive layers run in turn; `xs` then holds lists with one entry per group and `ys` comes back so. Weights
+    given as uint16 are bf16 bit patterns, turned back into bf16 inside the loop body.
+    """
     body = jax.checkpoint(fn) if remat else fn
-    return jax.lax.scan(lambda c, wx: body(c, *wx), carry, (weights, xs))
+
+    def step(c, wx):
+        w, x = wx
+        return body(c, jax.tree.map(_from_bits, w), x)
+
+    if not isinstance(weights, list):
+        return jax.lax.scan(step, carry, (weights, xs))
+    is_group_list = lambda a: isinstance(a, list)  # noqa: E731
+    ys = []
+    for i, w in enumerate(weights):
+        carry, y = jax.lax.scan(step, carry, (w, jax.tree.map(lambda a: a[i], xs, is_leaf=is_group_list)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: list(y), *ys)
+
+
+def _from_bits(w):
+    return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
 
 
 def rms_norm(x, w, eps: float):

@@ -100,6 +100,19 @@ def test_prompt_lengths_share_a_bucket(model, processor):
     assert (_generate._prefill._cache_size(), _generate._decode._cache_size()) == sizes
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_weight_views_change_nothing(lively_hf, cases, monkeypatch, dtype):
+    """On the CPU decoding reads zero-copy per-layer views (fp32) or bf16 bits (bf16); the stacked weights, as
+    used elsewhere, give the same tokens."""
+    model = idefics_jax.load_pretrained(lively_hf, dtype=dtype)
+    lw = _generate.layer_weights(model)
+    assert isinstance(lw, list if dtype == "float32" else dict)  # None would mean a copy was needed
+    inputs = cases["batch_1_and_2_images"]
+    a = idefics_jax.generate(model, **inputs, max_new_tokens=8, eos_token_id=[])
+    monkeypatch.setattr(_generate, "layer_weights", lambda m: None)
+    np.testing.assert_array_equal(a, idefics_jax.generate(model, **inputs, max_new_tokens=8, eos_token_id=[]))
+
+
 def test_input_errors(model, cases):
     inputs = cases["text_only"]
     with pytest.raises(ValueError, match="max_new_tokens"):
