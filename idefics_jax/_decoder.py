@@ -83,7 +83,9 @@ class Decoder(nnx.Module):
                 k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
                 v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
                 kv = (k, v)
-            x = x + jnp.einsum("BTNH,NHD->BTD", attend(q, k, v, mask_BTS), w["o"])
+            # As one (N*H)-wide contraction: left as (N, H), XLA:CPU transposes the weight every step instead.
+            o = attend(q, k, v, mask_BTS)
+            x = x + jnp.einsum("BTE,ED->BTD", o.reshape(*o.shape[:2], -1), w["o"].reshape(-1, w["o"].shape[-1]))
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["gate"])) * jnp.einsum("BTD,DF->BTF", h, w["up"])
             return x + jnp.einsum("BTF,FD->BTD", h, w["down"]), kv
