@@ -2,7 +2,7 @@
 
 Axis legend for every einsum and `x_XYZ` name in this package:
   B batch, I images, T query tokens, S key/source tokens, D model width, N query heads, K kv heads,
-  G query heads per kv head, H head dim, F mlp width, V vocab, L layers, P patches per side.
+  G query heads per kv head, H head dim, E = N*H, F mlp width, V vocab, L layers, P patches per side.
 """
 
 from __future__ import annotations
