@@ -169,6 +169,7 @@ def main(argv=None) -> int:
         weight_bytes = decode_weight_bytes(model)
         results = {}
         for B in a.batches:
+            print(f"idefics-jax {dtype} batch {B} ...", file=sys.stderr, flush=True)
             inputs = make_inputs(processor, B)
             results[B] = (inputs, time_jax(model, inputs, a.new_tokens, a.repeats))
         del model
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
             inputs, ours = results[B]
             theirs = {}
             for threads in sorted({default_threads, 1}, reverse=True):
+                print(f"transformers {dtype} batch {B} threads {threads} ...", file=sys.stderr, flush=True)
                 torch.set_num_threads(threads)
                 theirs[threads] = time_hf(hf, inputs, a.new_tokens, a.repeats)
             torch.set_num_threads(default_threads)

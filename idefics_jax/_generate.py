@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax._decoder import KVCache, causal_mask
-from idefics_jax._model import IdeficsModel, check_inputs, positions_from_mask
+from idefics_jax._model import IdeficsModel, check_inputs, merge_image_features, positions_from_mask, real_images
 from idefics_jax._sampling import SamplingConfig, SamplingParams, choose_tokens, is_eos
 
 
@@ -59,6 +59,23 @@ def _cpu_view(a: jax.Array, index=None, dtype=None) -> jax.Array | None:
     return out if np.shares_memory(np.asarray(out), host) else None
 
 
+def _on_cpu(arrays) -> bool:
+    return all(isinstance(a, jax.Array) and len(a.devices()) == 1 and next(iter(a.devices())).platform == "cpu"
+               for a in arrays)
+
+
+def _embed_prompt(model: IdeficsModel, ids_BT, pixel_values, pixel_mask, one_image_at_a_time: bool):
+    """`model.embed`, optionally running the vision tower on one image at a time: on the CPU, all images at once
+    materialise every layer's attention scores for all of them (GBs at batch 8) and run slower."""
+    if pixel_values is None or not one_image_at_a_time:
+        return model.embed(ids_BT, pixel_values, pixel_mask)
+    B, I = pixel_values.shape[:2]
+    single = lambda a: None if a is None else a.reshape(B * I, 1, 1, *a.shape[2:])  # noqa: E731
+    feats = jax.lax.map(lambda pm: model.image_features(*pm)[0][0], (single(pixel_values), single(pixel_mask)))
+    x = jnp.take(model.text.embed[...], ids_BT, axis=0)
+    return merge_image_features(x, ids_BT, feats, real_images(pixel_values), model.config.image_token_id)
+
+
 def layer_weights(model: IdeficsModel):
     """The decoder weights as the decode loop reads them best on the CPU; None elsewhere (the stacked weights).
 
@@ -69,8 +86,7 @@ def layer_weights(model: IdeficsModel):
     """
     stacked = model.text.layers.weights()
     arrays = jax.tree.leaves(stacked)
-    if not all(isinstance(a, jax.Array) and len(a.devices()) == 1 and next(iter(a.devices())).platform == "cpu"
-               for a in arrays):
+    if not _on_cpu(arrays):
         return None
     if all(a.dtype == jnp.bfloat16 for a in arrays):
         views = {n: _cpu_view(a, dtype=np.uint16) for n, a in stacked.items()}
@@ -89,12 +105,13 @@ def _per_layer(cache: KVCache, lw) -> KVCache:
     return KVCache(split(cache.k), split(cache.v))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots"))
-def _prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots", "cpu"))
+def _prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots,
+             cpu):
     model: IdeficsModel = nnx.merge(graphdef, params)
     c = model.config.text
     B, T = ids_BT.shape
-    x = model.embed(ids_BT, pixel_values, pixel_mask)
+    x = _embed_prompt(model, ids_BT, pixel_values, pixel_mask, one_image_at_a_time=cpu)
     # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below. Prefill is
     # compute-bound: it scans the stacked weights (as bits when bf16), whatever groups decoding uses.
     cache = KVCache.zeros(c, B, T, model.dtype)
@@ -191,8 +208,9 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
 
     graphdef, params = nnx.split(model)
     lw = layer_weights(model)
+    cpu = _on_cpu(jax.tree.leaves(params))
     state = _prefill(graphdef, params, lw, ids_b, mask_b, pixel_values, pixel_attention_mask, sp, cfg=cfg,
-                     slots=slots)
+                     slots=slots, cpu=cpu)
     produced = 0
     while True:
         # Copies (np.array), not views: `state` is donated to the next call.
