@@ -71,7 +71,7 @@ def _embed_prompt(model: IdeficsModel, ids_BT, pixel_values, pixel_mask, one_ima
         return model.embed(ids_BT, pixel_values, pixel_mask)
     B, I = pixel_values.shape[:2]
     single = lambda a: None if a is None else a.reshape(B * I, 1, 1, *a.shape[2:])  # noqa: E731
-    feats = jax.lax.map(lambda pm: model.image_features(*pm)[0][0], (single(pixel_values), single(pixel_mask)))
+    feats = jax.lax.map(lambda pair: model.image_features(*pair)[0][0], (single(pixel_values), single(pixel_mask)))
     x = jnp.take(model.text.embed[...], ids_BT, axis=0)
     return merge_image_features(x, ids_BT, feats, real_images(pixel_values), model.config.image_token_id)
 
@@ -93,7 +93,8 @@ def layer_weights(model: IdeficsModel):
         return None if any(v is None for v in views.values()) else views
     if any(a.dtype.itemsize < 4 for a in arrays):
         return None
-    groups = [{n: _cpu_view(a, slice(i, i + 1)) for n, a in stacked.items()} for i in range(model.config.text.num_layers)]
+    L = model.config.text.num_layers
+    groups = [{n: _cpu_view(a, slice(i, i + 1)) for n, a in stacked.items()} for i in range(L)]
     return None if any(v is None for g in groups for v in g.values()) else groups
 
 
