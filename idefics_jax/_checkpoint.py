@@ -18,6 +18,7 @@ from flax import nnx
 from idefics_jax import sharding as shd
 from idefics_jax._config import ModelConfig, from_hf_file
 from idefics_jax._model import IdeficsModel
+from idefics_jax._sampling import GenerationDefaults
 
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
@@ -158,13 +159,16 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.DEFAULT_RULES
     if not os.path.isdir(path):
         raise LoadError(f"{path}: not a directory")
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        return _load_orbax(path, dtype, mesh, rules)
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
+        model = _load_orbax(path, dtype, mesh, rules)
+    elif any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
         from convert.hf_to_orbax import read_hf_checkpoint
 
         config, arrays = read_hf_checkpoint(path, dtype=dtype)
-        return model_from_arrays(config, arrays, mesh, rules)
-    raise LoadError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model (*.safetensors)")
+        model = model_from_arrays(config, arrays, mesh, rules)
+    else:
+        raise LoadError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model (*.safetensors)")
+    model.generation_defaults = GenerationDefaults.from_dir(path)
+    return model
 
 
 def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:

@@ -67,11 +67,13 @@ class Decoder(nnx.Module):
         self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (c.hidden_size,), ("embed",), dtype)
 
-    def __call__(self, x_BTD, pos_BT, mask_BTS, cache: KVCache | None = None, cache_index=None, remat: bool = False):
+    def __call__(self, x_BTD, pos_BT, mask_BTS, cache: KVCache | None = None, cache_index=None, remat: bool = False,
+                 layer_weights=None):
         """Runs all layers on embeddings (B, T, D).
 
         Without a cache, keys are the T tokens themselves and `mask_BTS` is (B, T, T). With a cache, the new keys
         and values are written at slots [cache_index, cache_index + T) and `mask_BTS` covers all S slots.
+        `layer_weights` replaces this module's stacked weights by views of them (see `scan_layers`).
         Returns the final-normed hidden states (B, T, D) and the updated cache (or None).
         """
         c = self.config
@@ -90,13 +92,17 @@ class Decoder(nnx.Module):
                 k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), "batch", None, "kv_heads", None)
                 v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), "batch", None, "kv_heads", None)
                 kv = (k, v)
-            x = shard(x + jnp.einsum("BTNH,NHD->BTD", attend(q, k, v, mask_BTS), w["o"]), "batch", None, None)
+            # As one (N*H)-wide contraction: left as (N, H), XLA:CPU transposes the weight every step instead.
+            o = attend(q, k, v, mask_BTS)
+            o = jnp.einsum("BTE,ED->BTD", o.reshape(*o.shape[:2], -1), w["o"].reshape(-1, w["o"].shape[-1]))
+            x = shard(x + o, "batch", None, None)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["gate"])) * jnp.einsum("BTD,DF->BTF", h, w["up"])
             h = shard(h, "batch", None, "mlp")
             return shard(x + jnp.einsum("BTF,FD->BTD", h, w["down"]), "batch", None, None), kv
 
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = scan_layers(layer, x_BTD, self.layers.weights(), kv_in, remat=remat)
+        weights = self.layers.weights() if layer_weights is None else layer_weights
+        x, kv_out = scan_layers(layer, x_BTD, weights, kv_in, remat=remat)
         new_cache = None if cache is None else KVCache(*kv_out)
         return rms_norm(x, self.norm[...], c.rms_norm_eps), new_cache

@@ -2,7 +2,8 @@
 
 Axis legend for every einsum and `x_XYZ` name in this package:
   B batch, I images, T query tokens, S key/source tokens, D model width, N query heads, K kv heads,
-  G query heads per kv head, H head dim, F mlp width, V vocab, L layers, P patches per side.
+  G query heads per kv head, H head dim, F mlp width, V vocab, L layers, P patches per side;
+  merged: E = N*H, X = B*K, Q = G*T.
 """
 
 from __future__ import annotations
@@ -54,10 +55,31 @@ class Stacked(nnx.Module):
         return {n: getattr(self, n)[...] for n in self._names}
 
 
-def scan_layers(fn: Callable, carry, weights: dict, xs=None, remat: bool = False):
-    """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`)."""
+def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool = False):
+    """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`).
+
+    For generation on the CPU (see `_generate.layer_weights`), `weights` may also be a list of stacks, groups of
+    consecutive layers run in turn; `xs` then holds lists with one entry per group and `ys` comes back so. Weights
+    given as uint16 are bf16 bit patterns, turned back into bf16 inside the loop body.
+    """
     body = jax.checkpoint(fn) if remat else fn
-    return jax.lax.scan(lambda c, wx: body(c, *wx), carry, (weights, xs))
+
+    def step(c, wx):
+        w, x = wx
+        return body(c, jax.tree.map(_from_bits, w), x)
+
+    if not isinstance(weights, list):
+        return jax.lax.scan(step, carry, (weights, xs))
+    is_group_list = lambda a: isinstance(a, list)  # noqa: E731
+    ys = []
+    for i, w in enumerate(weights):
+        carry, y = jax.lax.scan(step, carry, (w, jax.tree.map(lambda a: a[i], xs, is_leaf=is_group_list)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: list(y), *ys)
+
+
+def _from_bits(w):
+    return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
 
 
 def rms_norm(x, w, eps: float):
@@ -102,13 +124,17 @@ def apply_rope(x_BTNH, pos_BT, inv_freq):
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     """Scaled dot-product attention with grouped kv heads; softmax in fp32.
 
-    `mask_BTS` is True where query t may see key s. Fully masked rows give a uniform average, never NaN.
+    `mask_BTS` is True where query t may see key s. Fully masked rows give a uniform average, never NaN. The
+    matmuls have one batch axis, X = B*K, over Q = G*T query rows: with two batch axes XLA:CPU runs them ~2x slower.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH).astype(jnp.float32) * (H**-0.5)
+    S, K = k_BSKH.shape[1:3]
+    G = N // K
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
+    k = jnp.swapaxes(k_BSKH, 1, 2).reshape(B * K, S, H)
+    v = jnp.swapaxes(v_BSKH, 1, 2).reshape(B * K, S, H)
+    logits = jnp.einsum("XQH,XSH->XQS", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (H**-0.5)
     logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
-    return out.reshape(B, T, N, H)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
+    out = jnp.einsum("XQS,XSH->XQH", probs, v)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

@@ -12,6 +12,7 @@ from idefics_jax._connector import PixelShuffleConnector
 from idefics_jax._decoder import Decoder, causal_mask
 from idefics_jax._layers import param
 from idefics_jax._perceiver import PerceiverConnector
+from idefics_jax._sampling import GenerationDefaults
 from idefics_jax._vision import VisionEncoder, patch_mask
 from idefics_jax.sharding import Partitioning, constrain, put
 
@@ -68,6 +69,8 @@ class IdeficsModel(nnx.Module):
         self.text = Decoder(config.text, rngs=rngs, dtype=dtype, partitioning=partitioning)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype)
+        # eos / pad ids `generate` defaults to; `load_pretrained` sets the checkpoint's.
+        self.generation_defaults = GenerationDefaults()
 
     @property
     def dtype(self):

@@ -25,6 +25,21 @@ def _train(a):
     trainer.train(config.load(a.config, a.overrides))
 
 
+def _generate(a):
+    from idefics_jax.chat import Chat
+
+    chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
+                     longest_edge=a.longest_edge)
+    content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
+    # Sampling when any sampling knob is set (a temperature of 0 means greedy).
+    sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
+    kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    for piece in chat.stream([{"role": "user", "content": content}], a.image, max_new_tokens=a.max_new_tokens, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -42,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML file, e.g. configs/tiny.yaml")
     t.add_argument("overrides", nargs="*", help="key=value, nested with dots (optim.learning_rate=1e-4)")
     t.set_defaults(fn=_train)
+    g = sub.add_parser("generate", help="answer a prompt about images, streaming the text to stdout")
+    g.add_argument("--model", required=True, help="checkpoint directory (idefics-jax or HF)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
+    g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0: greedy)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer image tokens)")
+    g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    g.set_defaults(fn=_generate)
     return p
 
 

@@ -1,5 +1,5 @@
-"""The main job until generation lands: build a small random SmolVLM-style checkpoint offline, convert it with
-`idefics-jax convert`, run it on an image in JAX, and check the logits against transformers.
+"""The main job: build a small random SmolVLM-style checkpoint offline, convert it with `idefics-jax convert`,
+answer a question about an image in JAX, and check logits and generated tokens against transformers.
 
     python -m idefics_jax.demo [--workdir out/demo]
 """
@@ -53,7 +53,18 @@ def main(argv=None) -> int:
     print(f"jax forward: {t1 - t0:.2f} s with compile, {1000 * (t2 - t1):.1f} ms after")
     print(f"next token (random weights): {top!r}; transformers agrees: {top == processor.tokenizer.convert_ids_to_tokens(int(ref_logits[0, -1].argmax()))}")
     print(f"max |logit diff| / max |logit| vs transformers: {err:.2e}")
-    return 0 if err <= 1e-4 else 1
+
+    chat = idefics_jax.Chat(model, processor)
+    t0 = time.time()
+    answer = chat(messages, [image], max_new_tokens=24)
+    print(f"answer (random weights, {time.time() - t0:.1f} s with compile): {answer!r}")
+    ours = idefics_jax.generate(model, **inputs, max_new_tokens=24)
+    with torch.no_grad():
+        theirs = ref.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=24,
+                              do_sample=False).numpy()
+    same = ours.shape == theirs.shape and bool((ours == theirs).all())
+    print(f"transformers' generate gives the same {ours.shape[1] - inputs['input_ids'].shape[1]} tokens: {same}")
+    return 0 if err <= 1e-4 and same else 1
 
 
 if __name__ == "__main__":

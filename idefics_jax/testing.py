@@ -90,8 +90,11 @@ def tiny_config(**overrides) -> ModelConfig:
     return dataclasses.replace(c, **overrides)
 
 
-def hf_model(config: ModelConfig, seed: int = 0):
-    """A transformers model with random weights for `config` (norms and biases randomised too)."""
+def hf_model(config: ModelConfig, seed: int = 0, weight_scale: float = 1.0):
+    """A transformers model with random weights for `config` (norms and biases randomised too).
+
+    `weight_scale` multiplies the weight matrices: at the default init (std 0.02) a random model's greedy output
+    hardly depends on the prompt; around 8 it does, which generation tests need."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -107,14 +110,20 @@ def hf_model(config: ModelConfig, seed: int = 0):
             # shows in the logits.
             if name.endswith("bias") or "norm" in name or name.endswith("latents"):
                 p.add_(0.1 * torch.randn_like(p))
+            elif weight_scale != 1.0:
+                p.mul_(weight_scale)
     return model
 
 
 def save_hf_checkpoint(path: str, config: ModelConfig | None = None, *, seed: int = 0, max_shard_size=None,
-                       drop_lm_head: bool = False, tiles_per_side: int = 2) -> str:
-    """Writes a random HF checkpoint (weights, config, tokenizer, processor) to `path`."""
+                       drop_lm_head: bool = False, tiles_per_side: int = 2, weight_scale: float = 1.0) -> str:
+    """Writes a random HF checkpoint (weights, config, tokenizer, processor, generation config) to `path`."""
     config = config or tiny_config()
-    model = hf_model(config, seed)
+    model = hf_model(config, seed, weight_scale)
+    # Like the published checkpoints: generation stops at the chat template's `<end_of_utterance>`.
+    tok = char_tokenizer()
+    model.generation_config.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kw)
     make_processor(config, tiles_per_side=tiles_per_side).save_pretrained(path)

@@ -26,6 +26,13 @@ def tiny_hf_sharded(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lively_hf(tmp_path_factory):
+    """Same architecture and processor, larger random weights: the greedy output depends on the prompt and the
+    rows of a batch say different things (at the default init a random model repeats one token)."""
+    return testing.save_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "lively"), seed=1, weight_scale=8.0)
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_hf):
     from transformers import AutoProcessor
 
