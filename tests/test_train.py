@@ -119,14 +119,21 @@ def _overrides(workdir, data, steps):
             "data.eval=", "eval_every=0", "data.batch_size=4", "optim.warmup_steps=2", "optim.learning_rate=3e-3"]
 
 
+def rows_first_loss(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return json.loads(f.readline())["loss"]
+
+
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {m["step"]: m["loss"] for m in map(json.loads, f)}
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path, shapes_data):
-    cfg = config_lib.load("configs/tiny.yaml", _overrides(tmp_path / "run", shapes_data, 16))
-    trainer.train(cfg)
+    cfg = config_lib.load("configs/tiny.yaml", _overrides(tmp_path / "run", shapes_data, 16)
+                          + [f"data.eval={shapes_data}:train", "eval_every=16", "eval_batches=1"])
+    last = trainer.train(cfg)
+    assert 0.0 <= last["eval_exact_match"] <= 1.0 and last["eval_loss"] < rows_first_loss(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == list(range(1, 17))

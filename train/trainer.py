@@ -209,7 +209,31 @@ def evaluate(cfg: TrainConfig, parts, state, frozen, collator, part) -> dict:
             break
         t, c = loss_fn(state.trainable, frozen, step_lib.put_batch(b, part))
         total, count = total + float(t), count + float(c)
-    return {"eval_loss": total / max(count, 1)}
+    n = cfg.eval_batches * cfg.data.batch_size
+    return {"eval_loss": total / max(count, 1), "eval_exact_match": exact_match(cfg, parts, state, frozen, collator, source, n)}
+
+
+def exact_match(cfg: TrainConfig, parts, state, frozen, collator, source, n: int) -> float:
+    """Fraction of the first `n` held-out records whose first question is answered exactly (greedy decoding)."""
+    from train import lora as lora_lib
+    from train.records import decode_images, from_example
+
+    params = lora_lib.apply(frozen, state.trainable, cfg.lora) if cfg.lora.rank > 0 else {**frozen, **state.trainable}
+    model = step_lib.merge(parts, params)
+    processor, tok = collator.processor, collator.processor.tokenizer
+    right = total = 0
+    for i in range(min(n, len(source))):
+        record = from_example(source[i])
+        images, turn = decode_images(record), record.texts[0]
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": turn.user}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = dict(processor(text=prompt, images=[images] if images else None, return_tensors="np",
+                                **collator._image_kwargs))
+        out = idefics_jax.generate(model, **inputs, max_new_tokens=cfg.eval_generate_tokens,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        right, total = right + (answer == turn.assistant.strip()), total + 1
+    return right / max(total, 1)
 
 
 def main(argv=None) -> int:
