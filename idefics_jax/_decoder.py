@@ -18,7 +18,8 @@ _ONES = jax.nn.initializers.ones
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated to S slots: k, v (L, B, S, K, H)."""
+    """Keys and values of every layer, preallocated to S slots: k, v (L, B, S, K, H), or lists of L arrays
+    (B, S, K, H) when the layers run one by one (see `scan_layers`)."""
 
     k: jax.Array
     v: jax.Array

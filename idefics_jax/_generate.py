@@ -80,7 +80,7 @@ def layer_weights(model: IdeficsModel):
     """The decoder weights as the decode loop reads them best on the CPU; None elsewhere (the stacked weights).
 
     XLA:CPU copies a layer's slice of a stacked weight before each matmul of a scan, which doubles a decode
-    step's memory traffic: fp32 weights go in as one group per layer (zero-copy views), read in place. bf16
+    step's memory traffic: fp32 weights go in as a list of layers (zero-copy views), read in place. bf16
     weights stay stacked but go in as uint16 bits: seeing bf16 matmul operands, XLA:CPU converts whole stacks to
     f32 once per call and streams the f32 copies; as bits they are converted a layer at a time inside the loop.
     """
@@ -94,15 +94,15 @@ def layer_weights(model: IdeficsModel):
     if any(a.dtype.itemsize < 4 for a in arrays):
         return None
     L = model.config.text.num_layers
-    groups = [{n: _cpu_view(a, slice(i, i + 1)) for n, a in stacked.items()} for i in range(L)]
+    groups = [{n: _cpu_view(a, i) for n, a in stacked.items()} for i in range(L)]
     return None if any(v is None for g in groups for v in g.values()) else groups
 
 
 def _per_layer(cache: KVCache, lw) -> KVCache:
-    """The cache as lists of per-layer arrays when the layers run one group each (in-place updates per layer)."""
+    """The cache as lists of per-layer arrays when the layers run one by one (updated in place, layer by layer)."""
     if not isinstance(lw, list):
         return cache
-    split = lambda a: [a[i:i + 1] for i in range(a.shape[0])]  # noqa: E731
+    split = lambda a: [a[i] for i in range(a.shape[0])]  # noqa: E731
     return KVCache(split(cache.k), split(cache.v))
 
 

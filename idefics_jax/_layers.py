@@ -58,9 +58,9 @@ class Stacked(nnx.Module):
 def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool = False):
     """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`).
 
-    For generation on the CPU (see `_generate.layer_weights`), `weights` may also be a list of stacks, groups of
-    consecutive layers run in turn; `xs` then holds lists with one entry per group and `ys` comes back so. Weights
-    given as uint16 are bf16 bit patterns, turned back into bf16 inside the loop body.
+    For generation on the CPU (see `_generate.layer_weights`), `weights` may also be a list with one entry per
+    layer (no layer axis), run one after the other; `xs` then holds lists with one entry per layer, and so do the
+    `ys` returned. Weights given as uint16 are bf16 bit patterns, turned back into bf16 inside the loop body.
     """
     body = jax.checkpoint(fn) if remat else fn
 
@@ -70,10 +70,9 @@ def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat:
 
     if not isinstance(weights, list):
         return jax.lax.scan(step, carry, (weights, xs))
-    is_group_list = lambda a: isinstance(a, list)  # noqa: E731
     ys = []
     for i, w in enumerate(weights):
-        carry, y = jax.lax.scan(step, carry, (w, jax.tree.map(lambda a: a[i], xs, is_leaf=is_group_list)))
+        carry, y = step(carry, (w, jax.tree.map(lambda a: a[i], xs, is_leaf=lambda a: isinstance(a, list))))
         ys.append(y)
     return carry, jax.tree.map(lambda *y: list(y), *ys)
 
