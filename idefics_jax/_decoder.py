@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax._config import TextConfig
-from idefics_jax._layers import Stacked, apply_rope, attend, normal, ones, param, rms_norm, rope_inv_freq, scan_layers
+from idefics_jax._layers import Stacked, apply_rope, attend, attention_swiglu_spec, ones, param, rms_norm, rope_inv_freq, scan_layers
 from idefics_jax.sharding import Partitioning, constrain
 
 _ONES = jax.nn.initializers.ones
@@ -36,18 +36,7 @@ class KVCache:
 
 def _layer_spec(c: TextConfig) -> dict:
     D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    w = normal()
-    return {
-        "attn_norm": ((D,), ("embed",), _ONES),
-        "q": ((D, N, H), ("embed", "heads", "head_dim"), w),
-        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
-        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
-        "o": ((N, H, D), ("heads", "head_dim", "embed"), w),
-        "mlp_norm": ((D,), ("embed",), _ONES),
-        "gate": ((D, F), ("embed", "mlp"), w),
-        "up": ((D, F), ("embed", "mlp"), w),
-        "down": ((F, D), ("mlp", "embed"), w),
-    }
+    return {"attn_norm": ((D,), ("embed",), _ONES), **attention_swiglu_spec(D, N, K, H, F)}
 
 
 def causal_mask(attention_mask_BS, sliding_window: int | None = None):

@@ -55,6 +55,21 @@ class Stacked(nnx.Module):
         return {n: getattr(self, n)[...] for n in self._names}
 
 
+def attention_swiglu_spec(D: int, N: int, K: int, H: int, F: int) -> dict:
+    """`Stacked` spec of a pre-norm GQA attention + SwiGLU MLP layer (decoder and perceiver alike)."""
+    w = normal()
+    return {
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), w),
+        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
+        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), w),
+        "mlp_norm": ((D,), ("embed",), jax.nn.initializers.ones),
+        "gate": ((D, F), ("embed", "mlp"), w),
+        "up": ((D, F), ("embed", "mlp"), w),
+        "down": ((F, D), ("mlp", "embed"), w),
+    }
+
+
 def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool = False):
     """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`).
 

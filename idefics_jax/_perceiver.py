@@ -7,25 +7,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax._config import ModelConfig, PerceiverConfig
-from idefics_jax._layers import Stacked, attend, normal, ones, param, rms_norm, scan_layers
+from idefics_jax._layers import Stacked, attend, attention_swiglu_spec, ones, param, rms_norm, scan_layers
 
 _ONES = jax.nn.initializers.ones
 
 
 def _layer_spec(p: PerceiverConfig, D: int) -> dict:
-    N, K, H, F = p.num_heads, p.num_kv_heads, p.head_dim, 4 * D
-    w = normal()
     return {
         "latents_norm": ((D,), ("embed",), _ONES),
         "context_norm": ((D,), ("embed",), _ONES),
-        "q": ((D, N, H), ("embed", "heads", "head_dim"), w),
-        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
-        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
-        "o": ((N, H, D), ("heads", "head_dim", "embed"), w),
-        "mlp_norm": ((D,), ("embed",), _ONES),
-        "gate": ((D, F), ("embed", "mlp"), w),
-        "up": ((D, F), ("embed", "mlp"), w),
-        "down": ((F, D), ("mlp", "embed"), w),
+        **attention_swiglu_spec(D, p.num_heads, p.num_kv_heads, p.head_dim, 4 * D),
     }
 
 
