@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -57,8 +58,14 @@ class Chat:
                       for item in m["content"] if item.get("type") == "image")
         if len(images) != n_slots:
             raise ValueError(f"messages have {n_slots} image entries but {len(images)} images were given")
+        for i in images:  # a missing file, said plainly (URLs and base64 strings go to `load_image` as they are)
+            name = str(i) if isinstance(i, (str, os.PathLike)) else None
+            if name and len(name) < 1024 and "://" not in name and not name.startswith("data:") \
+                    and not os.path.exists(name):
+                raise FileNotFoundError(f"{name}: no such image file")
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        kw = dict(images=[load_image(i) for i in images], **self.image_kwargs) if images else {}
+        kw = dict(images=[load_image(str(i) if isinstance(i, os.PathLike) else i) for i in images],
+                  **self.image_kwargs) if images else {}
         return dict(self.processor(text=prompt, return_tensors="np", **kw))
 
     def stream(self, messages: list[dict], images: Sequence[Any] | None = None, *, max_new_tokens: int = 256,
