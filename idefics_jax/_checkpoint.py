@@ -141,14 +141,6 @@ def finalize_partial(directory: str) -> None:
     ocp1.partial.finalize(os.path.abspath(directory))
 
 
-def save_params(directory: str, arrays: dict[str, np.ndarray], config: ModelConfig) -> None:
-    """Writes the parameters (host arrays keyed by path) as an Orbax checkpoint at `directory`."""
-    axes = param_axes(config)
-    for path in list(arrays):
-        save_partial(directory, path, arrays[path], axes[path])
-    finalize_partial(directory)
-
-
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.DEFAULT_RULES) -> IdeficsModel:
     """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, or from an HF directory.
 

@@ -111,3 +111,15 @@ def cases2(processor2):
             images=[[img(50, 37)], []], return_tensors="np", padding=True)),
         "text_only": dict(p(text=TEXT_ONLY, return_tensors="np", padding=True)),
     }
+
+
+def assert_same_hf_weights(path_a: str, path_b: str) -> None:
+    """Two HF directories load into transformers with the same tensor names and bit-identical values."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    a = AutoModelForImageTextToText.from_pretrained(path_a).state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(path_b).state_dict()
+    assert set(a) == set(b)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
