@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Iterator, Sequence
 
 import jax
@@ -160,6 +162,40 @@ def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
     return tuple(int(e) for e in eos_token_id)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_arguments(model, mask_BT, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                     chunk_size, seed) -> None:
+    """Every argument error as a ValueError that names it, before anything is compiled or run."""
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+    if not (_is_int(min_new_tokens) and min_new_tokens >= 0):
+        raise ValueError(f"min_new_tokens must be an integer >= 0; got {min_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling; got {temperature!r}")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None); got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None); got {top_p!r}")
+    if not (_is_int(chunk_size) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer; got {seed!r}")
+    if not mask_BT.any(axis=1).all():
+        raise ValueError("every row needs at least one token (attention_mask has an all-zero row)")
+    if mask_BT[:, -1].min() == 0:
+        raise ValueError("batches must be padded on the left (a row's last token is padding)")
+    # Positions come from the mask, so left padding does not count; beyond the trained positions RoPE
+    # extrapolates and the answer is garbage, so say so instead.
+    longest = int(mask_BT.sum(axis=1).max())
+    limit = model.config.text.max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"the prompt has {longest} tokens but the model has {limit} positions "
+                         "(max_position_embeddings); shorten it or use fewer / smaller images")
+
+
 def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=None,
                     pixel_attention_mask=None, *, max_new_tokens: int, min_new_tokens: int = 0,
                     do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -170,22 +206,8 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     ids = np.asarray(input_ids)
     check_inputs(model.config, ids, attention_mask, pixel_values, pixel_attention_mask)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
-    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
-    if not 0 <= min_new_tokens:
-        raise ValueError(f"min_new_tokens must be >= 0; got {min_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1; got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    if not mask.any(axis=1).all():
-        raise ValueError("every row needs at least one token (attention_mask has an all-zero row)")
-    if mask[:, -1].min() == 0:
-        raise ValueError("batches must be padded on the left (a row's last token is padding)")
+    _check_arguments(model, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, chunk_size,
+                     seed)
 
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:  # transformers' order: the generation config's pad, else the first eos

@@ -28,6 +28,8 @@ def _train(a):
 def _generate(a):
     from idefics_jax.chat import Chat
 
+    if a.temperature is not None and not a.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
     chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
                      longest_edge=a.longest_edge)
     content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
