@@ -15,17 +15,19 @@ _ONES, _ZEROS = jax.nn.initializers.ones, jax.nn.initializers.zeros
 
 
 def _layer_spec(c: VisionConfig) -> dict:
+    # SigLIP's own initialisation (Xavier for the matmuls; see VisionEncoder): it only matters when training from
+    # scratch (loaded checkpoints replace it), and there the flat 0.02 leaves a ViT stuck for thousands of steps.
     D, F, N, H = c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim
-    w = normal()
+    attn, mlp = normal((2 / (D + N * H)) ** 0.5), normal((2 / (D + F)) ** 0.5)
     return {
         "ln1_scale": ((D,), ("embed",), _ONES), "ln1_bias": ((D,), ("embed",), _ZEROS),
-        "q": ((D, N, H), ("embed", "heads", "head_dim"), w), "q_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
-        "k": ((D, N, H), ("embed", "heads", "head_dim"), w), "k_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
-        "v": ((D, N, H), ("embed", "heads", "head_dim"), w), "v_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
-        "o": ((N, H, D), ("heads", "head_dim", "embed"), w), "o_bias": ((D,), ("embed",), _ZEROS),
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), attn), "q_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "k": ((D, N, H), ("embed", "heads", "head_dim"), attn), "k_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "v": ((D, N, H), ("embed", "heads", "head_dim"), attn), "v_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), attn), "o_bias": ((D,), ("embed",), _ZEROS),
         "ln2_scale": ((D,), ("embed",), _ONES), "ln2_bias": ((D,), ("embed",), _ZEROS),
-        "fc1": ((D, F), ("embed", "mlp"), w), "fc1_bias": ((F,), ("mlp",), _ZEROS),
-        "fc2": ((F, D), ("mlp", "embed"), w), "fc2_bias": ((D,), ("embed",), _ZEROS),
+        "fc1": ((D, F), ("embed", "mlp"), mlp), "fc1_bias": ((F,), ("mlp",), _ZEROS),
+        "fc2": ((F, D), ("mlp", "embed"), mlp), "fc2_bias": ((D,), ("embed",), _ZEROS),
     }
 
 
@@ -79,9 +81,13 @@ class VisionEncoder(nnx.Module):
         self.config = c
         self.partitioning = partitioning
         D, p, n = c.hidden_size, c.patch_size, c.patches_per_side
-        self.patch_embed = param(rngs, (c.num_channels, p, p, D), (None, None, None, "embed"), dtype=dtype)
+        # LeCun normal for the patch projection, 1/sqrt(D) for positions: position signals as strong as content
+        # ones, so attention can learn locality (shape) and not just pool colour.
+        fan_in = c.num_channels * p * p
+        self.patch_embed = param(rngs, (c.num_channels, p, p, D), (None, None, None, "embed"),
+                                 normal(fan_in**-0.5), dtype)
         self.patch_bias = zeros(rngs, (D,), ("embed",), dtype)
-        self.pos_embed = param(rngs, (n * n, D), (None, "embed"), dtype=dtype)
+        self.pos_embed = param(rngs, (n * n, D), (None, "embed"), normal(D**-0.5), dtype)
         self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
         self.post_ln_scale = ones(rngs, (D,), ("embed",), dtype)
         self.post_ln_bias = zeros(rngs, (D,), ("embed",), dtype)

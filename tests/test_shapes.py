@@ -56,3 +56,12 @@ def test_records_are_deterministic_cauldron_records():
     for r in a:
         assert Image.open(io.BytesIO(r["images"][0])).mode == "RGB"
         assert all(set(t) == {"user", "assistant", "source"} for t in r["texts"])
+
+
+def test_curriculum_narrows_shape_counts_and_question_kinds():
+    rs = list(shapes.records(30, seed=5, questions_per_image=1, counts=(1,), kinds=("shape",)))
+    assert len(rs) == 30
+    for r in rs:
+        assert len(r["texts"]) == 1 and r["texts"][0]["source"] == "shapes-shape"
+        assert r["texts"][0]["assistant"] in shapes.SHAPES
+    assert {len(shapes.sample(np.random.default_rng(s), (2, 3)).shapes) for s in range(20)} == {2, 3}

@@ -1,5 +1,6 @@
 """Fine-tuning: loss and gradients against transformers, LoRA and freezing, the training program, exact resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from flax import nnx
 from transformers import AutoModelForImageTextToText
 
 import idefics_jax
@@ -141,6 +143,19 @@ def test_loss_falls_and_metrics_are_written(tmp_path, shapes_data):
     first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
     print(f"loss {first:.3f} -> {last:.3f}")
     assert last < 0.7 * first
+
+    # Another run may start from this one (a curriculum's next stage): `model: WORKDIR` is its newest step.
+    from train.export import trained_model
+
+    nxt = dataclasses.replace(cfg, model=str(tmp_path / "run"), workdir=str(tmp_path / "next"))
+    model, _ = trainer.load_model(nxt, None)
+    want, _ = trained_model(str(tmp_path / "run"))
+    got, ref = dict(nnx.to_flat_state(nnx.state(model))), dict(nnx.to_flat_state(nnx.state(want)))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(np.asarray(got[k][...]), np.asarray(ref[k][...]))
+    init = dict(nnx.to_flat_state(nnx.state(trainer.load_model(cfg, None)[0])))
+    assert sum(not np.array_equal(np.asarray(init[k][...]), np.asarray(got[k][...])) for k in init) > len(init) // 2
 
 
 def test_kill_and_resume_gives_the_same_losses(tmp_path, shapes_data):

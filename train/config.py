@@ -14,6 +14,14 @@ import yaml
 
 
 @dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    """The synthetic task's generator, for data "shapes" (a curriculum narrows it)."""
+    shapes_per_image: tuple[int, ...] = (1, 2, 3, 4)
+    questions: tuple[str, ...] = ("count", "color", "shape")  # the kinds asked
+    questions_per_image: int = 0  # turns per record; 0 = every allowed question of the image
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     train: str = ""  # a TFDS data directory written by `train.tfds_builder`, or "shapes" for the synthetic task
     eval: str = ""  # held-out data (same forms); "" = no evaluation
@@ -25,6 +33,7 @@ class DataConfig:
     max_images: int = 4
     shuffle_seed: int = 0
     num_records: int = 0  # for generated data ("shapes"): how many records to write
+    shapes: ShapesConfig = ShapesConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +65,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = ""  # HF directory, idefics-jax checkpoint, or a preset name for a random init
+    model: str = ""  # HF directory, idefics-jax checkpoint, another run's WORKDIR (its newest step), or "shapes"
     workdir: str = "out/train"
     steps: int = 1000
     seed: int = 0

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from idefics_jax._images import to_rgb
+
 TURN_FIELDS = ("user", "assistant", "source")
 
 
@@ -123,28 +125,11 @@ def decode_image(data: bytes):
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode every pixel now: a truncated file fails here, not inside the processor
-            return _to_rgb(im)
+            return to_rgb(im)
     except Image.UnidentifiedImageError:
         raise UndecodableImage("not an image PIL can read") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UndecodableImage(f"image does not decode ({type(e).__name__}: {str(e)[:120]})") from None
-
-
-def _to_rgb(im):
-    from PIL import Image
-
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: scale to 8 bits (PIL's own RGB conversion would clip them to white).
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        im = Image.fromarray(a.round().astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        # Transparent pixels over white, as viewers show them (not over black, which RGB conversion would do).
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
 
 
 def decode_images(r: Record) -> list:

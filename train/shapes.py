@@ -1,4 +1,4 @@
-"""The synthetic visual task behind the shipped `tiny-shapes` model.
+"""The synthetic visual task behind the `tiny-shapes` model (issue 7).
 
 White RGB images, 64-160 px a side, with 1-4 non-overlapping filled circles, squares and triangles in red, green,
 blue or yellow, each at least 14 px across. Three exactly worded questions, each answered with one lowercase word:
@@ -71,11 +71,11 @@ def _overlaps(a, b, gap: int = 2) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def sample(rng: np.random.Generator) -> Example:
-    """One random image with its shapes and every allowed question."""
+def sample(rng: np.random.Generator, counts: tuple[int, ...] = (1, 2, 3, 4)) -> Example:
+    """One random image with its shapes (as many as one of `counts`, uniformly) and every allowed question."""
     while True:
         w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
-        n = int(rng.integers(1, 5))
+        n = int(counts[rng.integers(len(counts))])
         shapes: list[Shape] = []
         for _ in range(200):  # rejection sampling of non-overlapping boxes
             if len(shapes) == n:
@@ -101,15 +101,21 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def records(n: int, seed: int, questions_per_image: int | None = None):
+def records(n: int, seed: int, questions_per_image: int | None = None, counts: tuple[int, ...] = (1, 2, 3, 4),
+            kinds: tuple[str, ...] = KINDS):
     """`n` records in The Cauldron's shape: {"images": [png bytes], "texts": [{user, assistant, source}]}.
 
     Each record asks its image's questions as successive turns (all of them, or a random `questions_per_image`).
+    `counts`: how many shapes an image may hold; `kinds`: the question kinds asked (a curriculum narrows both).
     """
     rng = np.random.default_rng(seed)
-    for _ in range(n):
-        ex = sample(rng)
-        qs = list(ex.questions)
+    made = 0
+    while made < n:
+        ex = sample(rng, counts)
+        qs = [q for q in ex.questions if q.kind in kinds]
+        if not qs:  # e.g. no shape question when every colour repeats
+            continue
+        made += 1
         if questions_per_image is not None and len(qs) > questions_per_image:
             qs = [qs[i] for i in sorted(rng.choice(len(qs), questions_per_image, replace=False))]
         rng.shuffle(qs)

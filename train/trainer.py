@@ -47,16 +47,25 @@ def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
         path = os.path.join(cfg.workdir, "base")
         if not os.path.exists(os.path.join(path, "config.json")):
             shapes_model.write_base(path)
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.exists(os.path.join(path, "config.json")):
+        from train.export import trained_model  # another run: continue from its newest checkpoint
+
+        model, model_dir = trained_model(path)
+        return (model if part is None else _shard(model, part)), model_dir
     if os.path.isdir(path) and not any(f.endswith(".safetensors") or f == "params" for f in os.listdir(path)):
         config = idefics_jax.from_hf_file(path)
         model = idefics_jax.IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)
-        if part is not None:
-            graphdef, state = nnx.split(model)
-            state = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], part.sharding(v.get_metadata()["axes"], v.shape))),
-                                 state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-            model = nnx.merge(graphdef, state)
+        model = model if part is None else _shard(model, part)
+        model.generation_defaults = idefics_jax.GenerationDefaults.from_dir(path)  # eos for evaluation
         return model, path
     return idefics_jax.load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh), path
+
+
+def _shard(model, part: shd.Partitioning):
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], part.sharding(v.get_metadata()["axes"], v.shape))),
+                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
 
 
 def data_source(spec: str, split: str, cfg: TrainConfig):
@@ -71,7 +80,9 @@ def data_source(spec: str, split: str, cfg: TrainConfig):
         if not os.path.isdir(path) or not any(os.scandir(path)):
             seed = cfg.data.shuffle_seed + (0 if split == "train" else 1_000_003)  # held-out images: other seeds
             n = cfg.data.num_records or 1000
-            tfds_builder.build(path, {split: tfds_builder.GeneratedSource(lambda: shapes.records(n, seed))})
+            sc = cfg.data.shapes
+            tfds_builder.build(path, {split: tfds_builder.GeneratedSource(lambda: shapes.records(
+                n, seed, sc.questions_per_image or None, tuple(sc.shapes_per_image), tuple(sc.questions)))})
         spec = path
     directory, _, name = spec.partition(":")
     return tfds_builder.data_source(directory, name or split)

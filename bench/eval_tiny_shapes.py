@@ -1,0 +1,35 @@
+"""Held-out accuracy of a tiny-shapes model (issue 7's acceptance), idefics_jax vs transformers.
+
+    idefics-jax export out/train-tiny-shapes out/tiny-shapes-hf
+    python3 bench/eval_tiny_shapes.py --model out/tiny-shapes-hf [--images 300]
+
+Fresh images from a seed the training never used; every allowed question of each image; greedy answers with
+`idefics_jax.generate`, then transformers' `generate` on the same directory for the agreement rate.
+"""
+
+import argparse
+import sys
+import time
+
+from train import shapes_eval
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, help="HF directory or idefics-jax checkpoint")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--seed", type=int, default=shapes_eval.EVAL_SEED)
+    a = p.parse_args()
+    t = time.perf_counter()
+    progress = lambda i, n: print(f"\r{i}/{n} questions", end="", file=sys.stderr, flush=True)  # noqa: E731
+    r = shapes_eval.evaluate(a.model, a.images, seed=a.seed, transformers=True, progress=progress)
+    print(file=sys.stderr)
+    print(f"{a.model}: {a.images} held-out images (seed {a.seed}), {sum(r.total.values())} questions, "
+          f"{time.perf_counter() - t:.0f} s")
+    print(r.table())
+    for q, want, got in r.mistakes[:20]:
+        print(f"  wrong: {q!r} expected {want!r} got {got!r}")
+
+
+if __name__ == "__main__":
+    main()

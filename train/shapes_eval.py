@@ -1,0 +1,94 @@
+"""Held-out accuracy of a tiny-shapes model: fresh images, every allowed question, greedy answers, per question type;
+with `idefics_jax.generate` and, optionally, transformers on the same directory (agreement between the two)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from train import shapes
+
+EVAL_SEED = 20261123  # training data uses seeds 0 (train) and 1_000_003 (eval split); these images are new
+
+
+@dataclasses.dataclass
+class Report:
+    right: collections.Counter  # kind -> correct answers of idefics_jax
+    total: collections.Counter  # kind -> questions
+    agree: int = 0  # questions where transformers gave the same answer (when it was run)
+    compared: int = 0
+    mistakes: list = dataclasses.field(default_factory=list)  # (question, expected, ours)
+
+    def accuracy(self, kind: str) -> float:
+        return self.right[kind] / max(self.total[kind], 1)
+
+    def table(self) -> str:
+        rows = [f"{k:<6} {self.right[k]:>4}/{self.total[k]:<4} {self.accuracy(k):7.1%}" for k in shapes.KINDS]
+        if self.compared:
+            rows.append(f"transformers agrees on {self.agree}/{self.compared} = {self.agree / self.compared:.1%}")
+        return "\n".join(rows)
+
+
+def questions(n_images: int, seed: int = EVAL_SEED):
+    """(image, question) for every allowed question of `n_images` fresh images."""
+    rng = np.random.default_rng(seed)
+    return [(ex.image, q) for ex in (shapes.sample(rng) for _ in range(n_images)) for q in ex.questions]
+
+
+def _prompts(processor, items):
+    msgs = lambda q: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}]  # noqa
+    return [processor.apply_chat_template(msgs(q), add_generation_prompt=True) for _, q in items]
+
+
+def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
+             max_new_tokens: int = 3, progress=None) -> Report:
+    """Greedy answers of the model at `path` (an idefics-jax checkpoint or an HF directory)."""
+    import idefics_jax
+    from transformers import AutoProcessor
+
+    hf = None
+    if transformers:
+        from transformers import AutoModelForImageTextToText
+
+        hf = AutoModelForImageTextToText.from_pretrained(path).eval()
+    return evaluate_model(idefics_jax.load_pretrained(path), AutoProcessor.from_pretrained(path), n_images,
+                          seed=seed, hf=hf, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf=None, batch_size: int = 32,
+                   max_new_tokens: int = 3, progress=None) -> Report:
+    """`evaluate` for a model in memory (a training run's, say); `hf`: a transformers model to compare with."""
+    import idefics_jax
+
+    items = questions(n_images, seed)
+    report = Report(collections.Counter(), collections.Counter())
+    decode = lambda row: processor.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip()  # noqa
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        inputs = dict(processor(text=_prompts(processor, chunk), images=[[im] for im, _ in chunk],
+                                return_tensors="np", padding=True))
+        T = inputs["input_ids"].shape[1]
+        ours = idefics_jax.generate(model, **inputs, max_new_tokens=max_new_tokens)[:, T:]
+        theirs = _hf_generate(hf, inputs, max_new_tokens)[:, T:] if hf is not None else None
+        for i, (_, q) in enumerate(chunk):
+            answer = decode(ours[i])
+            report.total[q.kind] += 1
+            report.right[q.kind] += answer == q.answer
+            if answer != q.answer:
+                report.mistakes.append((q.text, q.answer, answer))
+            if theirs is not None:
+                report.compared += 1
+                report.agree += decode(theirs[i]) == answer
+        if progress:
+            progress(min(start + batch_size, len(items)), len(items))
+    return report
+
+
+def _hf_generate(hf, inputs, max_new_tokens):
+    import torch
+
+    with torch.no_grad():
+        return hf.generate(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, do_sample=False,
+                           max_new_tokens=max_new_tokens).numpy()
