@@ -5,6 +5,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import idefics_jax
@@ -148,3 +150,39 @@ def test_prompt_longer_than_the_positions(lively_hf, cases, monkeypatch):
 def test_cli_refuses_a_negative_temperature(lively_hf, capsys):
     assert cli.main(["generate", "--model", lively_hf, "--prompt", "hi", "--temperature", "-1"]) == 1
     assert "temperature" in capsys.readouterr().err
+
+
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16"]
+
+
+@st.composite
+def image_files(draw):
+    mode = draw(st.sampled_from(MODES))
+    w, h = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    seed = draw(st.integers(0, 2**16))
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 4), np.uint8)
+    img = Image.fromarray(a, "RGBA").convert("RGB" if mode in ("I;16", "CMYK") else mode)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257)
+    return img, ("JPEG" if mode == "CMYK" else "PNG")
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(image_files(), min_size=1, max_size=3), split=st.booleans())
+def test_any_image_files_give_consistent_model_inputs(chat, tmp_path, files, split):
+    """Random sizes, modes and image counts through the chat path: one image-token run of image_seq_len per
+    sub-image, pixel values finite, and the model's own input checks pass."""
+    from idefics_jax._model import check_inputs
+
+    paths = []
+    for i, (img, fmt) in enumerate(files):
+        paths.append(str(tmp_path / f"{i}.{fmt.lower()}"))
+        img.save(paths[-1], fmt)
+    c = Chat(chat.model, chat.processor, do_image_splitting=split)
+    content = [{"type": "image"}] * len(paths) + [{"type": "text", "text": "Describe."}]
+    inputs = c.inputs([{"role": "user", "content": content}], paths)
+    check_inputs(chat.model.config, **inputs)
+    pv = inputs["pixel_values"]
+    real = pv.reshape(pv.shape[0], pv.shape[1], -1).any(axis=-1).sum()
+    assert (inputs["input_ids"] == chat.model.config.image_token_id).sum() == real * chat.model.config.image_seq_len
+    assert np.isfinite(pv).all() and (split or pv.shape[1] == len(paths))
