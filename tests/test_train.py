@@ -181,3 +181,22 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, shapes_data):
     assert sorted(b) == list(range(1, steps + 1))
     for s in range(1, steps + 1):
         assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
+
+
+def test_text_lr_scale_slows_only_the_decoder():
+    from train import optim
+    from train.config import OptimConfig
+
+    from idefics_jax import testing
+
+    config = testing.tiny_config()
+    trainable = {"text/layers/q": jnp.ones((2, 3)), "vision/patch_embed": jnp.ones((2, 3)), "lm_head": jnp.ones(3),
+                 "connector/proj": jnp.ones((2, 3))}
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    tx = optim.make(OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.0, text_lr_scale=0.1), 10,
+                    config, trainable)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    ref = float(updates["vision/patch_embed"][0, 0])
+    assert ref < 0 and float(updates["connector/proj"][0, 0]) == ref
+    for k in ("text/layers/q", "lm_head"):
+        np.testing.assert_allclose(np.asarray(updates[k]), 0.1 * ref, rtol=1e-6)

@@ -23,9 +23,22 @@ def decay_mask(config: ModelConfig, trainable: dict) -> dict:
             for path, v in trainable.items()}
 
 
+def _is_text(path: str) -> bool:
+    return path == "lm_head" or path.startswith("text/")
+
+
 def make(cfg: OptimConfig, steps: int, config: ModelConfig, trainable: dict) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=decay_mask(config, trainable)),
-    )
+    mask = decay_mask(config, trainable)
+
+    def adamw(scale: float):
+        sched = schedule(cfg, steps)
+        return optax.adamw(lambda n: scale * sched(n), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=mask)
+
+    if cfg.text_lr_scale == 1.0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw(1.0))
+    labels = {p: ({k: _is_text(p) for k in v} if isinstance(v, dict) else _is_text(p)) for p, v in trainable.items()}
+    labels = {p: ({k: "text" if t else "rest" for k, t in v.items()} if isinstance(v, dict) else ("text" if v else "rest"))
+              for p, v in labels.items()}
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.multi_transform({"rest": adamw(1.0), "text": adamw(cfg.text_lr_scale)}, labels))
