@@ -19,7 +19,6 @@ def load_image(image: Any) -> "PIL.Image.Image":
     image viewer shows, and what transformers' `convert_to_rgb` does); EXIF rotation is applied.
     """
     import PIL.Image
-    import PIL.ImageOps
 
     name = str(image) if isinstance(image, (str, os.PathLike)) else None
     if isinstance(image, PIL.Image.Image):
