@@ -114,6 +114,14 @@ def test_a_pil_image_of_any_mode_is_accepted():
         load_image(3)
 
 
+@pytest.fixture
+def no_device_work(monkeypatch):
+    """"Before any device work": the jitted prefill fails the test if it is reached."""
+    from idefics_jax import _generate
+
+    monkeypatch.setattr(_generate, "_prefill", lambda *a, **k: pytest.fail("prefill ran"))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=-1), "max_new_tokens must be a positive integer; got -1"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer; got 0"),
@@ -127,24 +135,15 @@ def test_a_pil_image_of_any_mode_is_accepted():
     (dict(max_new_tokens=2, do_sample=True, top_k=0), "top_k must be an integer >= 1"),
     (dict(max_new_tokens=2, seed="x"), "seed must be an integer"),
 ])
-def test_bad_generation_arguments(lively_hf, cases, monkeypatch, kwargs, message):
-    from idefics_jax import _generate
-
-    model = idefics_jax.load_pretrained(lively_hf)
-    # "Before any device work": nothing may be compiled or run when the arguments are wrong.
-    monkeypatch.setattr(_generate, "_prefill", lambda *a, **k: pytest.fail("prefill ran"))
+def test_bad_generation_arguments(chat, cases, no_device_work, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        idefics_jax.generate(model, **cases["text_only"], **kwargs)
+        idefics_jax.generate(chat.model, **cases["text_only"], **kwargs)
 
 
-def test_prompt_longer_than_the_positions(lively_hf, cases, monkeypatch):
-    from idefics_jax import _generate
-
-    model = idefics_jax.load_pretrained(lively_hf)
-    monkeypatch.setattr(_generate, "_prefill", lambda *a, **k: pytest.fail("prefill ran"))
-    ids = np.full((1, model.config.text.max_position_embeddings + 1), 7, np.int32)
+def test_prompt_longer_than_the_positions(chat, no_device_work):
+    ids = np.full((1, chat.model.config.text.max_position_embeddings + 1), 7, np.int32)
     with pytest.raises(ValueError, match=r"the prompt has 513 tokens but the model has 512 positions"):
-        idefics_jax.generate(model, ids, max_new_tokens=1)
+        idefics_jax.generate(chat.model, ids, max_new_tokens=1)
 
 
 def test_cli_refuses_a_negative_temperature(lively_hf, capsys):

@@ -23,8 +23,8 @@ def decay_mask(config: ModelConfig, trainable: dict) -> dict:
             for path, v in trainable.items()}
 
 
-def _is_text(path: str) -> bool:
-    return path == "lm_head" or path.startswith("text/")
+def _group(path: str) -> str:
+    return "text" if path == "lm_head" or path.startswith("text/") else "rest"
 
 
 def make(cfg: OptimConfig, steps: int, config: ModelConfig, trainable: dict) -> optax.GradientTransformation:
@@ -37,8 +37,7 @@ def make(cfg: OptimConfig, steps: int, config: ModelConfig, trainable: dict) -> 
 
     if cfg.text_lr_scale == 1.0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw(1.0))
-    labels = {p: ({k: _is_text(p) for k in v} if isinstance(v, dict) else _is_text(p)) for p, v in trainable.items()}
-    labels = {p: ({k: "text" if t else "rest" for k, t in v.items()} if isinstance(v, dict) else ("text" if v else "rest"))
-              for p, v in labels.items()}
+    # LoRA adapters ({"a", "b"} under a weight's path) go with their weight.
+    labels = {p: {k: _group(p) for k in v} if isinstance(v, dict) else _group(p) for p, v in trainable.items()}
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                        optax.multi_transform({"rest": adamw(1.0), "text": adamw(cfg.text_lr_scale)}, labels))
