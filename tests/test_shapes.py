@@ -1,5 +1,6 @@
 """The synthetic shapes task obeys its specification."""
 
+import collections
 import io
 
 import numpy as np
@@ -65,3 +66,15 @@ def test_curriculum_narrows_shape_counts_and_question_kinds():
         assert len(r["texts"]) == 1 and r["texts"][0]["source"] == "shapes-shape"
         assert r["texts"][0]["assistant"] in shapes.SHAPES
     assert {len(shapes.sample(np.random.default_rng(s), (2, 3)).shapes) for s in range(20)} == {2, 3}
+
+
+def test_one_question_per_record_draws_the_kind_first():
+    # 4-shape images allow one count question among up to 7 colour and shape ones; drawn by kind, counting is
+    # asked about a third of the time (more when a kind is missing), not one time in eight.
+    rs = list(shapes.records(600, seed=6, questions_per_image=1, counts=(4,)))
+    share = collections.Counter(r["texts"][0]["source"] for r in rs)
+    assert 0.3 < share["shapes-count"] / len(rs) < 0.5, share
+    assert min(share.values()) > 0.2 * len(rs), share
+    two = list(shapes.records(200, seed=6, questions_per_image=2, counts=(4,)))
+    assert all(r["texts"][0] != r["texts"][-1] for r in two if len(r["texts"]) == 2)  # fewer when fewer are allowed
+    assert sum(len(r["texts"]) == 2 for r in two) > 0.9 * len(two)

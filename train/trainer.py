@@ -30,6 +30,7 @@ from train.config import TrainConfig
 from train.data import LoaderConfig, batches
 
 CHECKPOINTS = "checkpoints"
+EVAL_RECORDS = 2048  # generated held-out records ("shapes"): more than any evaluation reads
 
 
 class TrainingError(ValueError):
@@ -80,6 +81,7 @@ def data_source(spec: str, split: str, cfg: TrainConfig):
         if not os.path.isdir(path) or not any(os.scandir(path)):
             seed = cfg.data.shuffle_seed + (0 if split == "train" else 1_000_003)  # held-out images: other seeds
             n = cfg.data.num_records or 1000
+            n = n if split == "train" else min(n, EVAL_RECORDS)  # evaluation reads eval_batches batches of them
             sc = cfg.data.shapes
             tfds_builder.build(path, {split: tfds_builder.GeneratedSource(lambda: shapes.records(
                 n, seed, sc.questions_per_image or None, tuple(sc.shapes_per_image), tuple(sc.questions)))})
