@@ -1,7 +1,6 @@
-"""Held-out accuracy of a tiny-shapes model (issue 7's acceptance), idefics_jax vs transformers.
+"""Held-out accuracy of the shipped tiny-shapes model (issue 7's acceptance), idefics_jax vs transformers.
 
-    idefics-jax export out/train-tiny-shapes out/tiny-shapes-hf
-    python3 bench/eval_tiny_shapes.py --model out/tiny-shapes-hf [--images 300]
+    python3 bench/eval_tiny_shapes.py [--model tiny-shapes] [--images 300]
 
 Fresh images from a seed the training never used; every allowed question of each image; greedy answers with
 `idefics_jax.generate`, then transformers' `generate` on the same directory for the agreement rate.
@@ -16,7 +15,7 @@ from train import shapes_eval
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True, help="HF directory or idefics-jax checkpoint")
+    p.add_argument("--model", default="tiny-shapes")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--seed", type=int, default=shapes_eval.EVAL_SEED)
     a = p.parse_args()

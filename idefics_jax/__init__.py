@@ -1,6 +1,6 @@
 """Idefics2, Idefics3 and SmolVLM in JAX / Flax NNX."""
 
-from idefics_jax._checkpoint import LoadError, load_pretrained, param_count
+from idefics_jax._checkpoint import LoadError, load_pretrained, param_count, resolve
 from idefics_jax._config import (ConfigError, ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig,
                                  TextConfig, VisionConfig, from_hf_dict, from_hf_file, to_hf_dict)
 from idefics_jax._decoder import KVCache
@@ -13,5 +13,5 @@ from idefics_jax.chat import Chat
 __all__ = [
     "Chat", "ConfigError", "GenerationDefaults", "IdeficsModel", "KVCache", "LoadError", "ModelConfig", "PRESETS",
     "PerceiverConfig", "PixelShuffleConfig", "RopeConfig", "TextConfig", "VisionConfig", "from_hf_dict",
-    "from_hf_file", "generate", "generate_stream", "load_pretrained", "param_count", "to_hf_dict",
+    "from_hf_file", "generate", "generate_stream", "load_pretrained", "param_count", "resolve", "to_hf_dict",
 ]

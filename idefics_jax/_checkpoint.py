@@ -141,15 +141,36 @@ def finalize_partial(directory: str) -> None:
     ocp1.partial.finalize(os.path.abspath(directory))
 
 
+# Models shipped inside the package, by name (HF directories): `load_pretrained("tiny-shapes")`.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+
+
+def shipped_models() -> list[str]:
+    if not os.path.isdir(SHIPPED_DIR):
+        return []
+    return sorted(d for d in os.listdir(SHIPPED_DIR) if os.path.isfile(os.path.join(SHIPPED_DIR, d, "config.json")))
+
+
+def resolve(path: str) -> str:
+    """A shipped model's name -> its directory in the package; any other path unchanged (a local directory of
+    the same name wins)."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and path in shipped_models():
+        return os.path.join(SHIPPED_DIR, path)
+    return path
+
+
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.DEFAULT_RULES) -> IdeficsModel:
-    """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, or from an HF directory.
+    """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, or a model
+    shipped with the package by name ("tiny-shapes").
 
     dtype: parameter (and compute) dtype; None keeps the stored one. mesh: restore straight into arrays sharded
     over it by the logical-axis `rules`.
     """
-    path = os.fspath(path)
+    path = resolve(path)
     if not os.path.isdir(path):
-        raise LoadError(f"{path}: not a directory")
+        shipped = ", ".join(shipped_models())
+        raise LoadError(f"{path}: not a directory (nor a shipped model: {shipped})")
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         model = _load_orbax(path, dtype, mesh, rules)
     elif any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):

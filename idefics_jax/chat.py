@@ -5,6 +5,7 @@
     print(chat(messages, images=["statue.jpg"], max_new_tokens=200))
     for piece in chat.stream(messages, images=["statue.jpg"]):
         print(piece, end="", flush=True)
+    chat.answers([(user_turn("What is this?", 1), ["a.jpg"]), (user_turn("And this?", 1), ["b.jpg"])])
 """
 
 from __future__ import annotations
@@ -14,13 +15,24 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from idefics_jax._checkpoint import load_pretrained
-from idefics_jax._generate import generate_stream
+from idefics_jax._checkpoint import load_pretrained, resolve
+from idefics_jax._generate import generate, generate_stream
 from idefics_jax._images import load_image
 from idefics_jax._model import IdeficsModel
 
 # Content keys transformers' chat templates accept for an image given inline.
 _IMAGE_KEYS = ("image", "url", "path")
+
+
+def user_turn(text: str, n_images: int = 0) -> list[dict]:
+    """One user message: `n_images` image entries, then `text`."""
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+def _image_slots(messages: list[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for item in m["content"] if item.get("type") == "image")
+
 
 class Chat:
     """`model` plus `processor` (the checkpoint's, with its chat template). Images are PIL images, paths or URLs,
@@ -39,27 +51,62 @@ class Chat:
     @classmethod
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
              longest_edge: int | None = None) -> "Chat":
-        """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one)."""
+        """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one) or of
+        a shipped model ("tiny-shapes")."""
         from transformers import AutoProcessor
 
+        path = resolve(path)
         model = load_pretrained(path, dtype=dtype)
         return cls(model, AutoProcessor.from_pretrained(path), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge)
 
-    def inputs(self, messages: list[dict], images: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
-        """The processor's numpy inputs for `messages`, with the generation prompt appended."""
+    def _images(self, messages: list[dict], images: Sequence[Any] | None) -> list:
+        n_slots = _image_slots(messages)
         if images is None:
             images = [next(item[k] for k in _IMAGE_KEYS if k in item)
                       for m in messages if isinstance(m.get("content"), list)
                       for item in m["content"] if item.get("type") == "image" and any(k in item for k in _IMAGE_KEYS)]
-        n_slots = sum(1 for m in messages if isinstance(m.get("content"), list)
-                      for item in m["content"] if item.get("type") == "image")
         if len(images) != n_slots:
             raise ValueError(f"messages have {n_slots} image entries but {len(images)} images were given")
-        images = [load_image(i) for i in images]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        kw = dict(images=images, **self.image_kwargs) if images else {}
-        return dict(self.processor(text=prompt, return_tensors="np", **kw))
+        return [load_image(i) for i in images]
+
+    def inputs(self, messages: list[dict], images: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+        """The processor's numpy inputs for `messages`, with the generation prompt appended."""
+        return self.batch_inputs([(messages, images)])
+
+    def batch_inputs(self, conversations: Sequence[tuple[list[dict], Sequence[Any] | None]]) -> dict[str, np.ndarray]:
+        """One left-padded batch of (messages, images) conversations: input_ids (B, T), pixel_values (B, I, 3, H, W)
+        and masks. Either every conversation has images or none has."""
+        prompts, images = [], []
+        for messages, imgs in conversations:
+            images.append(self._images(messages, imgs))
+            prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+        if any(images) and not all(images):
+            raise ValueError("batch_inputs: some conversations have images and some do not; batch them apart")
+        kw = dict(images=images, **self.image_kwargs) if images[0] else {}
+        return dict(self.processor(text=prompts, return_tensors="np", padding=True, padding_side="left", **kw))
+
+    def answers(self, conversations: Sequence[tuple[list[dict], Sequence[Any] | None]], *, max_new_tokens: int = 256,
+                batch_size: int = 32, **generate_kwargs) -> list[str]:
+        """The answer to each (messages, images) conversation, generated `batch_size` at a time."""
+        conversations = list(conversations)
+        out: list[str] = [""] * len(conversations)
+        for start in range(0, len(conversations), batch_size):
+            rows = range(start, min(start + batch_size, len(conversations)))
+            # The processor takes a batch whose rows all have images or none.
+            for group in ([i for i in rows if _image_slots(conversations[i][0])],
+                          [i for i in rows if not _image_slots(conversations[i][0])]):
+                if group:
+                    inputs = self.batch_inputs([conversations[i] for i in group])
+                    new = generate(self.model, **inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+                    for i, text in zip(group, self.decode(new[:, inputs["input_ids"].shape[1]:])):
+                        out[i] = text
+        return out
+
+    def decode(self, tokens_BT) -> list[str]:
+        """Generated token rows -> text, special tokens (end of utterance, padding) dropped, stripped."""
+        return [self.processor.tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True).strip()
+                for row in tokens_BT]
 
     def stream(self, messages: list[dict], images: Sequence[Any] | None = None, *, max_new_tokens: int = 256,
                **generate_kwargs) -> Iterator[str]:

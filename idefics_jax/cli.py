@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value, nested with dots (optim.learning_rate=1e-4)")
     t.set_defaults(fn=_train)
     g = sub.add_parser("generate", help="answer a prompt about images, streaming the text to stdout")
-    g.add_argument("--model", required=True, help="checkpoint directory (idefics-jax or HF)")
+    g.add_argument("--model", default="tiny-shapes",
+                   help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-new-tokens", type=int, default=256)

@@ -1,4 +1,4 @@
-"""The main job: build a small random SmolVLM-style checkpoint offline, convert it with `idefics-jax convert`,
+"""The parity demo: build a small random SmolVLM-style checkpoint offline, convert it with `idefics-jax convert`,
 answer a question about an image in JAX, and check logits and generated tokens against transformers.
 
     python -m idefics_jax.demo [--workdir out/demo]

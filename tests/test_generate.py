@@ -169,6 +169,28 @@ def test_chat_helper_uses_the_checkpoint_processor(lively_hf, model, tmp_path):
         chat(messages, images[:1], max_new_tokens=2)
 
 
+def test_chat_answers_a_batch_as_one_by_one(lively_hf, model):
+    # Left-padded batches of 3 (different image counts; image-less conversations batched apart) give each
+    # conversation the answer it gets alone.
+    from idefics_jax.chat import user_turn
+
+    chat = idefics_jax.chat.Chat(model, AutoProcessor.from_pretrained(lively_hf), do_image_splitting=False)
+    rng = np.random.default_rng(2)
+    conversations = [
+        (user_turn("What is it?", 1), [testing.random_image(rng, 40, 50)]),
+        (user_turn("Hello there, how are you today?"), None),
+        (user_turn("Compare these two pictures, please.", 2), [testing.random_image(rng, 30, 60),
+                                                                testing.random_image(rng, 64, 32)]),
+        (user_turn("Hi"), None),
+        (user_turn("And this one?", 1), [testing.random_image(rng, 50, 50)]),
+    ]
+    alone = [chat(m, images, max_new_tokens=8).strip() for m, images in conversations]
+    assert chat.answers(conversations, max_new_tokens=8, batch_size=3) == alone
+    assert len(set(alone)) > 1  # the answers differ, so a mix-up would show
+    with pytest.raises(ValueError, match="some conversations have images and some do not"):
+        chat.batch_inputs(conversations[:2])
+
+
 class _Recorder(io.StringIO):
     def __init__(self):
         super().__init__()

@@ -37,17 +37,13 @@ def questions(n_images: int, seed: int = EVAL_SEED):
     return [(ex.image, q) for ex in (shapes.sample(rng) for _ in range(n_images)) for q in ex.questions]
 
 
-def _prompts(processor, items):
-    msgs = lambda q: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}]  # noqa
-    return [processor.apply_chat_template(msgs(q), add_generation_prompt=True) for _, q in items]
-
-
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
              max_new_tokens: int = 3, progress=None) -> Report:
-    """Greedy answers of the model at `path` (an idefics-jax checkpoint or an HF directory)."""
+    """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
     import idefics_jax
     from transformers import AutoProcessor
 
+    path = idefics_jax.resolve(path)
     hf = None
     if transformers:
         from transformers import AutoModelForImageTextToText
@@ -60,35 +56,35 @@ def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: b
 def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf=None, batch_size: int = 32,
                    max_new_tokens: int = 3, progress=None) -> Report:
     """`evaluate` for a model in memory (a training run's, say); `hf`: a transformers model to compare with."""
-    import idefics_jax
+    from idefics_jax.chat import Chat, user_turn
 
+    chat = Chat(model, processor)
     items = questions(n_images, seed)
     report = Report(collections.Counter(), collections.Counter())
-    decode = lambda row: processor.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip()  # noqa
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        inputs = dict(processor(text=_prompts(processor, chunk), images=[[im] for im, _ in chunk],
-                                return_tensors="np", padding=True))
-        T = inputs["input_ids"].shape[1]
-        ours = idefics_jax.generate(model, **inputs, max_new_tokens=max_new_tokens)[:, T:]
-        theirs = _hf_generate(hf, inputs, max_new_tokens)[:, T:] if hf is not None else None
+        conversations = [(user_turn(q.text, 1), [image]) for image, q in chunk]
+        ours = chat.answers(conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        theirs = _hf_answers(chat, hf, conversations, max_new_tokens) if hf is not None else None
         for i, (_, q) in enumerate(chunk):
-            answer = decode(ours[i])
             report.total[q.kind] += 1
-            report.right[q.kind] += answer == q.answer
-            if answer != q.answer:
-                report.mistakes.append((q.text, q.answer, answer))
+            report.right[q.kind] += ours[i] == q.answer
+            if ours[i] != q.answer:
+                report.mistakes.append((q.text, q.answer, ours[i]))
             if theirs is not None:
                 report.compared += 1
-                report.agree += decode(theirs[i]) == answer
+                report.agree += theirs[i] == ours[i]
         if progress:
             progress(min(start + batch_size, len(items)), len(items))
     return report
 
 
-def _hf_generate(hf, inputs, max_new_tokens):
+def _hf_answers(chat, hf, conversations, max_new_tokens):
+    """transformers' greedy answers to the same batch, decoded as ours are."""
     import torch
 
+    inputs = chat.batch_inputs(conversations)
     with torch.no_grad():
-        return hf.generate(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, do_sample=False,
-                           max_new_tokens=max_new_tokens).numpy()
+        out = hf.generate(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, do_sample=False,
+                          max_new_tokens=max_new_tokens).numpy()
+    return chat.decode(out[:, inputs["input_ids"].shape[1]:])

@@ -69,3 +69,28 @@ def write_base(path: str) -> str:
         json.dump({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id}, f, indent=2)
     return path
+
+
+# Shipped example images: (generator seed, the question the README and tests ask first).
+EXAMPLES = ((15, "What shape is the blue object?"), (24, "How many shapes are there?"),
+            (22, "What color is the triangle?"))
+
+
+def write_examples(path: str) -> None:
+    """examples/shapes-N.png and examples/questions.json (every allowed question with its answer) under `path`."""
+    import numpy as np
+
+    from train import shapes
+
+    out = os.path.join(path, "examples")
+    os.makedirs(out, exist_ok=True)
+    listing = []
+    for i, (seed, first) in enumerate(EXAMPLES, 1):
+        ex = shapes.sample(np.random.default_rng(seed))
+        name = f"shapes-{i}.png"
+        ex.image.save(os.path.join(out, name))
+        qs = sorted(ex.questions, key=lambda q: q.text != first)
+        assert qs[0].text == first, (seed, first)
+        listing.append({"image": name, "questions": [{"text": q.text, "answer": q.answer} for q in qs]})
+    with open(os.path.join(out, "questions.json"), "w") as f:
+        json.dump(listing, f, indent=2)

@@ -228,25 +228,21 @@ def evaluate(cfg: TrainConfig, parts, state, frozen, collator, part) -> dict:
 
 def exact_match(cfg: TrainConfig, parts, state, frozen, collator, source, n: int) -> float:
     """Fraction of the first `n` held-out records whose first question is answered exactly (greedy decoding)."""
+    from idefics_jax.chat import Chat, user_turn
     from train import lora as lora_lib
     from train.records import decode_images, from_example
 
     params = lora_lib.apply(frozen, state.trainable, cfg.lora) if cfg.lora.rank > 0 else {**frozen, **state.trainable}
-    model = step_lib.merge(parts, params)
-    processor, tok = collator.processor, collator.processor.tokenizer
-    right = total = 0
-    for i in range(min(n, len(source))):
-        record = from_example(source[i])
-        images, turn = decode_images(record), record.texts[0]
-        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": turn.user}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        inputs = dict(processor(text=prompt, images=[images] if images else None, return_tensors="np",
-                                **collator._image_kwargs))
-        out = idefics_jax.generate(model, **inputs, max_new_tokens=cfg.eval_generate_tokens,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        right, total = right + (answer == turn.assistant.strip()), total + 1
-    return right / max(total, 1)
+    chat = Chat(step_lib.merge(parts, params), collator.processor)
+    chat.image_kwargs = dict(collator._image_kwargs)  # the images as training sees them
+    records = [from_example(source[i]) for i in range(min(n, len(source)))]
+    images = [decode_images(r) for r in records]
+    tok = collator.processor.tokenizer
+    answers = chat.answers([(user_turn(r.texts[0].user, len(ims)), ims) for r, ims in zip(records, images)],
+                           max_new_tokens=cfg.eval_generate_tokens, batch_size=cfg.data.batch_size,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    right = sum(a == r.texts[0].assistant.strip() for a, r in zip(answers, records))
+    return right / max(len(records), 1)
 
 
 def main(argv=None) -> int:
