@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 
-from convert import _names
-from convert._safetensors import write_file
+from idefics_jax.convert.hf_to_orbax import hf_tensor_shapes
+from idefics_jax.convert.orbax_to_hf import write_safetensors
 from idefics_jax import PRESETS, to_hf_dict
-from idefics_jax._checkpoint import param_shapes
 from idefics_jax.testing import char_tokenizer
 
 
@@ -32,14 +31,14 @@ def write_random_checkpoint(path: str, preset: str, shards: int) -> int:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f)
     char_tokenizer().save_pretrained(path)  # the converter insists on tokenizer files
-    entries = list(_names.entries(config, param_shapes(config)).values())
+    entries = list(hf_tensor_shapes(config).items())
     rng = np.random.default_rng(0)
     per = -(-len(entries) // shards)
     weight_map, total = {}, 0
     for s in range(shards):
         name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {e.hf_key: rng.standard_normal(e.hf_shape, dtype=np.float32) * 0.02 for e in entries[s * per:(s + 1) * per]}
-        write_file(os.path.join(path, name), part)
+        part = {k: rng.standard_normal(shape, dtype=np.float32) * 0.02 for k, shape in entries[s * per:(s + 1) * per]}
+        write_safetensors(os.path.join(path, name), part)
         weight_map.update({k: name for k in part})
         total += sum(v.nbytes for v in part.values())
         del part

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from train import shapes_eval
+from idefics_jax.train import shapes_eval
 
 
 def main():

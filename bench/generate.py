@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import idefics_jax
-    from convert.hf_to_orbax import convert
+    from idefics_jax.convert.hf_to_orbax import convert
     from idefics_jax import PRESETS, testing
 
     hf_dir, orbax_dir = os.path.join(a.workdir, "smolvlm-256m-hf"), os.path.join(a.workdir, "smolvlm-256m-orbax")

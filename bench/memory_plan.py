@@ -26,17 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from configs import sharding as cfg  # noqa: E402
+from idefics_jax import sharding as cfg  # noqa: E402
 from idefics_jax import sharding as shd  # noqa: E402
-from idefics_jax._checkpoint import abstract_model  # noqa: E402
-from idefics_jax._decoder import KVCache  # noqa: E402
-from idefics_jax._model import positions_from_mask  # noqa: E402
-from idefics_jax._presets import IDEFICS3_8B_LLAMA3  # noqa: E402
-from train import step as train  # noqa: E402
+from idefics_jax.checkpoint import abstract_model  # noqa: E402
+from idefics_jax.model import KVCache  # noqa: E402
+from idefics_jax.model import positions_from_mask  # noqa: E402
+from idefics_jax.presets import IDEFICS3_8B_LLAMA3  # noqa: E402
+from idefics_jax.train import step as train  # noqa: E402
 
 GiB = 2**30
 CONFIG = IDEFICS3_8B_LLAMA3

@@ -13,7 +13,7 @@ import shutil
 import time
 
 from idefics_jax import PRESETS, testing, to_hf_dict
-from train import config as config_lib, trainer
+from idefics_jax.train import config as config_lib, trainer
 
 
 def main() -> None:

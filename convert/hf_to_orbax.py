@@ -15,13 +15,19 @@ import time
 import ml_dtypes
 import numpy as np
 
-from convert import _names
-from convert._safetensors import CheckpointError, TensorInfo, read_header, read_tensor
-from idefics_jax._checkpoint import META_FILE, PARAMS_DIR, finalize_partial, param_axes, param_shapes, save_partial
-from idefics_jax._config import ModelConfig, from_hf_file
+from idefics_jax.convert import _names
+from idefics_jax.convert._safetensors import CheckpointError, TensorInfo, read_header, read_tensor
+from idefics_jax.checkpoint import META_FILE, PARAMS_DIR, finalize_partial, param_axes, param_shapes, save_partial
+from idefics_jax.config import ModelConfig
+from idefics_jax.hf_config import from_hf_file
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of `config` holds, by name, with its shape (the name map's order)."""
+    return {k: e.hf_shape for k, e in _names.entries(config, param_shapes(config)).items()}
 
 
 class Progress:

@@ -11,11 +11,11 @@ import tempfile
 import numpy as np
 from flax import nnx
 
-from convert import _names
-from convert._safetensors import write_file
-from convert.hf_to_orbax import Progress, copy_side_files
-from idefics_jax._checkpoint import load_pretrained
-from idefics_jax._config import to_hf_dict
+from idefics_jax.convert import _names
+from idefics_jax.convert._safetensors import write_file as write_safetensors
+from idefics_jax.convert.hf_to_orbax import Progress, copy_side_files
+from idefics_jax.convert.load import load_pretrained
+from idefics_jax.hf_config import to_hf_dict
 
 SHARD_BYTES = 4 * 2**30
 
@@ -34,17 +34,15 @@ def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
 
 
 def export(src: str, dst: str, progress: bool = True) -> None:
-    """Orbax checkpoint `src` (or a training WORKDIR) -> HF directory `dst` (safetensors shards of at most 4 GiB,
-    config, tokenizer). A training run's newest checkpoint is exported with its LoRA adapters merged."""
+    """Orbax checkpoint (or HF directory) `src` -> HF directory `dst` (safetensors shards of at most 4 GiB, config,
+    tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`."""
+    check_destination(dst)
+    write_hf(load_pretrained(src), src, dst, progress)
+
+
+def check_destination(dst: str) -> None:
     if os.path.exists(dst):
         raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
-    if os.path.isdir(os.path.join(src, "checkpoints")):
-        from train.export import trained_model
-
-        model, side_files = trained_model(src)
-    else:
-        model, side_files = load_pretrained(src), src
-    write_hf(model, side_files, dst, progress)
 
 
 def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
@@ -72,13 +70,13 @@ def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
         shards.append(cur)
         bar = Progress("exporting", sum(v.nbytes for v in tensors.values()), enabled=progress)
         if len(shards) == 1:
-            write_file(os.path.join(tmp, "model.safetensors"), shards[0])
+            write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0])
             bar.update(size)
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                write_file(os.path.join(tmp, name), shard)
+                write_safetensors(os.path.join(tmp, name), shard)
                 weight_map.update({k: name for k in shard})
                 bar.update(sum(v.nbytes for v in shard.values()))
             index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}

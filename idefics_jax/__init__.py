@@ -1,17 +1,29 @@
-"""Idefics2, Idefics3 and SmolVLM in JAX / Flax NNX."""
+"""Idefics2, Idefics3 and SmolVLM in JAX / Flax NNX.
 
-from idefics_jax._checkpoint import LoadError, load_pretrained, param_count, resolve
-from idefics_jax._config import (ConfigError, ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig,
-                                 TextConfig, VisionConfig, from_hf_dict, from_hf_file, to_hf_dict)
-from idefics_jax._decoder import KVCache
-from idefics_jax._generate import generate, generate_stream
-from idefics_jax._model import IdeficsModel
-from idefics_jax._presets import PRESETS
-from idefics_jax._sampling import GenerationDefaults
+The public names, gathered from the layers (see the README's layout section): the model core, conversion, and
+generation. Modules inside the package import from the module that defines a name, never from here.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from idefics_jax.checkpoint import LoadError, param_count, resolve
+from idefics_jax.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
+                                RopeConfig, TextConfig, VisionConfig)
+from idefics_jax.hf_config import from_hf_dict, from_hf_file, read_generation_defaults, to_hf_dict
+from idefics_jax.model import IdeficsModel, KVCache
+from idefics_jax.presets import PRESETS
+from idefics_jax.convert.load import load_pretrained
+from idefics_jax.generation import generate, generate_stream
 from idefics_jax.chat import Chat
+
+try:
+    __version__ = version("idefics-jax")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Chat", "ConfigError", "GenerationDefaults", "IdeficsModel", "KVCache", "LoadError", "ModelConfig", "PRESETS",
     "PerceiverConfig", "PixelShuffleConfig", "RopeConfig", "TextConfig", "VisionConfig", "from_hf_dict",
-    "from_hf_file", "generate", "generate_stream", "load_pretrained", "param_count", "resolve", "to_hf_dict",
+    "from_hf_file", "generate", "generate_stream", "load_pretrained", "param_count", "read_generation_defaults",
+    "resolve", "to_hf_dict",
 ]

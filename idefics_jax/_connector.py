@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax._config import ModelConfig
+from idefics_jax.config import ModelConfig
 from idefics_jax._layers import param
 
 
@@ -22,7 +22,7 @@ class PixelShuffleConnector(nnx.Module):
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.scale_factor = c.connector.scale_factor
         d_in = c.vision.hidden_size * self.scale_factor**2
-        self.proj = param(rngs, (d_in, c.text.hidden_size), ("mlp", "embed"), dtype=dtype)
+        self.proj = param(rngs, (d_in, c.text.hidden_size), ("mlp", "embed"), dtype=dtype, fan_in=1)
 
     def __call__(self, x_ISD, mask_IS=None):
         """Vision states (I, S, Dv) -> image tokens (I, S/s^2, D). The patch mask is not used here."""

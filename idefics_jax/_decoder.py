@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax._config import TextConfig
+from idefics_jax.config import TextConfig
 from idefics_jax._layers import Stacked, apply_rope, attend, attention_swiglu_spec, ones, param, rms_norm, rope_inv_freq, scan_layers
 from idefics_jax.sharding import Partitioning, constrain
 

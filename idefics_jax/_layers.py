@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._config import RopeConfig
+from idefics_jax.config import RopeConfig
 
 Axes = Sequence[str | None]
 
@@ -25,11 +25,16 @@ def normal(std: float = 0.02):
     return jax.nn.initializers.normal(std)
 
 
-def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, init=None, dtype=jnp.float32) -> nnx.Param:
-    """A parameter with its logical axis names (mapped to mesh axes by `idefics_jax.sharding`)."""
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, init=None, dtype=jnp.float32,
+          fan_in: int | None = None) -> nnx.Param:
+    """A parameter with its logical axis names (mapped to mesh axes by `idefics_jax.sharding`).
+
+    fan_in: for a matmul weight, how many of its leading (non-layer) dimensions are contracted with the input
+    (`o` (N, H, D): 2); None for everything else. Weight decay and LoRA read it (see `matmul_fan_in`).
+    """
     assert len(shape) == len(axes), (shape, axes)
     init = init or normal()
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes), fan_in=fan_in)
 
 
 def ones(rngs: nnx.Rngs, shape, axes, dtype=jnp.float32) -> nnx.Param:
@@ -43,13 +48,13 @@ def zeros(rngs: nnx.Rngs, shape, axes, dtype=jnp.float32) -> nnx.Param:
 class Stacked(nnx.Module):
     """Parameters of `L` identical layers, stacked on a leading `layers` axis so one `lax.scan` runs them.
 
-    `spec` maps a name to (per-layer shape, logical axes, init).
+    `spec` maps a name to (per-layer shape, logical axes, init[, fan_in]) (see `param`).
     """
 
     def __init__(self, num_layers: int, spec: dict, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self._names = tuple(spec)
-        for name, (shape, axes, init) in spec.items():
-            setattr(self, name, param(rngs, (num_layers, *shape), ("layers", *axes), init, dtype))
+        for name, (shape, axes, init, *fan_in) in spec.items():
+            setattr(self, name, param(rngs, (num_layers, *shape), ("layers", *axes), init, dtype, *fan_in))
 
     def weights(self) -> dict[str, jax.Array]:
         return {n: getattr(self, n)[...] for n in self._names}
@@ -59,14 +64,14 @@ def attention_swiglu_spec(D: int, N: int, K: int, H: int, F: int) -> dict:
     """`Stacked` spec of a pre-norm GQA attention + SwiGLU MLP layer (decoder and perceiver alike)."""
     w = normal()
     return {
-        "q": ((D, N, H), ("embed", "heads", "head_dim"), w),
-        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
-        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w),
-        "o": ((N, H, D), ("heads", "head_dim", "embed"), w),
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), w, 1),
+        "k": ((D, K, H), ("embed", "kv_heads", "head_dim"), w, 1),
+        "v": ((D, K, H), ("embed", "kv_heads", "head_dim"), w, 1),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), w, 2),
         "mlp_norm": ((D,), ("embed",), jax.nn.initializers.ones),
-        "gate": ((D, F), ("embed", "mlp"), w),
-        "up": ((D, F), ("embed", "mlp"), w),
-        "down": ((F, D), ("mlp", "embed"), w),
+        "gate": ((D, F), ("embed", "mlp"), w, 1),
+        "up": ((D, F), ("embed", "mlp"), w, 1),
+        "down": ((F, D), ("mlp", "embed"), w, 1),
     }
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax._config import ModelConfig, PerceiverConfig
+from idefics_jax.config import ModelConfig, PerceiverConfig
 from idefics_jax._layers import Stacked, attend, attention_swiglu_spec, ones, param, rms_norm, scan_layers
 
 _ONES = jax.nn.initializers.ones
@@ -32,9 +32,9 @@ class PerceiverConnector(nnx.Module):
         p = c.connector
         self.config = p
         Dv, D, F = c.vision.hidden_size, c.text.hidden_size, c.text.intermediate_size
-        self.gate = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype)
-        self.up = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype)
-        self.down = param(rngs, (F, D), ("mlp", "embed"), dtype=dtype)
+        self.gate = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype, fan_in=1)
+        self.up = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype, fan_in=1)
+        self.down = param(rngs, (F, D), ("mlp", "embed"), dtype=dtype, fan_in=1)
         self.latents = param(rngs, (p.num_latents, D), (None, "embed"), dtype=dtype)
         self.layers = Stacked(p.depth, _layer_spec(p, D), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (D,), ("embed",), dtype)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._config import VisionConfig
+from idefics_jax.config import VisionConfig
 from idefics_jax._layers import Stacked, attend, layer_norm, normal, ones, param, scan_layers, zeros
 from idefics_jax.sharding import Partitioning, constrain
 
@@ -21,13 +21,13 @@ def _layer_spec(c: VisionConfig) -> dict:
     attn, mlp = normal((2 / (D + N * H)) ** 0.5), normal((2 / (D + F)) ** 0.5)
     return {
         "ln1_scale": ((D,), ("embed",), _ONES), "ln1_bias": ((D,), ("embed",), _ZEROS),
-        "q": ((D, N, H), ("embed", "heads", "head_dim"), attn), "q_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
-        "k": ((D, N, H), ("embed", "heads", "head_dim"), attn), "k_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
-        "v": ((D, N, H), ("embed", "heads", "head_dim"), attn), "v_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
-        "o": ((N, H, D), ("heads", "head_dim", "embed"), attn), "o_bias": ((D,), ("embed",), _ZEROS),
+        "q": ((D, N, H), ("embed", "heads", "head_dim"), attn, 1), "q_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "k": ((D, N, H), ("embed", "heads", "head_dim"), attn, 1), "k_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "v": ((D, N, H), ("embed", "heads", "head_dim"), attn, 1), "v_bias": ((N, H), ("heads", "head_dim"), _ZEROS),
+        "o": ((N, H, D), ("heads", "head_dim", "embed"), attn, 2), "o_bias": ((D,), ("embed",), _ZEROS),
         "ln2_scale": ((D,), ("embed",), _ONES), "ln2_bias": ((D,), ("embed",), _ZEROS),
-        "fc1": ((D, F), ("embed", "mlp"), mlp), "fc1_bias": ((F,), ("mlp",), _ZEROS),
-        "fc2": ((F, D), ("mlp", "embed"), mlp), "fc2_bias": ((D,), ("embed",), _ZEROS),
+        "fc1": ((D, F), ("embed", "mlp"), mlp, 1), "fc1_bias": ((F,), ("mlp",), _ZEROS),
+        "fc2": ((F, D), ("mlp", "embed"), mlp, 1), "fc2_bias": ((D,), ("embed",), _ZEROS),
     }
 
 
@@ -85,7 +85,7 @@ class VisionEncoder(nnx.Module):
         # ones, so attention can learn locality (shape) and not just pool colour.
         fan_in = c.num_channels * p * p
         self.patch_embed = param(rngs, (c.num_channels, p, p, D), (None, None, None, "embed"),
-                                 normal(fan_in**-0.5), dtype)
+                                 normal(fan_in**-0.5), dtype, fan_in=3)  # a matmul over (C, p, p) patches
         self.patch_bias = zeros(rngs, (D,), ("embed",), dtype)
         self.pos_embed = param(rngs, (n * n, D), (None, "embed"), normal(D**-0.5), dtype)
         self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)

@@ -10,15 +10,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from idefics_jax._checkpoint import load_pretrained, resolve
-from idefics_jax._generate import generate, generate_stream
-from idefics_jax._images import load_image
-from idefics_jax._model import IdeficsModel
+from idefics_jax.checkpoint import resolve
+from idefics_jax.convert.load import load_pretrained
+from idefics_jax.generation import generate, generate_stream
+from idefics_jax.images import load_image
+from idefics_jax.model import IdeficsModel
 
 # Content keys transformers' chat templates accept for an image given inline.
 _IMAGE_KEYS = ("image", "url", "path")

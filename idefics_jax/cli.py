@@ -7,20 +7,21 @@ import sys
 
 
 def _convert(a):
-    from convert.hf_to_orbax import convert
+    from idefics_jax.convert.hf_to_orbax import convert
 
     convert(a.src, a.dst, dtype=a.dtype)
     print(f"wrote {a.dst}", file=sys.stderr)
 
 
 def _export(a):
-    from convert.orbax_to_hf import export
+    from idefics_jax.convert.orbax_to_hf import export
+    from idefics_jax.train.export import export_run, is_run
 
-    export(a.src, a.dst)
+    (export_run if is_run(a.src) else export)(a.src, a.dst)
 
 
 def _train(a):
-    from train import config, trainer
+    from idefics_jax.train import config, trainer
 
     trainer.train(config.load(a.config, a.overrides))
 

@@ -22,8 +22,10 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import idefics_jax
-    from convert.hf_to_orbax import convert
+    from idefics_jax.chat import Chat
+    from idefics_jax.convert.hf_to_orbax import convert
+    from idefics_jax.convert.load import load_pretrained
+    from idefics_jax.generation import generate
     from idefics_jax import testing
 
     hf_dir, orbax_dir = os.path.join(a.workdir, "hf"), os.path.join(a.workdir, "orbax")
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     if not os.path.exists(orbax_dir):
         convert(hf_dir, orbax_dir)
     processor = AutoProcessor.from_pretrained(orbax_dir)
-    model = idefics_jax.load_pretrained(orbax_dir)
+    model = load_pretrained(orbax_dir)
 
     image = testing.random_image(np.random.default_rng(0), 50, 70)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What do we see?"}]}]
@@ -54,11 +56,11 @@ def main(argv=None) -> int:
     print(f"next token (random weights): {top!r}; transformers agrees: {top == processor.tokenizer.convert_ids_to_tokens(int(ref_logits[0, -1].argmax()))}")
     print(f"max |logit diff| / max |logit| vs transformers: {err:.2e}")
 
-    chat = idefics_jax.Chat(model, processor)
+    chat = Chat(model, processor)
     t0 = time.time()
     answer = chat(messages, [image], max_new_tokens=24)
     print(f"answer (random weights, {time.time() - t0:.1f} s with compile): {answer!r}")
-    ours = idefics_jax.generate(model, **inputs, max_new_tokens=24)
+    ours = generate(model, **inputs, max_new_tokens=24)
     with torch.no_grad():
         theirs = ref.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=24,
                               do_sample=False).numpy()

@@ -1,7 +1,7 @@
 """Logical axis names -> mesh axes `data`, `fsdp`, `tensor`.
 
 Every parameter names its logical axes where it is created (`axes=` metadata), and activations name theirs
-where they are computed; the rules table in `configs/sharding.py` maps both. A logical axis whose mesh axes do
+where they are computed; the rules table `RULES` below maps both. A logical axis whose mesh axes do
 not divide its size stays replicated on that dimension (e.g. 6 heads over `tensor=4`), so every mesh runs every
 model, at the cost of memory when the sizes do not divide.
 """
@@ -16,9 +16,58 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from configs.sharding import MESH_AXES, RULES, MeshShape, Rules
+Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
 
-DEFAULT_RULES: Rules = RULES
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES: Rules = (
+    ("batch", ("data", "fsdp")),  # activations: examples split over data and fsdp
+    ("embed", "fsdp"),            # FSDP (ZeRO-3): each weight split along the model width, gathered per layer
+    ("vocab", "tensor"),
+    ("heads", "tensor"),          # Megatron-style tensor parallelism over heads and the MLP width
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),             # scanned: every device holds its slice of every layer
+    ("head_dim", None),
+)
+
+
+def override(rules: Rules, **changes) -> Rules:
+    """`rules` with some names remapped (a tuple of mesh axes, one axis, or None to replicate)."""
+    unknown = set(changes) - {name for name, _ in rules}
+    out = tuple((name, changes.get(name, target)) for name, target in rules)
+    return out + tuple((name, changes[name]) for name in sorted(unknown))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """Devices along each mesh axis; at most one -1, which takes all the remaining devices."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def resolve(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = (self.data, self.fsdp, self.tensor)
+        known = 1
+        for s in sizes:
+            known *= s if s != -1 else 1
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or n_devices % known:
+            raise ValueError(f"mesh {self} does not fit {n_devices} devices")
+        out = tuple(n_devices // known if s == -1 else s for s in sizes)
+        if out[0] * out[1] * out[2] != n_devices:
+            raise ValueError(f"mesh {self} uses {out[0] * out[1] * out[2]} devices, not the {n_devices} available")
+        return out
+
+
+# Pure FSDP: every weight split over all devices along its width; no tensor parallelism.
+FSDP = MeshShape(fsdp=-1)
+# FSDP + tensor parallelism: heads and MLP over 4 devices (Idefics3-8B: 32 heads, 8 kv heads, 16 vision heads),
+# the rest FSDP.
+FSDP_TP = MeshShape(fsdp=-1, tensor=4)
+# Data parallelism: weights replicated, the batch split over all devices.
+DATA_PARALLEL = MeshShape(data=-1)
+
 
 
 def make_mesh(shape: MeshShape | Sequence[int], devices=None) -> Mesh:
@@ -35,7 +84,7 @@ def make_mesh(shape: MeshShape | Sequence[int], devices=None) -> Mesh:
     return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules = RULES) -> PartitionSpec:
     """The PartitionSpec for an array with logical `axes`. Each mesh axis is used at most once (first come);
     a dimension takes the longest prefix of its mesh axes whose product divides it."""
     table = dict(rules)
@@ -52,7 +101,7 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rule
     return PartitionSpec(*out)
 
 
-def sharding_for(axes, shape, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+def sharding_for(axes, shape, mesh: Mesh | None, rules: Rules = RULES):
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
@@ -67,7 +116,7 @@ class Partitioning:
     """
 
     mesh: Mesh
-    rules: Rules = DEFAULT_RULES
+    rules: Rules = RULES
 
     def __post_init__(self):
         # Tuples throughout: the model's graph definition must hash.

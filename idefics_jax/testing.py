@@ -11,8 +11,9 @@ import os
 
 import numpy as np
 
-from idefics_jax._config import ModelConfig, PerceiverConfig, to_hf_dict
-from idefics_jax._presets import TINY, TINY_IDEFICS2
+from idefics_jax.config import ModelConfig, PerceiverConfig
+from idefics_jax.hf_config import to_hf_dict
+from idefics_jax.presets import TINY, TINY_IDEFICS2
 
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"

@@ -38,7 +38,7 @@ def _prefill(model, batch):
     from flax import nnx
 
     from idefics_jax import KVCache
-    from idefics_jax._model import positions_from_mask
+    from idefics_jax.model import positions_from_mask
 
     @nnx.jit
     def run(model, ids, attention_mask):
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
     import idefics_jax
     from idefics_jax import sharding as shd
-    from train import step as train
+    from idefics_jax.train import step as train
 
     inputs: dict[str, dict] = {}
     with np.load(a.inputs) as z:

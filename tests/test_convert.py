@@ -15,9 +15,9 @@ from flax import nnx
 from transformers import AutoModelForImageTextToText
 
 import idefics_jax
-from convert import _names
-from convert.hf_to_orbax import convert
-from convert.orbax_to_hf import export
+from idefics_jax.convert import _names
+from idefics_jax.convert.hf_to_orbax import convert
+from idefics_jax.convert.orbax_to_hf import export
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_export_round_trip(tiny_hf, converted, tmp_path, cases):
 
 
 def test_export_sharded(converted, tmp_path, monkeypatch):
-    import convert.orbax_to_hf as ex
+    import idefics_jax.convert.orbax_to_hf as ex
 
     monkeypatch.setattr(ex, "SHARD_BYTES", 100_000)
     out = str(tmp_path / "sharded")

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from idefics_jax import testing
-from idefics_jax._model import check_inputs
-from train import collate, data, records, tfds_builder
-from train.collate import IGNORE, CollateConfig, Collator
-from train.records import Record, Turn
+from idefics_jax.model import check_inputs
+from idefics_jax.train import collate, data, records, tfds_builder
+from idefics_jax.train.collate import IGNORE, CollateConfig, Collator
+from idefics_jax.train.records import Record, Turn
 
 EOU = "<end_of_utterance>"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import idefics_jax
-from convert._safetensors import write_file
+from idefics_jax.convert._safetensors import write_file
 from idefics_jax import cli, testing
 
 
@@ -140,8 +140,8 @@ def test_sigkill_halfway_leaves_nothing_loadable(tmp_path):
 
 
 def _write_random_checkpoint(path, config):
-    from convert import _names
-    from idefics_jax._checkpoint import param_shapes
+    from idefics_jax.convert import _names
+    from idefics_jax.checkpoint import param_shapes
 
     os.makedirs(path)
     testing.write_config(path, idefics_jax.to_hf_dict(config))
@@ -154,7 +154,7 @@ def _write_random_checkpoint(path, config):
 
 @pytest.fixture(scope="module")
 def converted(tiny_hf, tmp_path_factory):
-    from convert.hf_to_orbax import convert
+    from idefics_jax.convert.hf_to_orbax import convert
 
     dst = str(tmp_path_factory.mktemp("orbax") / "tiny")
     convert(tiny_hf, dst, progress=False)

@@ -12,9 +12,9 @@ from flax import nnx
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import idefics_jax
-from idefics_jax import _generate, testing
-from idefics_jax._decoder import Decoder, KVCache, causal_mask
-from idefics_jax._model import positions_from_mask
+from idefics_jax import _cpu, _decode, generation, testing
+from idefics_jax.model import Decoder, KVCache, causal_mask
+from idefics_jax.model import positions_from_mask
 
 CASES = ["one_image_split_padded", "batch_1_and_2_images", "text_only"]
 N_NEW = 24
@@ -92,12 +92,12 @@ def test_stream_chunks_equal_generate(model, cases):
 
 def test_prompt_lengths_share_a_bucket(model, processor):
     """Prompts of 33 and 37 tokens both pad to 40: no new compilation for the second one."""
-    assert _generate.bucket(33) == _generate.bucket(37) == 40 and _generate.bucket(16) == 16
+    assert generation.bucket(33) == generation.bucket(37) == 40 and generation.bucket(16) == 16
     ids = lambda n: np.asarray([[2] + [20 + (i % 50) for i in range(n - 1)]])  # noqa: E731
     idefics_jax.generate(model, ids(33), max_new_tokens=3, eos_token_id=[])
-    sizes = _generate._prefill._cache_size(), _generate._decode._cache_size()
+    sizes = _decode.prefill._cache_size(), _decode.decode._cache_size()
     idefics_jax.generate(model, ids(37), max_new_tokens=3, eos_token_id=[])
-    assert (_generate._prefill._cache_size(), _generate._decode._cache_size()) == sizes
+    assert (_decode.prefill._cache_size(), _decode.decode._cache_size()) == sizes
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -105,11 +105,11 @@ def test_cpu_weight_views_change_nothing(lively_hf, cases, monkeypatch, dtype):
     """On the CPU decoding reads zero-copy per-layer views (fp32) or bf16 bits (bf16); the stacked weights, as
     used elsewhere, give the same tokens."""
     model = idefics_jax.load_pretrained(lively_hf, dtype=dtype)
-    lw = _generate.layer_weights(model)
+    lw = _cpu.layer_weights(model)
     assert isinstance(lw, list if dtype == "float32" else dict)  # None would mean a copy was needed
     inputs = cases["batch_1_and_2_images"]
     a = idefics_jax.generate(model, **inputs, max_new_tokens=8, eos_token_id=[])
-    monkeypatch.setattr(_generate, "layer_weights", lambda m: None)
+    monkeypatch.setattr(generation, "layer_weights", lambda m: None)
     np.testing.assert_array_equal(a, idefics_jax.generate(model, **inputs, max_new_tokens=8, eos_token_id=[]))
 
 

@@ -6,7 +6,7 @@ from conftest import hf_logits, rel_err
 from transformers import AutoModelForImageTextToText
 
 import idefics_jax
-from convert.hf_to_orbax import convert
+from idefics_jax.convert.hf_to_orbax import convert
 
 CASES = ["one_image_split_padded", "batch_1_and_2_images", "text_only"]
 

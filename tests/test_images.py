@@ -117,9 +117,9 @@ def test_a_pil_image_of_any_mode_is_accepted():
 @pytest.fixture
 def no_device_work(monkeypatch):
     """"Before any device work": the jitted prefill fails the test if it is reached."""
-    from idefics_jax import _generate
+    from idefics_jax import generation
 
-    monkeypatch.setattr(_generate, "_prefill", lambda *a, **k: pytest.fail("prefill ran"))
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -171,7 +171,7 @@ def image_files(draw):
 def test_any_image_files_give_consistent_model_inputs(chat, tmp_path, files, split):
     """Random sizes, modes and image counts through the chat path: one image-token run of image_seq_len per
     sub-image, pixel values finite, and the model's own input checks pass."""
-    from idefics_jax._model import check_inputs
+    from idefics_jax.model import check_inputs
 
     paths = []
     for i, (img, fmt) in enumerate(files):

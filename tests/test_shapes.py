@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from train import shapes
+from idefics_jax.train import shapes
 
 
 def _pixels_of(image, color):

@@ -16,7 +16,7 @@ import pytest
 from conftest import chat
 from jax.sharding import AbstractMesh
 
-from configs import sharding as cfg
+from idefics_jax import sharding as cfg
 from idefics_jax import sharding as shd
 from idefics_jax import testing
 
@@ -57,7 +57,7 @@ def test_mesh_presets():
 
 def test_chunks_align_with_shards():
     """Each shardable dimension is stored in 16 pieces when it divides: 2, 4, 8 or 16-way slices are whole chunks."""
-    from idefics_jax._checkpoint import chunk_shape
+    from idefics_jax.checkpoint import chunk_shape
 
     big = (32, 4096, 32, 128)
     assert chunk_shape(big, ("layers", "embed", "heads", "head_dim"), 2) == (32, 256, 2, 128)
@@ -73,7 +73,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tiny_hf_sharded, workdir):
     """The Orbax conversion of a multi-file HF checkpoint."""
-    from convert.hf_to_orbax import convert
+    from idefics_jax.convert.hf_to_orbax import convert
 
     dst = str(workdir / "orbax")
     convert(tiny_hf_sharded, dst, progress=False)
@@ -84,8 +84,8 @@ def ckpt(tiny_hf_sharded, workdir):
 def wide_ckpt(workdir):
     """A 14 MB model, stored in 16-piece chunks down to a few KB: big enough that the chunks are stored out of
     line (OCDBT inlines values under 1 KB into its index, which every reader reads), so disk reads show."""
-    import idefics_jax._checkpoint as ckpt_lib
-    from convert.hf_to_orbax import convert
+    import idefics_jax.checkpoint as ckpt_lib
+    from idefics_jax.convert.hf_to_orbax import convert
 
     c = testing.tiny_config()
     c = c.replace(text=dataclasses.replace(c.text, vocab_size=2048, hidden_size=256, intermediate_size=1024,

@@ -9,7 +9,7 @@ import pytest
 
 import idefics_jax
 from idefics_jax import cli
-from train import shapes, shapes_eval
+from idefics_jax.train import shapes, shapes_eval
 
 MODEL_DIR = idefics_jax.resolve("tiny-shapes")
 EXAMPLES = os.path.join(MODEL_DIR, "examples")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from idefics_jax import cli
-from train import config as config_lib, shapes, tfds_builder, trainer
+from idefics_jax.train import config as config_lib, shapes, tfds_builder, trainer
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_data, ca
     from orbax.checkpoint import CheckpointManager
 
     assert CheckpointManager(os.path.join(work, "checkpoints")).latest_step() == 4
-    from train.export import trained_model
+    from idefics_jax.train.loading import trained_model
 
     trained_model(work)  # the kept checkpoint restores
 

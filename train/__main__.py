@@ -1,5 +1,5 @@
 import sys
 
-from idefics_jax.cli import main
+from idefics_jax.train.trainer import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main())

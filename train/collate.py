@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from train import records
-from train.records import Record, SkipRecord
+from idefics_jax.train import records
+from idefics_jax.train.records import Record, SkipRecord
 
 IGNORE = -100  # label of a token that is not trained on (the cross-entropy convention of transformers and optax)
 
@@ -169,7 +169,7 @@ class Collator:
         """The processor and vision input size of a checkpoint directory (HF or `idefics-jax convert` output)."""
         from transformers import AutoProcessor
 
-        from idefics_jax._config import from_hf_file
+        from idefics_jax.hf_config import from_hf_file
 
         return cls(AutoProcessor.from_pretrained(path), config, from_hf_file(path).vision.image_size)
 

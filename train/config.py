@@ -1,6 +1,7 @@
-"""Training configs: frozen dataclasses read from a YAML file in `configs/`, any field overridable as key=value.
+"""Training configs: frozen dataclasses read from a YAML file (a shipped one by name), any field overridable as
+key=value.
 
-    cfg = load("configs/tiny.yaml", ["steps=20", "optim.learning_rate=1e-3", "workdir=/tmp/run"])
+    cfg = load("tiny", ["steps=20", "optim.learning_rate=1e-3", "workdir=/tmp/run"])
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import typing
 from typing import Any
 
 import yaml
+
+from idefics_jax import configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +139,13 @@ def _set(d: dict, dotted: str, value: str) -> None:
 
 
 def load(path: str, overrides: list[str] = ()) -> TrainConfig:
-    """Reads a YAML config and applies `key=value` overrides (nested keys with dots)."""
+    """Reads a YAML config (a path, or the name of a shipped one: "tiny") and applies `key=value` overrides
+    (nested keys with dots)."""
     if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such config file")
+        shipped = configs.find(path)
+        if shipped is None:
+            raise ConfigError(f"{path}: no such config file (nor a shipped config: {', '.join(configs.names())})")
+        path = shipped
     with open(path) as f:
         try:
             d = yaml.safe_load(f) or {}

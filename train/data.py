@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import grain
 
-from train import records
-from train.collate import Collator, Example
+from idefics_jax.train import records
+from idefics_jax.train.collate import Collator, Example
 
 log = logging.getLogger(__name__)
 

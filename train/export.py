@@ -1,37 +1,15 @@
-"""A training run's newest checkpoint as a model: base weights, trained parameters, LoRA adapters merged."""
+"""A training run's newest checkpoint (base weights, trained parameters, LoRA adapters merged) as an HF directory."""
 
 from __future__ import annotations
 
-import json
-import os
+from idefics_jax.convert.orbax_to_hf import check_destination, write_hf
+from idefics_jax.train.loading import is_run, trained_model
 
-import jax
-import orbax.checkpoint as ocp
-
-from train import config as config_lib
-from train import lora as lora_lib
-from train import optim, step as step_lib
-from train.config import TrainConfig
-from train.trainer import CHECKPOINTS, load_model
+__all__ = ["export_run", "is_run"]
 
 
-def trained_model(workdir: str, step: int | None = None):
-    """-> (model, directory of its tokenizer / processor files) for the run in `workdir` (newest step by default)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = config_lib._build(TrainConfig, json.load(f))
-    cfg = config_lib.dataclasses.replace(cfg, workdir=workdir)
-    model, model_dir = load_model(cfg, None)
-    parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
-    tx = optim.make(cfg.optim, cfg.steps, model.config, parts.trainable)
-    target = step_lib.init_state(parts.trainable, tx)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"{workdir}: no complete checkpoint to export")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    manager.close()
-    if cfg.lora.rank > 0:
-        params = lora_lib.apply(parts.frozen, state.trainable, cfg.lora)
-    else:
-        params = {**parts.frozen, **state.trainable}
-    return step_lib.merge(parts, params), model_dir
+def export_run(workdir: str, dst: str, progress: bool = True) -> None:
+    """A training run's newest checkpoint (LoRA adapters merged) -> HF directory `dst`."""
+    check_destination(dst)
+    model, side_files = trained_model(workdir)
+    write_hf(model, side_files, dst, progress)

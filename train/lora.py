@@ -11,9 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from convert._names import Linear, transforms
-from idefics_jax._config import ModelConfig
-from train.config import LoraConfig
+from idefics_jax.train.config import LoraConfig
 
 
 def _split(shape, n_in: int, stacked: bool):
@@ -21,17 +19,16 @@ def _split(shape, n_in: int, stacked: bool):
     return shape[:lead], math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
 
 
-def init(config: ModelConfig, params: dict[str, jax.Array], cfg: LoraConfig, key) -> dict[str, dict[str, jax.Array]]:
-    """Adapters for every target path; B starts at zero so the model starts unchanged."""
-    trs = transforms(config)
+def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraConfig, key) -> dict[str, dict[str, jax.Array]]:
+    """Adapters for every target path; B starts at zero so the model starts unchanged. `fan_in`: the parameters'
+    matmul metadata (`idefics_jax.model.matmul_fan_in`)."""
     out = {}
     for i, path in enumerate(cfg.targets):
         if path not in params:
             raise ValueError(f"LoRA target '{path}' is not a parameter of this model")
-        tr = trs[path]
-        if not isinstance(tr, Linear):
+        if fan_in.get(path) is None:
             raise ValueError(f"LoRA target '{path}' is not a matmul weight")
-        lead, d_in, d_out = _split(params[path].shape, tr.n_in, "/layers/" in path)
+        lead, d_in, d_out = _split(params[path].shape, fan_in[path], "/layers/" in path)
         a = jax.random.normal(jax.random.fold_in(key, i), (*lead, d_in, cfg.rank), jnp.float32) / math.sqrt(d_in)
         out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, d_out), jnp.float32)}
     return out

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from convert._names import Conv, Linear, transforms
-from idefics_jax._config import ModelConfig
-from train.config import OptimConfig
+from idefics_jax.train.config import OptimConfig
 
 
 def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
@@ -15,11 +13,10 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
         decay_steps=max(steps, 1), end_value=cfg.learning_rate * cfg.min_learning_rate_ratio)
 
 
-def decay_mask(config: ModelConfig, trainable: dict) -> dict:
-    """True for matmul weights (Linear / Conv in the name map); norms, biases, embeddings and latents are not
+def decay_mask(fan_in: dict[str, int | None], trainable: dict) -> dict:
+    """True for matmul weights (their `fan_in` metadata is set); norms, biases, embeddings and latents are not
     decayed. LoRA adapters ({"a", "b"} under a weight's path) are decayed like their weight."""
-    trs = transforms(config)
-    return {path: {k: True for k in v} if isinstance(v, dict) else isinstance(trs.get(path), (Linear, Conv))
+    return {path: {k: True for k in v} if isinstance(v, dict) else fan_in.get(path) is not None
             for path, v in trainable.items()}
 
 
@@ -27,8 +24,9 @@ def _group(path: str) -> str:
     return "text" if path == "lm_head" or path.startswith("text/") else "rest"
 
 
-def make(cfg: OptimConfig, steps: int, config: ModelConfig, trainable: dict) -> optax.GradientTransformation:
-    mask = decay_mask(config, trainable)
+def make(cfg: OptimConfig, steps: int, fan_in: dict[str, int | None], trainable: dict) -> optax.GradientTransformation:
+    """`fan_in`: the parameters' matmul metadata (`Split.fan_in`), which decides weight decay."""
+    mask = decay_mask(fan_in, trainable)
 
     def adamw(scale: float):
         sched = schedule(cfg, steps)

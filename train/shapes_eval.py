@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from train import shapes
+from idefics_jax.train import shapes
 
 EVAL_SEED = 20261123  # training data uses seeds 0 (train) and 1_000_003 (eval split); these images are new
 
@@ -40,16 +40,17 @@ def questions(n_images: int, seed: int = EVAL_SEED):
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
              max_new_tokens: int = 3, progress=None) -> Report:
     """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
-    import idefics_jax
+    from idefics_jax.checkpoint import resolve
+    from idefics_jax.convert.load import load_pretrained
     from transformers import AutoProcessor
 
-    path = idefics_jax.resolve(path)
+    path = resolve(path)
     hf = None
     if transformers:
         from transformers import AutoModelForImageTextToText
 
         hf = AutoModelForImageTextToText.from_pretrained(path).eval()
-    return evaluate_model(idefics_jax.load_pretrained(path), AutoProcessor.from_pretrained(path), n_images,
+    return evaluate_model(load_pretrained(path), AutoProcessor.from_pretrained(path), n_images,
                           seed=seed, hf=hf, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
 
 

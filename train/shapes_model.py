@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 
-from idefics_jax import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig, to_hf_dict
+from idefics_jax.config import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
+from idefics_jax.hf_config import to_hf_dict
 from idefics_jax.testing import CHAT_TEMPLATE
-from train.shapes import COLORS, SHAPES
+from idefics_jax.train.shapes import COLORS, SHAPES
 
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
            "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
@@ -80,7 +81,7 @@ def write_examples(path: str) -> None:
     """examples/shapes-N.png and examples/questions.json (every allowed question with its answer) under `path`."""
     import numpy as np
 
-    from train import shapes
+    from idefics_jax.train import shapes
 
     out = os.path.join(path, "examples")
     os.makedirs(out, exist_ok=True)

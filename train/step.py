@@ -22,8 +22,9 @@ import optax
 from flax import nnx
 
 from idefics_jax import sharding as shd
-from train import lora as lora_lib
-from train.config import LoraConfig
+from idefics_jax.model import matmul_fan_in
+from idefics_jax.train import lora as lora_lib
+from idefics_jax.train.config import LoraConfig
 
 IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
@@ -49,6 +50,11 @@ class Split:
     trainable: dict
     frozen: dict
 
+    @property
+    def fan_in(self) -> dict[str, int | None]:
+        """Path -> matmul fan-in metadata of each model parameter (None: not a matmul weight)."""
+        return {_path(p): v.get_metadata().get("fan_in") for p, v in self.variables}
+
 
 def _path(p) -> str:
     return "/".join(map(str, p))
@@ -61,7 +67,7 @@ def split(model, freeze: tuple[str, ...] = (), lora: LoraConfig | None = None, k
     flat = nnx.to_flat_state(state)
     params = {_path(p): v[...] for p, v in flat}
     if lora is not None and lora.rank > 0:
-        adapters = lora_lib.init(model.config, params, lora, key if key is not None else jax.random.key(0))
+        adapters = lora_lib.init(matmul_fan_in(model), params, lora, key if key is not None else jax.random.key(0))
         return Split(graphdef, tuple(flat), adapters, params)
     frozen = {p: v for p, v in params.items() if any(p == f or p.startswith(f + "/") for f in freeze)}
     return Split(graphdef, tuple(flat), {p: v for p, v in params.items() if p not in frozen}, frozen)

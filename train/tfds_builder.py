@@ -9,7 +9,7 @@ decode them inside `tfds.data_source` reads, where an undecodable image fails th
 skipped and counted by the collator. Malformed rows are skipped at build time and counted in the dataset's
 `metadata.json`.
 
-    from train import tfds_builder
+    from idefics_jax.train import tfds_builder
     report = tfds_builder.build("data/cauldron-ai2d", {"train": tfds_builder.ParquetSource(("ai2d/0000.parquet",))})
 """
 
@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train import records
+from idefics_jax.train import records
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The fine-tuning program: `idefics-jax train CONFIG [key=value ...]` or `python -m train CONFIG ...`.
+"""The fine-tuning program: `idefics-jax train CONFIG [key=value ...]` or `python -m idefics_jax.train CONFIG ...`.
 
 Writes WORKDIR/metrics.jsonl (one JSON object per logged step), Orbax checkpoints in WORKDIR/checkpoints (trainable
 parameters, optimizer state, data-iterator state), and resumes from the newest complete one when started again.
@@ -6,7 +6,6 @@ parameters, optimizer state, data-iterator state), and resumes from the newest c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -16,20 +15,18 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-import idefics_jax
-from configs.sharding import RULES, MeshShape
 from idefics_jax import sharding as shd
-from train import config as config_lib
-from train import optim, step as step_lib
-from train.collate import CollateConfig, Collator
-from train.config import TrainConfig
-from train.data import LoaderConfig, batches
+from idefics_jax.sharding import RULES, MeshShape
+from idefics_jax.train import config as config_lib
+from idefics_jax.train import optim, step as step_lib
+from idefics_jax.train.collate import CollateConfig, Collator
+from idefics_jax.train.config import TrainConfig
+from idefics_jax.train.data import LoaderConfig, batches
+from idefics_jax.train.loading import CHECKPOINTS, load_model
 
-CHECKPOINTS = "checkpoints"
 EVAL_RECORDS = 2048  # generated held-out records ("shapes"): more than any evaluation reads
 
 
@@ -37,45 +34,13 @@ class TrainingError(ValueError):
     """The run cannot go on (a non-finite loss, say); the message says why and what was kept."""
 
 
-def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
-    """A checkpoint or HF directory; or a directory holding only config.json (and tokenizer/processor files):
-    random initialisation from `seed`; or "shapes": the tiny-shapes architecture, randomly initialised.
-    Returns the model and the directory its processor comes from."""
-    path = cfg.model
-    if path == "shapes":
-        from train import shapes_model
-
-        path = os.path.join(cfg.workdir, "base")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            shapes_model.write_base(path)
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.exists(os.path.join(path, "config.json")):
-        from train.export import trained_model  # another run: continue from its newest checkpoint
-
-        model, model_dir = trained_model(path)
-        return (model if part is None else _shard(model, part)), model_dir
-    if os.path.isdir(path) and not any(f.endswith(".safetensors") or f == "params" for f in os.listdir(path)):
-        config = idefics_jax.from_hf_file(path)
-        model = idefics_jax.IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)
-        model = model if part is None else _shard(model, part)
-        model.generation_defaults = idefics_jax.GenerationDefaults.from_dir(path)  # eos for evaluation
-        return model, path
-    return idefics_jax.load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh), path
-
-
-def _shard(model, part: shd.Partitioning):
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], part.sharding(v.get_metadata()["axes"], v.shape))),
-                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.merge(graphdef, state)
-
-
 def data_source(spec: str, split: str, cfg: TrainConfig):
     """`spec` is "DIR" or "DIR:SPLIT", a TFDS data directory written by `train.tfds_builder` (SPLIT defaults to
     `split`); or "shapes", the synthetic task, written once into WORKDIR/data-<split>."""
-    from train import tfds_builder
+    from idefics_jax.train import tfds_builder
 
     if spec == "shapes":
-        from train import shapes
+        from idefics_jax.train import shapes
 
         path = os.path.join(cfg.workdir, f"data-{split}")
         if not os.path.isdir(path) or not any(os.scandir(path)):
@@ -127,7 +92,7 @@ def train(cfg: TrainConfig) -> dict:
     model, model_dir = load_model(cfg, part)
     compute = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
     parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
-    tx = optim.make(cfg.optim, cfg.steps, model.config, parts.trainable)
+    tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat != "none", lora=cfg.lora,
                                           grad_accum=cfg.optim.grad_accum)
     schedule = optim.schedule(cfg.optim, cfg.steps)
@@ -229,8 +194,8 @@ def evaluate(cfg: TrainConfig, parts, state, frozen, collator, part) -> dict:
 def exact_match(cfg: TrainConfig, parts, state, frozen, collator, source, n: int) -> float:
     """Fraction of the first `n` held-out records whose first question is answered exactly (greedy decoding)."""
     from idefics_jax.chat import Chat, user_turn
-    from train import lora as lora_lib
-    from train.records import decode_images, from_example
+    from idefics_jax.train import lora as lora_lib
+    from idefics_jax.train.records import decode_images, from_example
 
     params = lora_lib.apply(frozen, state.trainable, cfg.lora) if cfg.lora.rank > 0 else {**frozen, **state.trainable}
     chat = Chat(step_lib.merge(parts, params), collator.processor)
@@ -248,7 +213,7 @@ def exact_match(cfg: TrainConfig, parts, state, frozen, collator, source, n: int
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print("usage: python -m train CONFIG [key=value ...]", file=sys.stderr)
+        print("usage: python -m idefics_jax.train CONFIG [key=value ...]", file=sys.stderr)
         return 2
     cfg = config_lib.load(argv[0], argv[1:])
     last = train(cfg)

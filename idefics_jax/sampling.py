@@ -1,44 +1,11 @@
-"""Choosing the next token: transformers' logits processors (min-new-tokens, temperature, top-k, top-p) in JAX,
-and the generation defaults read from a checkpoint's `generation_config.json`."""
+"""Choosing the next token: transformers' logits processors (min-new-tokens, temperature, top-k, top-p) in JAX."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationDefaults:
-    """What `generate` falls back to when the caller names no eos / pad token: the checkpoint's own choice."""
-
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-
-    @classmethod
-    def from_dir(cls, path: str) -> "GenerationDefaults":
-        """Reads `generation_config.json` in `path`; without one, the ids in `config.json` (its text config
-        first), as transformers derives a generation config from the model config."""
-        gen, cfg = os.path.join(path, "generation_config.json"), os.path.join(path, "config.json")
-        if os.path.exists(gen):
-            d = _read_json(gen)
-        elif os.path.exists(cfg):
-            top = _read_json(cfg)
-            d = {**top, **(top.get("text_config") or {})}
-        else:
-            return cls()
-        eos = d.get("eos_token_id")
-        eos = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
-        pad = d.get("pad_token_id")
-        return cls(eos, None if pad is None else int(pad))
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 @dataclasses.dataclass(frozen=True)

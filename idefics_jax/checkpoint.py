@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the model's parameters, and `load_pretrained`."""
+"""Orbax checkpoints of the model's parameters: writing one parameter at a time, reading (sharded) whole."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
 from idefics_jax import sharding as shd
-from idefics_jax._config import ModelConfig, from_hf_file
-from idefics_jax._model import IdeficsModel
-from idefics_jax._sampling import GenerationDefaults
+from idefics_jax.config import ModelConfig
+from idefics_jax.hf_config import from_hf_file, read_generation_defaults
+from idefics_jax.model import IdeficsModel
 
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
@@ -63,7 +63,7 @@ def _nest(flat: dict[str, object]) -> dict:
     return out
 
 
-def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.DEFAULT_RULES):
+def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.RULES):
     """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given)."""
     dtype = next(iter(arrays.values())).dtype
     model = abstract_model(config, dtype, _partitioning(mesh, rules))
@@ -77,7 +77,7 @@ def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=N
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def chunk_shape(shape, axes, itemsize: int, rules=shd.DEFAULT_RULES) -> tuple[int, ...]:
+def chunk_shape(shape, axes, itemsize: int, rules=shd.RULES) -> tuple[int, ...]:
     """The stored chunk of a parameter: dimensions the rules may shard in up to CHUNK_PARTS pieces, others whole."""
     if math.prod(shape) * itemsize < MIN_SPLIT_BYTES:
         return tuple(shape)
@@ -160,31 +160,8 @@ def resolve(path: str) -> str:
     return path
 
 
-def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.DEFAULT_RULES) -> IdeficsModel:
-    """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, or a model
-    shipped with the package by name ("tiny-shapes").
-
-    dtype: parameter (and compute) dtype; None keeps the stored one. mesh: restore straight into arrays sharded
-    over it by the logical-axis `rules`.
-    """
-    path = resolve(path)
-    if not os.path.isdir(path):
-        shipped = ", ".join(shipped_models())
-        raise LoadError(f"{path}: not a directory (nor a shipped model: {shipped})")
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        model = _load_orbax(path, dtype, mesh, rules)
-    elif any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
-        from convert.hf_to_orbax import read_hf_checkpoint
-
-        config, arrays = read_hf_checkpoint(path, dtype=dtype)
-        model = model_from_arrays(config, arrays, mesh, rules)
-    else:
-        raise LoadError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model (*.safetensors)")
-    model.generation_defaults = GenerationDefaults.from_dir(path)
-    return model
-
-
-def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:
+def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
+    """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
         raise LoadError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
@@ -214,4 +191,6 @@ def _load_orbax(path: str, dtype, mesh, rules) -> IdeficsModel:
         raise LoadError(f"{path}: parameters {what} ({detail})") from None
     leaves = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.State(restored))}
     new = [(p, v.replace(leaves["/".join(map(str, p))])) for p, v in flat]
-    return nnx.merge(graphdef, nnx.from_flat_state(new))
+    model = nnx.merge(graphdef, nnx.from_flat_state(new))
+    model.generation_defaults = read_generation_defaults(path)
+    return model

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._config import ModelConfig, PerceiverConfig, PixelShuffleConfig
+from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 from idefics_jax._connector import PixelShuffleConnector
-from idefics_jax._decoder import Decoder, causal_mask
+from idefics_jax._decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KVCache: public here)
 from idefics_jax._layers import param
 from idefics_jax._perceiver import PerceiverConnector
-from idefics_jax._sampling import GenerationDefaults
+from idefics_jax.config import GenerationDefaults
 from idefics_jax._vision import VisionEncoder, patch_mask
 from idefics_jax.sharding import Partitioning, constrain, put
 
@@ -68,7 +68,8 @@ class IdeficsModel(nnx.Module):
         self.connector = CONNECTORS[type(config.connector)](config, rngs=rngs, dtype=dtype)
         self.text = Decoder(config.text, rngs=rngs, dtype=dtype, partitioning=partitioning)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype)
+            self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype,
+                                 fan_in=1)
         # eos / pad ids `generate` defaults to; `load_pretrained` sets the checkpoint's.
         self.generation_defaults = GenerationDefaults()
 
@@ -93,14 +94,27 @@ class IdeficsModel(nnx.Module):
         feats = constrain(self.connector(hidden, pmask.reshape(B * I, -1)), ("batch", None, None), self.partitioning)
         return feats, real
 
-    def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: bool = False):
+    def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: bool = False,
+              one_image_at_a_time: bool = False):
+        """Token embeddings (B, T, D) with the images' features written over the image tokens.
+
+        one_image_at_a_time: run the vision tower on one image after another (`lax.map`); on the CPU all images at
+        once materialise every layer's attention scores for all of them (GBs at batch 8) and run slower.
+        """
         # Gathered whole along the width first (as FSDP gathers every weight when used): a lookup from a
         # width-sharded table comes out width-sharded, and going from there to batch-sharded costs a full copy.
         table = constrain(self.text.embed[...], ("vocab", None), self.partitioning)
         x = jnp.take(table, input_ids_BT, axis=0)
         if pixel_values is None:
             return x
-        feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat)
+        if one_image_at_a_time:
+            B, I = pixel_values.shape[:2]
+            single = lambda a: None if a is None else a.reshape(B * I, 1, 1, *a.shape[2:])  # noqa: E731
+            feats = jax.lax.map(lambda pair: self.image_features(*pair, remat=remat)[0][0],
+                                (single(pixel_values), single(pixel_attention_mask)))
+            real = real_images(pixel_values)
+        else:
+            feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat)
         return merge_image_features(x, input_ids_BT, feats, real, self.config.image_token_id)
 
     def lm_logits(self, h_BTD):
@@ -129,6 +143,12 @@ class IdeficsModel(nnx.Module):
 @nnx.jit
 def _jit_forward(model, input_ids, attention_mask, pixel_values, pixel_attention_mask):
     return model.forward(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+
+
+def matmul_fan_in(model: nnx.Module) -> dict[str, int | None]:
+    """Parameter path ("text/layers/q") -> how many leading dimensions of the weight a matmul contracts (after the
+    layer axis of stacked weights), or None for norms, biases, embeddings and latents."""
+    return {"/".join(map(str, p)): v.get_metadata().get("fan_in") for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, pixel_attention_mask) -> None:

@@ -1,108 +1,13 @@
-"""Frozen model configs, built from an HF `config.json` (transformers 4.x and 5.x spellings)."""
+"""HF `config.json` (transformers 4.x and 5.x spellings) and `generation_config.json` <-> our frozen configs."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json this package cannot run, with the reason in one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """SigLIP encoder with NaViT-style patch masks."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
-    # Idefics2 keeps a patch only when all its pixels are valid; Idefics3 when any is.
-    patch_valid_if_all_pixels: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeConfig:
-    theta: float = 10000.0
-    type: str = "default"  # "default" or "llama3"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """Llama / Mistral decoder."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    rope: RopeConfig = RopeConfig()
-    sliding_window: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PixelShuffleConfig:
-    """Idefics3 connector: pixel shuffle by `scale_factor`, then one projection."""
-
-    scale_factor: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PerceiverConfig:
-    """Idefics2 connector: SwiGLU projection, then a Perceiver resampler."""
-
-    num_latents: int = 64
-    depth: int = 3
-    num_heads: int = 16
-    head_dim: int = 96
-    num_kv_heads: int = 4
-    rms_norm_eps: float = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The whole vision-language model. `model_type` is the HF name it round-trips to."""
-
-    model_type: str
-    vision: VisionConfig
-    text: TextConfig
-    connector: PixelShuffleConfig | PerceiverConfig
-    image_token_id: int
-    tie_word_embeddings: bool = False
-
-    @property
-    def image_seq_len(self) -> int:
-        """Tokens each image becomes after the connector."""
-        if isinstance(self.connector, PerceiverConfig):
-            return self.connector.num_latents
-        return self.vision.patches_per_side**2 // self.connector.scale_factor**2
-
-    def replace(self, **kw) -> "ModelConfig":
-        return dataclasses.replace(self, **kw)
-
+from idefics_jax.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
+                                RopeConfig, TextConfig, VisionConfig)
 
 _SUPPORTED = ("idefics3", "smolvlm", "idefics2")
 
@@ -296,3 +201,25 @@ def to_hf_dict(c: ModelConfig) -> dict:
             "hidden_act": "silu",
         }
     return out
+
+
+def read_generation_defaults(path: str) -> GenerationDefaults:
+    """Reads `generation_config.json` in `path`; without one, the ids in `config.json` (its text config first), as
+    transformers derives a generation config from the model config."""
+    gen, cfg = os.path.join(path, "generation_config.json"), os.path.join(path, "config.json")
+    if os.path.exists(gen):
+        d = _read_json(gen)
+    elif os.path.exists(cfg):
+        top = _read_json(cfg)
+        d = {**top, **(top.get("text_config") or {})}
+    else:
+        return GenerationDefaults()
+    eos = d.get("eos_token_id")
+    eos = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
+    pad = d.get("pad_token_id")
+    return GenerationDefaults(eos, None if pad is None else int(pad))
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

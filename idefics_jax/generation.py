@@ -10,8 +10,6 @@ accelerator; `generate` is one chunk of `max_new_tokens`.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import numbers
 from typing import Iterator, Sequence
@@ -21,24 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._decoder import KVCache, causal_mask
-from idefics_jax._model import IdeficsModel, check_inputs, merge_image_features, positions_from_mask, real_images
-from idefics_jax._sampling import SamplingConfig, SamplingParams, choose_tokens, is_eos
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """What the decode loop carries. Slots [0, start) hold the left-padded prompt, new token i sits at slot
-    start + i of `tokens_BS`, and the cache holds the keys and values of every slot fed to the model so far."""
-
-    cache: KVCache
-    tokens_BS: jax.Array  # int32
-    valid_BS: jax.Array  # bool: the slot holds a real (not padding) token
-    pos_B: jax.Array  # position id of the next token fed (the mask's cumsum, as transformers)
-    done_B: jax.Array  # bool: the row produced an eos token
-    step: jax.Array  # int32 scalar: new tokens produced so far
-    start: jax.Array  # int32 scalar: slot of the first new token
+from idefics_jax._cpu import layer_weights, on_cpu
+from idefics_jax._decode import decode, prefill
+from idefics_jax.model import IdeficsModel, check_inputs
+from idefics_jax.sampling import SamplingConfig, SamplingParams
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -49,109 +33,6 @@ def bucket(n: int, minimum: int = 16) -> int:
             if b * quarters // 4 >= n:
                 return b * quarters // 4
         b *= 2
-
-
-def _cpu_view(a: jax.Array, index=None, dtype=None) -> jax.Array | None:
-    """A zero-copy view of a CPU array (a slice of it, or its bits as another dtype), or None if the runtime
-    would copy."""
-    host = np.asarray(a)  # zero-copy on the CPU
-    view = host if index is None else host[index]
-    view = view if dtype is None else view.view(dtype)
-    out = jax.device_put(view)
-    return out if np.shares_memory(np.asarray(out), host) else None
-
-
-def _on_cpu(arrays) -> bool:
-    return all(isinstance(a, jax.Array) and len(a.devices()) == 1 and next(iter(a.devices())).platform == "cpu"
-               for a in arrays)
-
-
-def _embed_prompt(model: IdeficsModel, ids_BT, pixel_values, pixel_mask, one_image_at_a_time: bool):
-    """`model.embed`, optionally running the vision tower on one image at a time: on the CPU, all images at once
-    materialise every layer's attention scores for all of them (GBs at batch 8) and run slower."""
-    if pixel_values is None or not one_image_at_a_time:
-        return model.embed(ids_BT, pixel_values, pixel_mask)
-    B, I = pixel_values.shape[:2]
-    single = lambda a: None if a is None else a.reshape(B * I, 1, 1, *a.shape[2:])  # noqa: E731
-    feats = jax.lax.map(lambda pair: model.image_features(*pair)[0][0], (single(pixel_values), single(pixel_mask)))
-    x = jnp.take(model.text.embed[...], ids_BT, axis=0)
-    return merge_image_features(x, ids_BT, feats, real_images(pixel_values), model.config.image_token_id)
-
-
-def layer_weights(model: IdeficsModel):
-    """The decoder weights as the decode loop reads them best on the CPU; None elsewhere (the stacked weights).
-
-    XLA:CPU copies a layer's slice of a stacked weight before each matmul of a scan, which doubles a decode
-    step's memory traffic: fp32 weights go in as a list of layers (zero-copy views), read in place. bf16
-    weights stay stacked but go in as uint16 bits: seeing bf16 matmul operands, XLA:CPU converts whole stacks to
-    f32 once per call and streams the f32 copies; as bits they are converted a layer at a time inside the loop.
-    """
-    stacked = model.text.layers.weights()
-    arrays = jax.tree.leaves(stacked)
-    if not _on_cpu(arrays):
-        return None
-    if all(a.dtype == jnp.bfloat16 for a in arrays):
-        views = {n: _cpu_view(a, dtype=np.uint16) for n, a in stacked.items()}
-        return None if any(v is None for v in views.values()) else views
-    if any(a.dtype.itemsize < 4 for a in arrays):
-        return None
-    L = model.config.text.num_layers
-    groups = [{n: _cpu_view(a, i) for n, a in stacked.items()} for i in range(L)]
-    return None if any(v is None for g in groups for v in g.values()) else groups
-
-
-def _per_layer(cache: KVCache, lw) -> KVCache:
-    """The cache as lists of per-layer arrays when the layers run one by one (updated in place, layer by layer)."""
-    if not isinstance(lw, list):
-        return cache
-    split = lambda a: [a[i] for i in range(a.shape[0])]  # noqa: E731
-    return KVCache(split(cache.k), split(cache.v))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots", "cpu"))
-def _prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots,
-             cpu):
-    model: IdeficsModel = nnx.merge(graphdef, params)
-    c = model.config.text
-    B, T = ids_BT.shape
-    x = _embed_prompt(model, ids_BT, pixel_values, pixel_mask, one_image_at_a_time=cpu)
-    # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below. Prefill is
-    # compute-bound: it scans the stacked weights (as bits when bf16), whatever groups decoding uses.
-    cache = KVCache.zeros(c, B, T, model.dtype)
-    h, cache = model.text(x, positions_from_mask(mask_BT), causal_mask(mask_BT, c.sliding_window), cache, 0,
-                          layer_weights=None if isinstance(lw, list) else lw)
-    grow = ((0, 0), (0, 0), (0, slots - T), (0, 0), (0, 0))
-    cache = _per_layer(KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow)), lw)
-    first = choose_tokens(model.lm_logits(h[:, -1:])[:, 0], 0, cfg, sp)
-    tokens = jnp.zeros((B, slots), jnp.int32).at[:, :T].set(ids_BT).at[:, T].set(first)
-    valid = jnp.zeros((B, slots), bool).at[:, :T].set(mask_BT.astype(bool))
-    return DecodeState(cache, tokens, valid, pos_B=jnp.sum(mask_BT, axis=-1, dtype=jnp.int32),
-                       done_B=is_eos(first, sp.eos_ids_E), step=jnp.int32(1), start=jnp.int32(T))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def _decode(graphdef, params, lw, state: DecodeState, limit, sp: SamplingParams, *, cfg):
-    """Decodes until `limit` new tokens exist or every row is done."""
-    model: IdeficsModel = nnx.merge(graphdef, params)
-    window = model.config.text.sliding_window
-    slot_S = jnp.arange(state.tokens_BS.shape[1])
-
-    def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done_B)
-
-    def body(s: DecodeState):
-        q = s.start + s.step - 1  # slot of the token fed now (the newest one)
-        tok_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BS, q, 1, axis=1)
-        valid = s.valid_BS | (slot_S == q)[None]
-        mask = valid if window is None else valid & (slot_S > q - window)[None]
-        h, cache = model.text(model.embed(tok_B1), s.pos_B[:, None], mask[:, None, :], s.cache, q, layer_weights=lw)
-        nxt = choose_tokens(model.lm_logits(h)[:, 0], s.step, cfg, sp)
-        nxt = jnp.where(s.done_B, sp.pad_token_id, nxt)  # finished rows are padded, as in transformers
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens_BS, nxt[:, None], q + 1, axis=1)
-        return DecodeState(cache, tokens, valid, s.pos_B + 1, s.done_B | is_eos(nxt, sp.eos_ids_E), s.step + 1,
-                           s.start)
-
-    return jax.lax.while_loop(cond, body, state)
 
 
 def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
@@ -231,8 +112,8 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
 
     graphdef, params = nnx.split(model)
     lw = layer_weights(model)
-    cpu = _on_cpu(jax.tree.leaves(params))
-    state = _prefill(graphdef, params, lw, ids_b, mask_b, pixel_values, pixel_attention_mask, sp, cfg=cfg,
+    cpu = on_cpu(jax.tree.leaves(params))
+    state = prefill(graphdef, params, lw, ids_b, mask_b, pixel_values, pixel_attention_mask, sp, cfg=cfg,
                      slots=slots, cpu=cpu)
     produced = 0
     while True:
@@ -243,7 +124,7 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
         if produced >= max_new_tokens or done_B.all():
             return
         limit = jnp.int32(min(produced + chunk_size, max_new_tokens))
-        state = _decode(graphdef, params, lw, state, limit, sp, cfg=cfg)
+        state = decode(graphdef, params, lw, state, limit, sp, cfg=cfg)
 
 
 def generate(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,

@@ -1,0 +1,145 @@
+"""The layout: one import name, layers that point one way, no import cycles, private modules kept private.
+
+Reads the source with `ast` (every import, function-level ones included); nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The repository's folders and the package names they install as (pyproject's package-dir).
+PACKAGES = {"idefics_jax": "idefics_jax", "convert": "idefics_jax.convert", "train": "idefics_jax.train",
+            "configs": "idefics_jax.configs"}
+
+# Lowest first: a module may import its own layer and the layers before it, never a later one. The README's
+# layout section shows the same table.
+LAYERS = [
+    ("core", ["idefics_jax.config", "idefics_jax.hf_config", "idefics_jax.presets", "idefics_jax._layers",
+              "idefics_jax._vision", "idefics_jax._connector", "idefics_jax._perceiver", "idefics_jax._decoder",
+              "idefics_jax.model", "idefics_jax.sharding", "idefics_jax.checkpoint", "idefics_jax.configs"]),
+    ("conversion", ["idefics_jax.convert", "idefics_jax.testing"]),
+    ("generation", ["idefics_jax.sampling", "idefics_jax._cpu", "idefics_jax._decode", "idefics_jax.generation",
+                    "idefics_jax.images", "idefics_jax.chat"]),
+    ("training", ["idefics_jax.train"]),
+    ("cli", ["idefics_jax.cli", "idefics_jax.demo"]),
+]
+FACADE = "idefics_jax"  # the package's __init__: gathers the public names; nothing inside imports it
+
+
+def modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def layer_of(module: str) -> int:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and the README's layout section)")
+
+
+def imports(path: pathlib.Path, known: set[str]) -> list[tuple[int, str]]:
+    """(line, module) for every import of a module of this package in `path`."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from pkg import name`: the submodule pkg.name when it is one, else pkg itself.
+            out += [(node.lineno, f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module)
+                    for a in node.names]
+    return [(line, m) for line, m in out if m.split(".")[0] == "idefics_jax" or m.split(".")[0] in PACKAGES]
+
+
+def is_private(module: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in module.split("."))
+
+
+MODULES = modules()
+KNOWN = set(MODULES)
+GRAPH = {m: imports(p, KNOWN) for m, p in MODULES.items()}
+
+
+def test_one_top_level_name_in_the_source():
+    """Every import names the installed package; `import train` works only inside a checkout."""
+    bad = [f"{MODULES[m].relative_to(ROOT)}:{line} imports {imp}" for m, deps in GRAPH.items()
+           for line, imp in deps if imp.split(".")[0] != "idefics_jax"]
+    assert not bad, "\n".join(bad)
+
+
+def test_layers_point_one_way():
+    bad = []
+    for m, deps in GRAPH.items():
+        if m == FACADE:
+            continue
+        for line, imp in deps:
+            where = f"{MODULES[m].relative_to(ROOT)}:{line}"
+            if imp == FACADE:
+                bad.append(f"{where} imports the package facade; import the defining module instead")
+            elif imp in KNOWN and layer_of(imp) > layer_of(m):
+                bad.append(f"{where}: {LAYERS[layer_of(m)][0]} module {m} imports {LAYERS[layer_of(imp)][0]} module {imp}")
+    assert not bad, "\n".join(bad)
+
+
+def test_private_modules_stay_in_their_package():
+    """`_name` modules are imported only from their own package and layer, and never from bench/ scripts."""
+    bad = []
+    for m, deps in GRAPH.items():
+        for line, imp in deps:
+            if imp in KNOWN and is_private(imp):
+                owner = imp.rsplit(".", 1)[0]
+                home = m if MODULES[m].name == "__init__.py" else m.rsplit(".", 1)[0]
+                if home != owner or layer_of(m) != layer_of(imp):
+                    bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} imports private {imp}")
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        bad += [f"{path.relative_to(ROOT)}:{line} imports private {imp}"
+                for line, imp in imports(path, KNOWN) if is_private(imp)]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    """Between modules (function-level imports count too): Tarjan's strongly connected components."""
+    edges = {m: sorted({imp for _, imp in deps if imp in KNOWN and imp != m and imp != FACADE})
+             for m, deps in GRAPH.items() if m != FACADE}
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, []):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m != FACADE))
+def test_every_module_has_a_layer(module):
+    layer_of(module)

@@ -1,0 +1,79 @@
+"""The model a training run starts from, and the model a finished (or running) run has trained."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from idefics_jax import sharding as shd
+from idefics_jax.convert.load import load_pretrained
+from idefics_jax.hf_config import from_hf_file, read_generation_defaults
+from idefics_jax.model import IdeficsModel
+from idefics_jax.train import config as config_lib
+from idefics_jax.train import lora as lora_lib
+from idefics_jax.train import optim, step as step_lib
+from idefics_jax.train.config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+def is_run(path: str) -> bool:
+    """Whether `path` is a training WORKDIR (its checkpoints and the config it ran with)."""
+    return os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
+    """A checkpoint or HF directory; or a directory holding only config.json (and tokenizer/processor files):
+    random initialisation from `seed`; or "shapes": the tiny-shapes architecture, randomly initialised.
+    Returns the model and the directory its processor comes from."""
+    path = cfg.model
+    if path == "shapes":
+        from idefics_jax.train import shapes_model
+
+        path = os.path.join(cfg.workdir, "base")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            shapes_model.write_base(path)
+    if is_run(path):  # another run: continue from its newest checkpoint
+        model, model_dir = trained_model(path)
+        return (model if part is None else _shard(model, part)), model_dir
+    if os.path.isdir(path) and not any(f.endswith(".safetensors") or f == "params" for f in os.listdir(path)):
+        config = from_hf_file(path)
+        model = IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)
+        model = model if part is None else _shard(model, part)
+        model.generation_defaults = read_generation_defaults(path)  # eos for evaluation
+        return model, path
+    return load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh), path
+
+
+def _shard(model, part: shd.Partitioning):
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], part.sharding(v.get_metadata()["axes"], v.shape))),
+                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+def trained_model(workdir: str, step: int | None = None):
+    """-> (model, directory of its tokenizer / processor files) for the run in `workdir` (newest step by default)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = config_lib._build(TrainConfig, json.load(f))
+    cfg = config_lib.dataclasses.replace(cfg, workdir=workdir)
+    model, model_dir = load_model(cfg, None)
+    parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
+    tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
+    target = step_lib.init_state(parts.trainable, tx)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"{workdir}: no complete checkpoint to export")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    manager.close()
+    if cfg.lora.rank > 0:
+        params = lora_lib.apply(parts.frozen, state.trainable, cfg.lora)
+    else:
+        params = {**parts.frozen, **state.trainable}
+    return step_lib.merge(parts, params), model_dir
