@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, with the file and the problem in one line."""
+from idefics_jax.checkpoint import CheckpointError
 
 
 DTYPES = {

@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
-import time
 
 import ml_dtypes
 import numpy as np
 
 from idefics_jax.convert import _names
-from idefics_jax.convert._safetensors import CheckpointError, TensorInfo, read_header, read_tensor
-from idefics_jax.checkpoint import META_FILE, PARAMS_DIR, finalize_partial, param_axes, param_shapes, save_partial
+from idefics_jax.convert._safetensors import TensorInfo, read_header, read_tensor
+from idefics_jax.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, finalize_partial, param_axes, param_shapes,
+                                    save_partial)
 from idefics_jax.config import ModelConfig
 from idefics_jax.hf_config import from_hf_file
+from idefics_jax.progress import Progress, bytes_progress
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -28,27 +28,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of `config` holds, by name, with its shape (the name map's order)."""
     return {k: e.hf_shape for k, e in _names.entries(config, param_shapes(config)).items()}
-
-
-class Progress:
-    """One status line on stderr, rewritten in place on a terminal and every 10% otherwise."""
-
-    def __init__(self, what: str, total: int, enabled: bool = True):
-        self.what, self.total, self.enabled = what, max(total, 1), enabled
-        self.done, self.t0, self.last_pct = 0, time.time(), -10
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int):
-        self.done += n
-        if not self.enabled:
-            return
-        pct = int(100 * self.done / self.total)
-        if self.tty or pct >= self.last_pct + 10 or self.done >= self.total:
-            self.last_pct = pct
-            rate = self.done / max(time.time() - self.t0, 1e-9) / 2**20
-            end = "\r" if self.tty and self.done < self.total else "\n"
-            print(f"{self.what}: {pct:3d}% ({self.done / 2**20:,.1f} / {self.total / 2**20:,.1f} MiB, {rate:,.0f} MiB/s)",
-                  end=end, file=sys.stderr, flush=True)
 
 
 def hf_tensors(src: str) -> dict[str, TensorInfo]:
@@ -130,7 +109,7 @@ def read_hf_checkpoint(src: str, dtype=None, progress: bool = False) -> tuple[Mo
     dtype: output dtype ("float32", "bfloat16" or a numpy dtype); None keeps the checkpoint's.
     """
     ckpt = HFCheckpoint(src, dtype)
-    bar = Progress("converting", ckpt.nbytes, enabled=progress)
+    bar = bytes_progress("converting", ckpt.nbytes, progress)
     return ckpt.config, {path: ckpt.array(path, bar) for path in ckpt.shapes}
 
 
@@ -168,7 +147,7 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
     try:
         copy_side_files(src, tmp)
-        bar = Progress("converting", ckpt.nbytes, enabled=progress)
+        bar = bytes_progress("converting", ckpt.nbytes, progress)
         params = os.path.join(tmp, PARAMS_DIR)
         # One parameter at a time: build it, write it, free it. Peak memory is the largest parameter, not the model.
         axes = param_axes(ckpt.config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from idefics_jax import sharding as shd
-from idefics_jax.checkpoint import PARAMS_DIR, LoadError, load_orbax, model_from_arrays, resolve, shipped_models
+from idefics_jax.checkpoint import PARAMS_DIR, CheckpointError, load_orbax, model_from_arrays, resolve, shipped_models
 from idefics_jax.convert.hf_to_orbax import read_hf_checkpoint
 from idefics_jax.hf_config import read_generation_defaults
 from idefics_jax.model import IdeficsModel
@@ -21,13 +21,13 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES) -> Ide
     path = resolve(path)
     if not os.path.isdir(path):
         shipped = ", ".join(shipped_models())
-        raise LoadError(f"{path}: not a directory (nor a shipped model: {shipped})")
+        raise CheckpointError(f"{path}: not a directory (nor a shipped model: {shipped})")
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         return load_orbax(path, dtype, mesh, rules)
     if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
         config, arrays = read_hf_checkpoint(path, dtype=dtype)
         model = model_from_arrays(config, arrays, mesh, rules)
     else:
-        raise LoadError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model (*.safetensors)")
+        raise CheckpointError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model (*.safetensors)")
     model.generation_defaults = read_generation_defaults(path)
     return model

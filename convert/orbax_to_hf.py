@@ -13,9 +13,10 @@ from flax import nnx
 
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
-from idefics_jax.convert.hf_to_orbax import Progress, copy_side_files
+from idefics_jax.convert.hf_to_orbax import copy_side_files
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import to_hf_dict
+from idefics_jax.progress import bytes_progress
 
 SHARD_BYTES = 4 * 2**30
 
@@ -68,7 +69,7 @@ def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
                 cur, size = {}, 0
             cur[k], size = v, size + v.nbytes
         shards.append(cur)
-        bar = Progress("exporting", sum(v.nbytes for v in tensors.values()), enabled=progress)
+        bar = bytes_progress("exporting", sum(v.nbytes for v in tensors.values()), progress)
         if len(shards) == 1:
             write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0])
             bar.update(size)

@@ -6,7 +6,7 @@ generation. Modules inside the package import from the module that defines a nam
 
 from importlib.metadata import PackageNotFoundError, version
 
-from idefics_jax.checkpoint import LoadError, param_count, resolve
+from idefics_jax.checkpoint import CheckpointError, param_count, resolve
 from idefics_jax.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
                                 RopeConfig, TextConfig, VisionConfig)
 from idefics_jax.hf_config import from_hf_dict, from_hf_file, read_generation_defaults, to_hf_dict
@@ -22,7 +22,7 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "Chat", "ConfigError", "GenerationDefaults", "IdeficsModel", "KVCache", "LoadError", "ModelConfig", "PRESETS",
+    "Chat", "CheckpointError", "ConfigError", "GenerationDefaults", "IdeficsModel", "KVCache", "ModelConfig", "PRESETS",
     "PerceiverConfig", "PixelShuffleConfig", "RopeConfig", "TextConfig", "VisionConfig", "from_hf_dict",
     "from_hf_file", "generate", "generate_stream", "load_pretrained", "param_count", "read_generation_defaults",
     "resolve", "to_hf_dict",

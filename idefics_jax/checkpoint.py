@@ -29,8 +29,9 @@ CHUNK_PARTS = 16
 MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
 
 
-class LoadError(ValueError):
-    """A path that holds no loadable model, with the reason in one line."""
+class CheckpointError(ValueError):
+    """A path that holds no readable model: missing, not a checkpoint, incomplete, damaged or at odds with its
+    config.json (HF safetensors or ours); the message names the file and the problem in one line."""
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, partitioning: shd.Partitioning | None = None) -> IdeficsModel:
@@ -164,7 +165,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
     """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
-        raise LoadError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
+        raise CheckpointError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
     with open(meta_path) as f:
         meta = json.load(f)
     config = from_hf_file(path)
@@ -188,7 +189,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
     except (ValueError, KeyError, FileNotFoundError) as e:
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         what = "missing or damaged" if re.search("not[ _]found", detail, re.I) else "do not match config.json"
-        raise LoadError(f"{path}: parameters {what} ({detail})") from None
+        raise CheckpointError(f"{path}: parameters {what} ({detail})") from None
     leaves = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.State(restored))}
     new = [(p, v.replace(leaves["/".join(map(str, p))])) for p, v in flat]
     model = nnx.merge(graphdef, nnx.from_flat_state(new))

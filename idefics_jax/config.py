@@ -6,7 +6,8 @@ import dataclasses
 
 
 class ConfigError(ValueError):
-    """A config.json this package cannot run, with the reason in one line."""
+    """A config this package cannot use (a model's config.json, a training YAML file or override), with the
+    reason in one line."""
 
 
 @dataclasses.dataclass(frozen=True)

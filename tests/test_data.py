@@ -16,7 +16,7 @@ from PIL import Image
 from idefics_jax import testing
 from idefics_jax.model import check_inputs
 from idefics_jax.train import collate, data, records, tfds_builder
-from idefics_jax.train.collate import IGNORE, CollateConfig, Collator
+from idefics_jax.train.collate import IGNORE_INDEX, CollateConfig, Collator
 from idefics_jax.train.records import Record, Turn
 
 EOU = "<end_of_utterance>"
@@ -256,7 +256,7 @@ def test_last_partial_batch_is_padded_with_empty_rows(collator):
     out = list(data.batches(recs, collator, config, process_index=0, process_count=1))
     assert len(out) == 3
     last = out[-1]
-    assert last["attention_mask"][1].sum() == 0 and (last["labels"][1] == IGNORE).all()
+    assert last["attention_mask"][1].sum() == 0 and (last["labels"][1] == IGNORE_INDEX).all()
     assert not last["pixel_values"][1].any()
 
 
@@ -276,7 +276,7 @@ def test_builder_to_batches_end_to_end(collator, tmp_path):
 
 def label_runs(tokenizer, batch, row):
     """Decoded text of each contiguous run of labelled tokens."""
-    idx = np.flatnonzero(batch["labels"][row] != IGNORE)
+    idx = np.flatnonzero(batch["labels"][row] != IGNORE_INDEX)
     if not len(idx):
         return []
     runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
@@ -296,12 +296,12 @@ def check_invariants(collator, recs, batch):
     for b in range(B):
         n = int(mask[b].sum())
         assert (mask[b, :n] == 1).all() and (mask[b, n:] == 0).all()  # right padding
-        assert (ids[b, n:] == collator.pad_id).all() and (labels[b, n:] == IGNORE).all()
+        assert (ids[b, n:] == collator.pad_id).all() and (labels[b, n:] == IGNORE_INDEX).all()
         real = pv[b].reshape(pv.shape[1], -1).any(axis=1)
         n_real = int(real.sum())
         assert real[:n_real].all() and not pv[b, n_real:].any() and not pmask[b, n_real:].any()  # zero padding
         assert int((ids[b] == collator.image_token_id).sum()) == n_real * collator.image_seq_len
-        on = labels[b] != IGNORE
+        on = labels[b] != IGNORE_INDEX
         assert (labels[b][on] == ids[b][on]).all()
         assert not (ids[b][on] == collator.image_token_id).any()
         if b < len(recs):
@@ -465,7 +465,7 @@ def test_batch_gives_the_same_loss_in_transformers_and_jax(tiny_hf):
                            for k, v in batch.items()}).loss)
     labels = batch.pop("labels")
     logits = np.asarray(idefics_jax.load_pretrained(tiny_hf)(**batch), np.float64)[:, :-1]
-    target, on = labels[:, 1:], labels[:, 1:] != IGNORE
+    target, on = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     got = -np.take_along_axis(logp, np.where(on, target, 0)[..., None], -1)[..., 0][on].mean()

@@ -132,7 +132,7 @@ def test_sigkill_halfway_leaves_nothing_loadable(tmp_path):
     assert not os.path.exists(dst)
     partial = [p for p in os.listdir(tmp_path) if ".partial-" in p]
     assert partial, os.listdir(tmp_path)
-    with pytest.raises(idefics_jax.LoadError):
+    with pytest.raises(idefics_jax.CheckpointError):
         idefics_jax.load_pretrained(str(tmp_path / partial[0]))
     r = subprocess.run([sys.executable, "-m", "idefics_jax.cli", "convert", src, dst], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -164,14 +164,14 @@ def converted(tiny_hf, tmp_path_factory):
 def test_load_incomplete_checkpoint(converted, tmp_path):
     d = shutil.copytree(converted, str(tmp_path / "incomplete"))
     os.remove(os.path.join(d, "idefics_jax.json"))
-    with pytest.raises(idefics_jax.LoadError, match="incomplete checkpoint"):
+    with pytest.raises(idefics_jax.CheckpointError, match="incomplete checkpoint"):
         idefics_jax.load_pretrained(d)
 
 
 def test_load_checkpoint_of_another_model(converted, tmp_path):
     d = shutil.copytree(converted, str(tmp_path / "other"))
     _edit_config(text_intermediate_size=64)(d)
-    with pytest.raises(idefics_jax.LoadError, match="parameters do not match config.json"):
+    with pytest.raises(idefics_jax.CheckpointError, match="parameters do not match config.json"):
         idefics_jax.load_pretrained(d)
 
 
@@ -181,10 +181,10 @@ def test_load_checkpoint_with_missing_arrays(converted, tmp_path):
     for name in os.listdir(state):
         if name.startswith("ocdbt") or name == "d":
             shutil.rmtree(os.path.join(state, name))
-    with pytest.raises(idefics_jax.LoadError, match="parameters missing or damaged"):
+    with pytest.raises(idefics_jax.CheckpointError, match="parameters missing or damaged"):
         idefics_jax.load_pretrained(d)
 
 
 def test_load_not_a_checkpoint(tmp_path):
-    with pytest.raises(idefics_jax.LoadError, match="neither an idefics-jax checkpoint"):
+    with pytest.raises(idefics_jax.CheckpointError, match="neither an idefics-jax checkpoint"):
         idefics_jax.load_pretrained(str(tmp_path))

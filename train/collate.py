@@ -25,7 +25,7 @@ import numpy as np
 from idefics_jax.train import records
 from idefics_jax.train.records import Record, SkipRecord
 
-IGNORE = -100  # label of a token that is not trained on (the cross-entropy convention of transformers and optax)
+IGNORE_INDEX = -100  # label of a token that is not trained on (the convention of transformers; `step` skips it)
 
 Render = Callable[[list, bool], str]
 
@@ -76,7 +76,7 @@ class Example:
     """One encoded record, unpadded."""
 
     input_ids: np.ndarray  # (T,) int32
-    labels: np.ndarray  # (T,) int32, IGNORE outside the assistant turns
+    labels: np.ndarray  # (T,) int32, IGNORE_INDEX outside the assistant turns
     pixel_values: np.ndarray  # (N, C, h, w) float32, one row per sub-image; N = 0 for a text-only record
     pixel_attention_mask: np.ndarray  # (N, h, w) bool
 
@@ -223,7 +223,7 @@ class Collator:
         if len(text_ids) + len(images) * (self.image_seq_len - 1) > c.max_length:
             raise TooLong(f"at least {len(text_ids) + len(images) * (self.image_seq_len - 1)} tokens "
                           f"(max {c.max_length})")
-        text_labels = np.where(_label_mask(tok["offset_mapping"], spans), text_ids, IGNORE)
+        text_labels = np.where(_label_mask(tok["offset_mapping"], spans), text_ids, IGNORE_INDEX)
         out = self.processor(text=[full], images=[images] if images else None, return_tensors="np",
                              **self._image_kwargs)
         ids = np.asarray(out["input_ids"][0], np.int64)
@@ -253,16 +253,17 @@ class Collator:
         """Labels of the text tokenization -> labels of the processor's tokens (see the module docstring)."""
         where = np.flatnonzero(text_ids == self.image_token_id)
         k = len(text_ids) - (int(where[-1]) + 1 if len(where) else 0)  # tokens after the last image placeholder
-        if (text_labels[: len(text_ids) - k] != IGNORE).any():
+        if (text_labels[: len(text_ids) - k] != IGNORE_INDEX).any():
             raise TemplateError("an assistant turn comes before an image placeholder")
         if k > len(ids) or not np.array_equal(ids[len(ids) - k:], text_ids[len(text_ids) - k:]):
             raise TemplateError("the processor's tokens differ from the tokenizer's outside the image placeholders")
-        labels = np.full(len(ids), IGNORE, np.int64)
+        labels = np.full(len(ids), IGNORE_INDEX, np.int64)
         labels[len(ids) - k:] = text_labels[len(text_ids) - k:]
         return labels
 
     def collate(self, examples: Sequence[Example], batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Pads examples (on the right) into one batch; `batch_size` adds empty rows (attention 0, labels IGNORE).
+        """Pads examples (on the right) into one batch; `batch_size` adds empty rows (attention 0, labels
+        IGNORE_INDEX).
 
         Returns input_ids, attention_mask, labels (B, T) int32; pixel_values (B, N, C, S, S) float32 with all-zero
         padding images; pixel_attention_mask (B, N, S, S) bool.
@@ -275,7 +276,7 @@ class Collator:
         S = self.image_size
         input_ids = np.full((B, T), self.pad_id, np.int32)
         attention_mask = np.zeros((B, T), np.int32)
-        labels = np.full((B, T), IGNORE, np.int32)
+        labels = np.full((B, T), IGNORE_INDEX, np.int32)
         pixel_values = np.zeros((B, N, self.channels, S, S), np.float32)
         pixel_mask = np.zeros((B, N, S, S), bool)
         for b, e in enumerate(examples):

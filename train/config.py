@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from idefics_jax import configs
+from idefics_jax.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +90,6 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     lora: LoraConfig = LoraConfig()
     mesh: MeshConfig = MeshConfig()
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _coerce(value: Any, hint, where: str):

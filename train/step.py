@@ -3,7 +3,8 @@ parameters (all of them, the unfrozen parts, or LoRA adapters), micro-batch accu
 
 The batch is a dict of the HF processor's arrays (`input_ids`, `attention_mask`, `pixel_values`,
 `pixel_attention_mask`) plus `labels` (B, T) aligned with `input_ids` as in transformers: the logits at t are scored
-against `labels[:, t + 1]`; -100 marks tokens that carry no loss (prompt, padding, image tokens).
+against `labels[:, t + 1]`; IGNORE_INDEX (-100) marks tokens that carry no loss (prompt, padding, image
+tokens).
 
 Parameters are plain dicts keyed by path ("text/layers/q"); the model is rebuilt around them inside the jitted
 step. On a mesh the step needs nothing more: parameters and optimizer state carry their shardings, the model
@@ -24,9 +25,9 @@ from flax import nnx
 from idefics_jax import sharding as shd
 from idefics_jax.model import matmul_fan_in
 from idefics_jax.train import lora as lora_lib
+from idefics_jax.train.collate import IGNORE_INDEX
 from idefics_jax.train.config import LoraConfig
 
-IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
 
 
