@@ -12,7 +12,8 @@ import os
 import shutil
 import time
 
-from idefics_jax import PRESETS, testing, to_hf_dict
+from idefics_jax import PRESETS, testing
+from idefics_jax.convert import hf_files
 from idefics_jax.train import config as config_lib, trainer
 
 
@@ -26,8 +27,7 @@ def main() -> None:
     base = os.path.join(a.workdir, "base")
     os.makedirs(base)
     config = PRESETS["smolvlm-256m"].replace(image_token_id=testing.IMAGE_TOKEN_ID)
-    testing.write_config(base, to_hf_dict(config))
-    testing.processor(config, tiles_per_side=2).save_pretrained(base)
+    hf_files.write_model_files(base, config, testing.processor(config, tiles_per_side=2))
     cfg = config_lib.load("configs/smolvlm-256m-gpu.yaml", [
         f"model={base}", f"workdir={a.workdir}/run", "data.train=shapes", "data.eval=", "eval_every=0",
         "data.num_records=64", f"data.batch_size={a.batch}", f"steps={a.steps}", "log_every=1", f"save_every={a.steps}",

@@ -1,4 +1,5 @@
-"""Random HF checkpoints built offline: a character tokenizer, the PIL image processor, random weights.
+"""Random HF checkpoints built offline: a character tokenizer, the PIL image processor (`convert.hf_files`), random
+weights.
 
 Used by the tests, the demo and the benchmarks; nothing here touches a model hub. Needs torch.
 """
@@ -6,71 +7,29 @@ Used by the tests, the demo and the benchmarks; nothing here touches a model hub
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 from idefics_jax.config import ModelConfig, PerceiverConfig
+from idefics_jax.convert import hf_files
+from idefics_jax.convert.hf_files import IMAGE_TOKEN_ID, char_tokenizer
 from idefics_jax.hf_config import to_hf_dict
 from idefics_jax.presets import TINY, TINY_IDEFICS2
 
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-           "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-IMAGE_TOKEN_ID = SPECIAL.index("<image>")
-
-
-def char_tokenizer():
-    """A tokenizer with one token per printable ASCII character plus the Idefics3 special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for ch in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", additional_special_tokens=SPECIAL[4:], padding_side="left",
-    )
-
 
 def processor(config: ModelConfig, tokenizer=None, tiles_per_side: int = 2, do_image_splitting: bool = True):
-    """The Idefics3 processor (PIL backend) for `config`: tiles of the vision image size, images resized so the
-    longest edge is `tiles_per_side` tiles."""
-    from transformers import Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
+    """The Idefics3 processor for `config`: tiles of the vision image size, images resized so the longest edge is
+    `tiles_per_side` tiles."""
     side = config.vision.image_size
-    ip = Idefics3ImageProcessorPil(
-        size={"longest_edge": side * tiles_per_side}, max_image_size={"longest_edge": side},
-        do_image_splitting=do_image_splitting,
-    )
-    return Idefics3Processor(image_processor=ip, tokenizer=tokenizer or char_tokenizer(),
-                             image_seq_len=config.image_seq_len, chat_template=CHAT_TEMPLATE)
+    return hf_files.idefics3_processor(tokenizer or char_tokenizer(), config.image_seq_len, tile=side,
+                                       longest_edge=side * tiles_per_side, do_image_splitting=do_image_splitting)
 
 
 def idefics2_processor(config: ModelConfig, tokenizer=None, do_image_splitting: bool = True):
-    """The Idefics2 processor (PIL backend) for `config`: images shrunk to at most the vision image size and grown
-    to at least 378/980 of it, as Idefics2-8b does; with splitting, 4 crops + the original per image."""
-    from transformers import Idefics2Processor
-    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
-
-    side = config.vision.image_size
-    ip = Idefics2ImageProcessorPil(size={"shortest_edge": round(side * 378 / 980), "longest_edge": side},
-                                   do_image_splitting=do_image_splitting)
-    return Idefics2Processor(image_processor=ip, tokenizer=tokenizer or char_tokenizer(),
-                             image_seq_len=config.image_seq_len, chat_template=CHAT_TEMPLATE)
+    """The Idefics2 processor for `config` (see `hf_files.idefics2_processor`)."""
+    return hf_files.idefics2_processor(tokenizer or char_tokenizer(), config.image_seq_len,
+                                       image_size=config.vision.image_size, do_image_splitting=do_image_splitting)
 
 
 def make_processor(config: ModelConfig, tiles_per_side: int = 2):
@@ -147,8 +106,3 @@ def random_image(rng: np.random.Generator, height: int, width: int):
     from PIL import Image
 
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def write_config(path: str, d: dict) -> None:
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(d, f, indent=2)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from idefics_jax import testing
+from idefics_jax.convert import hf_files
 from idefics_jax.model import check_inputs
 from idefics_jax.train import collate, data, records, tfds_builder
 from idefics_jax.train.collate import IGNORE_INDEX, CollateConfig, Collator
@@ -374,7 +375,7 @@ def test_template_that_hides_the_answer_prefix_is_rejected(processor):
 
     p = copy.copy(processor)
     # The generation prompt ("Assistant:") differs from what the answer turn writes ("Bot:").
-    p.chat_template = testing.CHAT_TEMPLATE.replace("{{ 'Assistant:' }}", "{{ 'Bot:' }}")
+    p.chat_template = hf_files.CHAT_TEMPLATE.replace("{{ 'Assistant:' }}", "{{ 'Bot:' }}")
     with pytest.raises(collate.TemplateError, match="prefix"):
         Collator(p, CollateConfig(), 32)
 
@@ -386,7 +387,7 @@ def test_idefics2_processor():
     for split in (False, True):
         ip = Idefics2ImageProcessorPil(size={"shortest_edge": 16, "longest_edge": 32}, do_image_splitting=split)
         proc = Idefics2Processor(image_processor=ip, tokenizer=testing.char_tokenizer(), image_seq_len=4,
-                                 chat_template=testing.CHAT_TEMPLATE)
+                                 chat_template=hf_files.CHAT_TEMPLATE)
         col = Collator(proc, CollateConfig(length_buckets=(128, 256), max_images=2), 32)
         assert col.image_buckets == ((10,) if split else (2,))
         recs = sample_records(3)

@@ -13,6 +13,7 @@ import pytest
 import idefics_jax
 from idefics_jax.convert._safetensors import write_file
 from idefics_jax import cli, testing
+from idefics_jax.convert import hf_files
 
 
 def run_cli(capsys, *args):
@@ -144,7 +145,7 @@ def _write_random_checkpoint(path, config):
     from idefics_jax.checkpoint import param_shapes
 
     os.makedirs(path)
-    testing.write_config(path, idefics_jax.to_hf_dict(config))
+    hf_files.write_config(path, idefics_jax.to_hf_dict(config))
     testing.char_tokenizer().save_pretrained(path)
     rng = np.random.default_rng(0)
     tensors = {e.hf_key: rng.standard_normal(e.hf_shape, dtype=np.float32)

@@ -9,12 +9,10 @@ import json
 import os
 
 from idefics_jax.config import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
-from idefics_jax.hf_config import to_hf_dict
-from idefics_jax.testing import CHAT_TEMPLATE
+from idefics_jax.convert import hf_files
+from idefics_jax.convert.hf_files import SPECIAL
 from idefics_jax.train.shapes import COLORS, SHAPES
 
-SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-           "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 WORDS = (["user", "assistant", ":", "?", ".", ",", "!", "how", "many", "shapes", "are", "there", "what", "color",
           "is", "the", "shape", "object", "a", "an", "of", "in", "this", "image"]
          + list(SHAPES) + list(COLORS) + [str(d) for d in range(10)])
@@ -33,43 +31,19 @@ CONFIG = ModelConfig(
 
 def tokenizer():
     """Word-level, lowercased: one token per word of the task, so each answer is one token then the end token."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    assert len(vocab) <= CONFIG.text.vocab_size
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces and tidies the space before punctuation
-    tok.add_special_tokens(SPECIAL)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", additional_special_tokens=SPECIAL[4:], padding_side="left",
-    )
+    tok = hf_files.word_tokenizer(WORDS)
+    assert len(tok) <= CONFIG.text.vocab_size
+    return tok
 
 
 def processor():
-    from transformers import Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    ip = Idefics3ImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
-                                   do_image_splitting=False)
-    return Idefics3Processor(image_processor=ip, tokenizer=tokenizer(), image_seq_len=CONFIG.image_seq_len,
-                             chat_template=CHAT_TEMPLATE)
+    return hf_files.idefics3_processor(tokenizer(), CONFIG.image_seq_len, tile=IMAGE_SIZE, longest_edge=IMAGE_SIZE,
+                                       do_image_splitting=False)
 
 
 def write_base(path: str) -> str:
     """config.json, tokenizer, processor, chat template and generation config; no weights."""
-    os.makedirs(path, exist_ok=True)
-    processor().save_pretrained(path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(to_hf_dict(CONFIG), f, indent=2)
-    tok = tokenizer()
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                   "pad_token_id": tok.pad_token_id}, f, indent=2)
-    return path
+    return hf_files.write_model_files(path, CONFIG, processor())
 
 
 # Shipped example images: (generator seed, the question the README and tests ask first).
