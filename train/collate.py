@@ -201,6 +201,11 @@ class Collator:
                                                   add_generation_prompt=add_generation_prompt)
 
     @property
+    def image_kwargs(self) -> dict[str, Any]:
+        """The image processor's arguments the collator passes (splitting, size): for generating on the same images."""
+        return dict(self._image_kwargs)
+
+    @property
     def batch_shapes(self) -> list[tuple[int, int]]:
         """Every (tokens, image slots) a batch can have: the shapes a jitted step compiles for."""
         return [(t, n) for t in self.config.length_buckets for n in self.image_buckets]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +28,44 @@ def is_run(path: str) -> bool:
     return os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.exists(os.path.join(path, "config.json"))
 
 
-def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
-    """A checkpoint or HF directory; or a directory holding only config.json (and tokenizer/processor files):
-    random initialisation from `seed`; or "shapes": the tiny-shapes architecture, randomly initialised.
-    Returns the model and the directory its processor comes from."""
-    path = cfg.model
-    if path == "shapes":
-        from idefics_jax.train import shapes_model
+def _shapes_base(cfg: TrainConfig) -> str:
+    """The tiny-shapes architecture, tokenizer and processor without weights, written once into WORKDIR/base."""
+    from idefics_jax.train import shapes_model
 
-        path = os.path.join(cfg.workdir, "base")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            shapes_model.write_base(path)
+    path = os.path.join(cfg.workdir, "base")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        shapes_model.write_base(path)
+    return path
+
+
+# Model specs that name a built-in architecture rather than a path: name -> writes its weightless HF directory for
+# a run and returns it (randomly initialised from `seed` by `load_model`).
+_BUILTIN: dict[str, Callable[[TrainConfig], str]] = {}
+
+
+def register(name: str, write_base: Callable[[TrainConfig], str]) -> None:
+    """Makes `name` a model spec (`model: NAME` in a training config)."""
+    _BUILTIN[name] = write_base
+
+
+register("shapes", _shapes_base)
+
+
+def model_path(cfg: TrainConfig) -> str:
+    """The directory `cfg.model` names: itself, or a registered built-in's weightless directory."""
+    write_base = _BUILTIN.get(cfg.model)
+    return write_base(cfg) if write_base is not None else cfg.model
+
+
+def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
+    """A checkpoint or HF directory; another run's WORKDIR (its newest step); a directory holding only config.json
+    (and tokenizer/processor files): random initialisation from `seed`; or a registered built-in ("shapes": the
+    tiny-shapes architecture), randomly initialised.
+    Returns the model and the directory its processor comes from."""
+    path = model_path(cfg)
     if is_run(path):  # another run: continue from its newest checkpoint
-        model, model_dir = trained_model(path)
-        return (model if part is None else _shard(model, part)), model_dir
+        model, processor_dir = trained_model(path)
+        return (model if part is None else _shard(model, part)), processor_dir
     if os.path.isdir(path) and not any(f.endswith(".safetensors") or f == "params" for f in os.listdir(path)):
         config = from_hf_file(path)
         model = IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)

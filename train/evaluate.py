@@ -1,0 +1,64 @@
+"""Evaluation during training: held-out loss and exact-match accuracy of greedy answers, on `data.eval`.
+
+Built once per run: the held-out records, the jitted loss and the questions are the same at every evaluation, so
+evaluations are comparable and compile once.
+"""
+
+from __future__ import annotations
+
+from idefics_jax.chat import Chat, user_turn
+from idefics_jax.train import lora as lora_lib
+from idefics_jax.train import sources, step as step_lib
+from idefics_jax.train.collate import Collator
+from idefics_jax.train.config import TrainConfig
+from idefics_jax.train.data import LoaderConfig, batches
+from idefics_jax.train.records import decode_images, from_example
+
+
+class Evaluator:
+    """`evaluator(state, frozen) -> {"eval_loss", "eval_exact_match"}` for the trainable state of a run."""
+
+    def __init__(self, cfg: TrainConfig, parts: step_lib.Split, collator: Collator, part):
+        self.cfg, self.parts, self.collator, self.part = cfg, parts, collator, part
+        self.source = sources.source(cfg.data.eval, "eval", cfg)
+        self.loss_fn = step_lib.make_loss(parts, lora=cfg.lora)
+        n = min(cfg.eval_batches * cfg.data.batch_size, len(self.source))
+        self.records = [from_example(self.source[i]) for i in range(n)]
+
+    def __call__(self, state, frozen) -> dict:
+        return {"eval_loss": self.loss(state, frozen), "eval_exact_match": self.exact_match(state, frozen)}
+
+    def loss(self, state, frozen) -> float:
+        """Mean token loss over the first `eval_batches` batches (the same ones each time)."""
+        cfg = self.cfg
+        it = iter(batches(self.source, self.collator, LoaderConfig(batch_size=cfg.data.batch_size, shuffle=False,
+                                                                    num_epochs=1, drop_remainder=False)))
+        total = count = 0.0
+        for _ in range(cfg.eval_batches):
+            try:
+                b = next(it)
+            except StopIteration:
+                break
+            t, c = self.loss_fn(state.trainable, frozen, step_lib.put_batch(b, self.part))
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1)
+
+    def exact_match(self, state, frozen) -> float:
+        """Fraction of the held-out records whose first question is answered exactly (greedy decoding)."""
+        cfg = self.cfg
+        if cfg.lora.rank > 0:
+            params = lora_lib.apply(frozen, state.trainable, cfg.lora)
+        else:
+            params = {**frozen, **state.trainable}
+        chat = Chat(step_lib.merge(self.parts, params), self.collator.processor)
+        chat.image_kwargs = self.collator.image_kwargs  # the images as training sees them
+        tok = self.collator.processor.tokenizer
+        conversations = []
+        for r in self.records:
+            images = decode_images(r)
+            conversations.append((user_turn(r.texts[0].user, len(images)), images))
+        answers = chat.answers(conversations, max_new_tokens=cfg.eval_generate_tokens,
+                               batch_size=cfg.data.batch_size, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+        right = sum(a == r.texts[0].assistant.strip() for a, r in zip(answers, self.records))
+        return right / max(len(self.records), 1)
