@@ -6,6 +6,17 @@ Axis legend for every einsum and `x_XYZ` name in this package:
   merged: E = N*H, X = B*K, Q = G*T.
 """
 
+# Why a layer is a function over a dict of stacked weights (`Stacked` + `scan_layers`), not an NNX module stacked
+# with nnx.scan / nnx.vmap (weighed in issue 13 and kept):
+# - The flat paths ("text/layers/q") are a contract: the converter's name map, LoRA targets, weight decay's fan-in,
+#   the training step's path-keyed parameter dicts and saved Orbax checkpoints all use them; modules would rename
+#   them (".../attn/q/kernel") and orphan existing checkpoints.
+# - One layer function takes every form of the weights without a second code path: the stacked arrays, training's
+#   dicts with LoRA merged in, and the CPU decode path's per-layer zero-copy views or bf16 bits (`_cpu.py`, 2.5x
+#   decode speed), which as module state would need a split/merge per layer and step; quantized weights slot in
+#   the same way.
+# - nnx.scan would lower to the same single lax.scan (compile time flat in depth): the change would be syntax only.
+
 from __future__ import annotations
 
 import math
@@ -78,7 +89,7 @@ def attention_swiglu_spec(D: int, N: int, K: int, H: int, F: int) -> dict:
 def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool = False):
     """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`).
 
-    For generation on the CPU (see `_generate.layer_weights`), `weights` may also be a list with one entry per
+    For generation on the CPU (see `_cpu.layer_weights`), `weights` may also be a list with one entry per
     layer (no layer axis), run one after the other; `xs` then holds lists with one entry per layer, and so do the
     `ys` returned. Weights given as uint16 are bf16 bit patterns, turned back into bf16 inside the loop body.
     """
