@@ -7,7 +7,6 @@ Fresh images from a seed the training never used; every allowed question of each
 """
 
 import argparse
-import sys
 import time
 
 from idefics_jax.train import shapes_eval
@@ -20,9 +19,7 @@ def main():
     p.add_argument("--seed", type=int, default=shapes_eval.EVAL_SEED)
     a = p.parse_args()
     t = time.perf_counter()
-    progress = lambda i, n: print(f"\r{i}/{n} questions", end="", file=sys.stderr, flush=True)  # noqa: E731
-    r = shapes_eval.evaluate(a.model, a.images, seed=a.seed, transformers=True, progress=progress)
-    print(file=sys.stderr)
+    r = shapes_eval.evaluate(a.model, a.images, seed=a.seed, transformers=True, progress=True)
     print(f"{a.model}: {a.images} held-out images (seed {a.seed}), {sum(r.total.values())} questions, "
           f"{time.perf_counter() - t:.0f} s")
     print(r.table())

@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 
+from idefics_jax.progress import Progress
 from idefics_jax.train import shapes
 
 EVAL_SEED = 20261123  # training data uses seeds 0 (train) and 1_000_003 (eval split); these images are new
@@ -38,7 +39,7 @@ def questions(n_images: int, seed: int = EVAL_SEED):
 
 
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
-             max_new_tokens: int = 3, progress=None) -> Report:
+             max_new_tokens: int = 3, progress: bool = False) -> Report:
     """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
     from idefics_jax.checkpoint import resolve
     from idefics_jax.convert.load import load_pretrained
@@ -55,13 +56,14 @@ def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: b
 
 
 def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf=None, batch_size: int = 32,
-                   max_new_tokens: int = 3, progress=None) -> Report:
+                   max_new_tokens: int = 3, progress: bool = False) -> Report:
     """`evaluate` for a model in memory (a training run's, say); `hf`: a transformers model to compare with."""
     from idefics_jax.chat import Chat, user_turn
 
     chat = Chat(model, processor)
     items = questions(n_images, seed)
     report = Report(collections.Counter(), collections.Counter())
+    bar = Progress("evaluating", len(items), unit="questions", enabled=progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         conversations = [(user_turn(q.text, 1), [image]) for image, q in chunk]
@@ -75,8 +77,7 @@ def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf
             if theirs is not None:
                 report.compared += 1
                 report.agree += theirs[i] == ours[i]
-        if progress:
-            progress(min(start + batch_size, len(items)), len(items))
+        bar.set(min(start + batch_size, len(items)))
     return report
 
 
