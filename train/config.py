@@ -166,3 +166,8 @@ def load(path: str, overrides: list[str] = ()) -> TrainConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> TrainConfig:
+    """The inverse of `to_dict` (a run's WORKDIR/config.json); raises ConfigError naming a bad field."""
+    return _build(TrainConfig, d)

@@ -7,7 +7,6 @@ evaluations are comparable and compile once.
 from __future__ import annotations
 
 from idefics_jax.chat import Chat, user_turn
-from idefics_jax.train import lora as lora_lib
 from idefics_jax.train import sources, step as step_lib
 from idefics_jax.train.collate import Collator
 from idefics_jax.train.config import TrainConfig
@@ -46,11 +45,8 @@ class Evaluator:
     def exact_match(self, state, frozen) -> float:
         """Fraction of the held-out records whose first question is answered exactly (greedy decoding)."""
         cfg = self.cfg
-        if cfg.lora.rank > 0:
-            params = lora_lib.apply(frozen, state.trainable, cfg.lora)
-        else:
-            params = {**frozen, **state.trainable}
-        chat = Chat(step_lib.merge(self.parts, params), self.collator.processor)
+        chat = Chat(step_lib.merge(self.parts, step_lib.full_params(frozen, state.trainable, cfg.lora)),
+                    self.collator.processor)
         chat.image_kwargs = self.collator.image_kwargs  # the images as training sees them
         tok = self.collator.processor.tokenizer
         conversations = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -16,7 +17,6 @@ from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
 from idefics_jax.train import config as config_lib
-from idefics_jax.train import lora as lora_lib
 from idefics_jax.train import optim, step as step_lib
 from idefics_jax.train.config import TrainConfig
 
@@ -85,8 +85,7 @@ def _shard(model, part: shd.Partitioning):
 def trained_model(workdir: str, step: int | None = None):
     """-> (model, directory of its tokenizer / processor files) for the run in `workdir` (newest step by default)."""
     with open(os.path.join(workdir, "config.json")) as f:
-        cfg = config_lib._build(TrainConfig, json.load(f))
-    cfg = config_lib.dataclasses.replace(cfg, workdir=workdir)
+        cfg = dataclasses.replace(config_lib.from_dict(json.load(f)), workdir=workdir)
     model, model_dir = load_model(cfg, None)
     parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
     tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
@@ -97,8 +96,4 @@ def trained_model(workdir: str, step: int | None = None):
         raise ValueError(f"{workdir}: no complete checkpoint to export")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
-    if cfg.lora.rank > 0:
-        params = lora_lib.apply(parts.frozen, state.trainable, cfg.lora)
-    else:
-        params = {**parts.frozen, **state.trainable}
-    return step_lib.merge(parts, params), model_dir
+    return step_lib.merge(parts, step_lib.full_params(parts.frozen, state.trainable, cfg.lora)), model_dir

@@ -92,9 +92,14 @@ def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
 
 
+def full_params(frozen: dict, trainable: dict, lora: LoraConfig | None = None) -> dict:
+    """Every model parameter by path: `trainable` over `frozen`, or with LoRA the adapters merged into `frozen`."""
+    return lora_lib.apply(frozen, trainable, lora) if lora is not None and lora.rank > 0 else {**frozen, **trainable}
+
+
 def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool, lora: LoraConfig | None):
     """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch`."""
-    params = lora_lib.apply(frozen, trainable, lora) if lora is not None and lora.rank > 0 else {**frozen, **trainable}
+    params = full_params(frozen, trainable, lora)
     if compute_dtype is not None:
         params = {p: v.astype(compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for p, v in params.items()}
     logits = merge(s, params).forward(*(batch.get(k) for k in MODEL_INPUTS), remat=remat)
