@@ -38,10 +38,6 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32, partitioning: shd.Par
     return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
 
 
-def _partitioning(mesh, rules) -> shd.Partitioning | None:
-    return None if mesh is None else shd.Partitioning(mesh, rules)
-
-
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes by path ("text/layers/q")."""
     state = nnx.state(abstract_model(config))
@@ -66,12 +62,13 @@ def _nest(flat: dict[str, object]) -> dict:
 def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.RULES):
     """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given)."""
     dtype = next(iter(arrays.values())).dtype
-    model = abstract_model(config, dtype, _partitioning(mesh, rules))
+    part = shd.partitioning(mesh, rules)
+    model = abstract_model(config, dtype, part)
     graphdef, state = nnx.split(model)
 
     def place(path, var):
         arr = arrays["/".join(map(str, path))]
-        return var.replace(jax.device_put(arr, shd.sharding_for(var.get_metadata()["axes"], arr.shape, mesh, rules)))
+        return var.replace(jax.device_put(arr, shd.sharding_for(var.get_metadata()["axes"], arr.shape, part)))
 
     flat = [(p, place(p, v)) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -172,11 +169,12 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
     stored = jnp.dtype(meta["dtype"])
     dtype = jnp.dtype(dtype or stored)
-    graphdef, state = nnx.split(abstract_model(config, stored, _partitioning(mesh, rules)))
+    part = shd.partitioning(mesh, rules)
+    graphdef, state = nnx.split(abstract_model(config, stored, part))
     flat = nnx.to_flat_state(state)
     target = _nest({
         "/".join(map(str, p)): jax.ShapeDtypeStruct(
-            v.shape, dtype, sharding=shd.sharding_for(v.get_metadata()["axes"], v.shape, mesh, rules))
+            v.shape, dtype, sharding=shd.sharding_for(v.get_metadata()["axes"], v.shape, part))
         for p, v in flat
     })
     ckptr = ocp.PyTreeCheckpointer()
