@@ -157,6 +157,44 @@ def resolve(path: str) -> str:
     return path
 
 
+def _check_stored(path: str, params_dir: str, target: dict) -> None:
+    """Checks what the restore will read before it starts: the stored arrays' names and shapes (Orbax's metadata
+    file) against the model's, and that the store's index and every array's metadata are there. Reads no array.
+
+    Orbax runs a restore's reads as asyncio tasks on a loop that it closes as soon as one read fails, without
+    cancelling the others: left pending, they fail later as unraisable exceptions (pages of TensorStore specs,
+    "Event loop is closed"). So a checkpoint that does not match or is damaged is refused here, not by a read.
+    """
+    import tensorstore as ts
+    from etils import epath
+
+    def damaged(e: Exception):
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return LoadError(f"{path}: parameters missing or damaged ({detail})")
+
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
+        keys = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result().list().result()
+    except (ValueError, KeyError, OSError) as e:
+        raise damaged(e) from None
+    name = lambda p: "/".join(str(k.key) for k in p)  # noqa: E731
+    stored = {name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    wanted = {name(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
+    missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+    if missing or extra:
+        which = f"{missing[0]} missing" if missing else f"{extra[0]} not in the model"
+        raise LoadError(f"{path}: parameters do not match config.json ({which})")
+    for n, shape in wanted.items():
+        if stored[n] != shape:
+            raise LoadError(f"{path}: parameters do not match config.json ({n}: stored {stored[n]}, "
+                            f"config.json gives {shape})")
+    # Orbax names each array's store after its path with dots.
+    present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}
+    absent = sorted(n for n in stored if n.replace("/", ".") not in present)
+    if absent:
+        raise LoadError(f"{path}: parameters missing or damaged ({absent[0]} is not in the store)")
+
+
 def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
     """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
     meta_path = os.path.join(path, META_FILE)
@@ -179,6 +217,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
     })
     ckptr = ocp.PyTreeCheckpointer()
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
+    _check_stored(path, params_dir, target)
     try:
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=jax.tree.map(
