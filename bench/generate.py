@@ -227,7 +227,8 @@ def main(argv=None) -> int:
     for r in rows:
         j = r["jax"]
         print(f"{r['dtype']:9} {r['batch']:>5} {r['prompt_tokens']:>6}  {'idefics-jax':16} {j['prefill_s']:>9.3f} "
-              f"{j['decode_tok_s']:>12.2f} {j['compile_s']:>9.1f} {r['roofline_pct']:>8.0f}% ({r['copy_roofline_pct']:.0f}%)")
+              f"{j['decode_tok_s']:>12.2f} {j['compile_s']:>9.1f} {r['roofline_pct']:>8.0f}% "
+              f"({r['copy_roofline_pct']:.0f}%)")
         for t, h in r["transformers"].items():
             pct = 100 * h["decode_tok_s"] / r["roofline_tok_s"]
             print(f"{'':9} {'':>5} {'':>6}  {'transformers T=' + t:16} {h['prefill_s']:>9.3f} "

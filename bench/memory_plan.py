@@ -143,8 +143,8 @@ def _train_state(model, part: shd.Partitioning):
     tx = optim.make(OptimConfig(learning_rate=1e-5, weight_decay=0.1), 1000, s.fan_in, trainable)
     # The moments are laid out like their parameters (as `train.init_state` makes them under jit).
     opt_state = optax.tree_map_params(
-        tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding), jax.eval_shape(tx.init, trainable),
-        trainable, transform_non_params=_replicated(part))
+        tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
+        jax.eval_shape(tx.init, trainable), trainable, transform_non_params=_replicated(part))
     step = _replicated(part)(jax.ShapeDtypeStruct((), jnp.int32))
     return s, tx, train.TrainState(step, trainable, opt_state)
 
@@ -250,7 +250,8 @@ def table(results: list[tuple[Platform, Workload, dict]]) -> str:
         budget = 0.9 * p.hbm_gib * GiB
         fits = "yes" if r["peak"] <= budget else "by hand only" if h["total"] <= budget else "**no**"
         rows.append(
-            f"| {p.name} ({p.devices} × {p.hbm_gib:g} GiB) | {w.name} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
+            f"| {p.name} ({p.devices} × {p.hbm_gib:g} GiB) | {w.name} "
+            f"| ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
             f"| {_g(r['params'])} / {_g(h['params'])} | {_g(r['optimizer'])} / {_g(h['optimizer'])} "
             f"| {_g(r.get('kv_cache'))} / {_g(h.get('kv_cache'))} | {_g(r['temporaries'])} / {_g(h['activations'])} "
             f"| {_g(r['peak'])} / {_g(h['total'])} | {fits} |")

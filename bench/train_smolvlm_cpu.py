@@ -40,7 +40,8 @@ def main() -> None:
     rows = [json.loads(line) for line in open(os.path.join(a.workdir, "run", "metrics.jsonl"))]
     steady = rows[2:] or rows
     tps = sum(r["tokens_per_second"] for r in steady) / len(steady)
-    print(f"{a.preset} model, SmolVLM-256M config on {os.cpu_count()} CPU cores: batch {a.batch}, compute {cfg.compute_dtype}, remat {cfg.remat}")
+    print(f"{a.preset} model, SmolVLM-256M config on {os.cpu_count()} CPU cores: batch {a.batch}, "
+          f"compute {cfg.compute_dtype}, remat {cfg.remat}")
     for r in rows:
         print(f"  step {r['step']}: loss {r['loss']:.3f}  {r['tokens_per_second']:8.1f} tok/s  MFU {r['mfu']:.2%}")
     print(f"steady state: {tps:.1f} tok/s, MFU {sum(r['mfu'] for r in steady) / len(steady):.2%}; "

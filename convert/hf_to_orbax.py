@@ -47,7 +47,8 @@ class Progress:
             self.last_pct = pct
             rate = self.done / max(time.time() - self.t0, 1e-9) / 2**20
             end = "\r" if self.tty and self.done < self.total else "\n"
-            print(f"{self.what}: {pct:3d}% ({self.done / 2**20:,.1f} / {self.total / 2**20:,.1f} MiB, {rate:,.0f} MiB/s)",
+            print(f"{self.what}: {pct:3d}% ({self.done / 2**20:,.1f} / {self.total / 2**20:,.1f} MiB, "
+                  f"{rate:,.0f} MiB/s)",
                   end=end, file=sys.stderr, flush=True)
 
 
@@ -92,9 +93,11 @@ class HFCheckpoint:
         missing = sorted(set(wanted) - set(self.tensors))
         leftover = sorted(set(self.tensors) - set(wanted))
         if missing:
-            raise CheckpointError(f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
+            raise CheckpointError(
+                f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
         if leftover:
-            raise CheckpointError(f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
+            raise CheckpointError(
+                f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
         for key, e in wanted.items():
             if self.tensors[key].shape != e.hf_shape:
                 raise CheckpointError(

@@ -33,7 +33,8 @@ class LoadError(ValueError):
     """A path that holds no loadable model, with the reason in one line."""
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32, partitioning: shd.Partitioning | None = None) -> IdeficsModel:
+def abstract_model(config: ModelConfig, dtype=jnp.float32,
+                   partitioning: shd.Partitioning | None = None) -> IdeficsModel:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
     return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
 
@@ -111,16 +112,15 @@ def _with_read_chunks(driver: str, metadata: dict, shape: list[int]) -> dict:
     which tensorstore reads one by one."""
     if driver == "zarr":
         return {**metadata, "chunks": shape}
-    codecs = [
-        {**c, "configuration": {**c["configuration"], "chunk_shape": shape}} if c.get("name") == "sharding_indexed" else c
-        for c in metadata.get("codecs", [])
-    ]
+    sharded = lambda c: {**c, "configuration": {**c["configuration"], "chunk_shape": shape}}  # noqa: E731
+    codecs = [sharded(c) if c.get("name") == "sharding_indexed" else c for c in metadata.get("codecs", [])]
     return {**metadata, "codecs": codecs}
 
 
 def param_axes(config: ModelConfig) -> dict[str, tuple]:
     """Logical axis names by parameter path."""
-    return {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config)))
+    return {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in flat}
 
 
 def save_partial(directory: str, path: str, array: np.ndarray, axes) -> None:

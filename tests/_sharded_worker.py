@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         tx = optax.adamw(1e-4, weight_decay=0.1, eps=1e-6)
         parts = train.split(model)
         state = train.init_state(parts.trainable, tx)
-        state, metrics = train.make_train_step(parts, tx)(state, parts.frozen, train.put_batch(inputs["train"], model.partitioning))
+        batch = train.put_batch(inputs["train"], model.partitioning)
+        state, metrics = train.make_train_step(parts, tx)(state, parts.frozen, batch)
         out[f"{mesh_arg}/loss"] = shd.to_host(metrics["loss"])
         for name, v in state.trainable.items():
             out[f"{mesh_arg}/param/{name}"] = shd.to_host(v)

@@ -179,7 +179,8 @@ def _same_step(got: dict, prefix: str, ref: dict):
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (prefix, loss, ref_loss)
     params = [k[len("one/param/"):] for k in ref if k.startswith("one/param/")]
     worst = max((_rel(got[f"{prefix}/param/{p}"], ref[f"one/param/{p}"]), p) for p in params)
-    print(f"{prefix}: loss {loss:.6f} (one device {ref_loss:.6f}), worst updated parameter rel err {worst[0]:.1e} ({worst[1]})")
+    print(f"{prefix}: loss {loss:.6f} (one device {ref_loss:.6f}), "
+          f"worst updated parameter rel err {worst[0]:.1e} ({worst[1]})")
     assert worst[0] <= 1e-5, (prefix, worst)
     # The step kept every parameter's layout (trailing unsplit dimensions may be spelled out or not).
     same = lambda s: re.sub(r"(, None)*,?\)$", ")", str(s))  # noqa: E731
@@ -242,7 +243,8 @@ def test_kv_cache_on_mesh(one_process, inputs, mesh):
     keep = inputs[1]["text_only"]["attention_mask"].astype(bool)
     assert _rel(got[f"{mesh}/prefill/logits"], got["one/text_only/logits"], keep) <= 1e-5
     expected = {"2,2,2": (None, "data", None, "tensor"), "1,8,1": (), "1,2,4": (None, "fsdp"),
-                "data=2,fsdp=2,tensor=2": (None, "data", None, "tensor"), "data=4,tensor=2": (None, None, None, "tensor")}
+                "data=2,fsdp=2,tensor=2": (None, "data", None, "tensor"),
+                "data=4,tensor=2": (None, None, None, "tensor")}
     assert str(got[f"{mesh}/prefill/cache_spec"]) == str(shd.PartitionSpec(*expected[mesh]))
 
 
@@ -251,7 +253,8 @@ def test_parameters_are_split(one_process, mesh):
     got, _ = one_process
     specs = {k.split("/spec/")[1]: str(v) for k, v in got.items() if k.startswith(f"{mesh}/spec/")}
     sizes = {p: got[f"one/param/{p}"].size for p in specs}
-    replicated = [p for p, s in specs.items() if sizes[p] >= 1024 and not s.strip("P()").replace("None", "").strip(", ")]
+    unsplit = lambda s: not s.strip("P()").replace("None", "").strip(", ")  # noqa: E731
+    replicated = [p for p, s in specs.items() if sizes[p] >= 1024 and unsplit(s)]
     assert not replicated, (mesh, replicated)
     per_device = got[f"{mesh}/bytes_per_device"]
     total = sum(got[f"one/param/{p}"].nbytes for p in specs)

@@ -124,8 +124,8 @@ def train(cfg: TrainConfig) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.__setitem__("signal", sig))
 
     def save(step: int):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state())),
-                     force=True)
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(it.get_state())), force=True)
 
     flops_tok = flops_per_token(model)
     peak = peak_flops(compute or jnp.float32) * jax.device_count()
@@ -188,7 +188,8 @@ def evaluate(cfg: TrainConfig, parts, state, frozen, collator, part) -> dict:
         t, c = loss_fn(state.trainable, frozen, step_lib.put_batch(b, part))
         total, count = total + float(t), count + float(c)
     n = cfg.eval_batches * cfg.data.batch_size
-    return {"eval_loss": total / max(count, 1), "eval_exact_match": exact_match(cfg, parts, state, frozen, collator, source, n)}
+    return {"eval_loss": total / max(count, 1),
+            "eval_exact_match": exact_match(cfg, parts, state, frozen, collator, source, n)}
 
 
 def exact_match(cfg: TrainConfig, parts, state, frozen, collator, source, n: int) -> float:
