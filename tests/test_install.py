@@ -110,3 +110,35 @@ def test_cli_train_a_shipped_config_from_a_user_project(venv, project):
     out = _run([str(venv / "bin" / "idefics-jax"), "train", "tiny", "workdir=W", "steps=3"], cwd=project)
     rows = [json.loads(line) for line in open(project / "W" / "metrics.jsonl")]
     assert max(r["step"] for r in rows) == 3, (out, rows)
+
+
+# Imported only where the package compares itself with transformers' PyTorch models (testing, demo,
+# shapes_eval's agreement rate): the test extra brings it.
+TEST_ONLY = {"torch"}
+
+
+def test_every_import_is_a_declared_dependency():
+    import ast
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    declared = {norm(re.match(r"[\w.-]+", d).group()) for d in project["dependencies"]}
+    imported = set()
+    for folder in ("idefics_jax", "convert", "train", "configs"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith(".py"):
+                    tree = ast.parse(open(os.path.join(dirpath, name)).read())
+                    imported |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                                 for a in n.names}
+                    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                                 if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
+    third_party = imported - set(sys.stdlib_module_names) - {"idefics_jax"} - TEST_ONLY
+    dists = packages_distributions()
+    undeclared = {m: dists.get(m) for m in third_party if not {norm(d) for d in dists.get(m, [])} & declared}
+    assert not undeclared, f"imported but not in [project] dependencies: {undeclared}"
+    assert "pyyaml" in declared and "jinja2" in declared  # yaml configs; chat templates (imported by transformers)
