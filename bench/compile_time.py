@@ -4,6 +4,7 @@ Lowered and compiled from abstract shapes (no weights needed), at the preset's d
 that scanning the stacked layers keeps compile time flat in depth.
 
     python bench/compile_time.py [--preset smolvlm-256m] [--images 5] [--tokens 512]
+    python bench/compile_time.py --preset tiny --images 1 --tokens 32    # smallest: seconds
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 `/usr/bin/time -v`; prints peak RSS next to the output size.
 
     python bench/convert_memory.py [--preset smolvlm-256m] [--shards 3] [--workdir /tmp/convert-bench]
+    python bench/convert_memory.py --preset tiny --shards 2 --workdir /tmp/smoke    # smallest: seconds
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1)) * 1024
     out = du(os.path.join(dst, "params"))
     # The interpreter with jax, flax and orbax imported, doing nothing: the fixed part of the peak.
-    base = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", "import convert.hf_to_orbax"],
+    base = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", "import idefics_jax.convert.hf_to_orbax"],
                           capture_output=True, text=True)
     base_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", base.stderr).group(1)) * 1024
     gb = 1e9

@@ -9,6 +9,7 @@ of streaming read kernels: a jitted sum and a matvec over 512 MiB); a STREAM-sty
 is shown in brackets.
 
     python bench/generate.py [--workdir out/bench] [--new-tokens 32] [--repeats 3]
+    python bench/generate.py --smoke --workdir /tmp/smoke    # the tiny test model, once: checks the script
 
 Times are the best of `--repeats` (the machine may be shared). transformers runs with torch's default thread
 count and with one thread; its better figure is the one compared against.
@@ -149,7 +150,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--smoke", action="store_true", help="the tiny test model, 4 tokens, once, fp32, batches 1 and "
+                   "2, a small bandwidth probe: checks the script in seconds (the numbers mean nothing)")
     a = p.parse_args(argv)
+    preset, probe_bytes = "smolvlm-256m", 512 * 2**20
+    if a.smoke:
+        preset, probe_bytes = "tiny", 16 * 2**20
+        a.new_tokens, a.repeats, a.batches, a.dtypes = 4, 1, [1, 2], ["float32"]
 
     import jax
     import torch
@@ -159,16 +166,16 @@ def main(argv=None) -> int:
     from idefics_jax.convert.hf_to_orbax import convert
     from idefics_jax import PRESETS, testing
 
-    hf_dir, orbax_dir = os.path.join(a.workdir, "smolvlm-256m-hf"), os.path.join(a.workdir, "smolvlm-256m-orbax")
+    hf_dir, orbax_dir = os.path.join(a.workdir, f"{preset}-hf"), os.path.join(a.workdir, f"{preset}-orbax")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
-        print(f"building a random SmolVLM-256M-shaped checkpoint in {hf_dir} ...", file=sys.stderr)
-        config = PRESETS["smolvlm-256m"].replace(image_token_id=testing.IMAGE_TOKEN_ID)
+        print(f"building a random {preset}-shaped checkpoint in {hf_dir} ...", file=sys.stderr)
+        config = PRESETS[preset].replace(image_token_id=testing.IMAGE_TOKEN_ID)
         testing.save_hf_checkpoint(hf_dir, config, seed=0, tiles_per_side=1)
     if not os.path.exists(orbax_dir):
-        convert(hf_dir, orbax_dir)
+        convert(hf_dir, orbax_dir, progress=not a.smoke)
     processor = AutoProcessor.from_pretrained(orbax_dir)
 
-    bw = measure_bandwidth()
+    bw = measure_bandwidth(probe_bytes)
     # A decode step only reads weights: its roofline is the read bandwidth. Copies count bytes read + written.
     copy_bw = max(bw["numpy copy"], bw["jax copy"])
     read_bw = max(bw["jax sum (read)"], bw["jax matvec (read)"])
@@ -220,7 +227,8 @@ def main(argv=None) -> int:
     for r in rows:
         j = r["jax"]
         print(f"{r['dtype']:9} {r['batch']:>5} {r['prompt_tokens']:>6}  {'idefics-jax':16} {j['prefill_s']:>9.3f} "
-              f"{j['decode_tok_s']:>12.2f} {j['compile_s']:>9.1f} {r['roofline_pct']:>8.0f}% ({r['copy_roofline_pct']:.0f}%)")
+              f"{j['decode_tok_s']:>12.2f} {j['compile_s']:>9.1f} {r['roofline_pct']:>8.0f}% "
+              f"({r['copy_roofline_pct']:.0f}%)")
         for t, h in r["transformers"].items():
             pct = 100 * h["decode_tok_s"] / r["roofline_tok_s"]
             print(f"{'':9} {'':>5} {'':>6}  {'transformers T=' + t:16} {h['prefill_s']:>9.3f} "

@@ -5,6 +5,7 @@ Each program is lowered and compiled for the full-size model on simulated CPU de
 estimate. Takes about a minute on a 2-core CPU:
 
     python bench/memory_plan.py [--out docs/memory-plan.md]
+    python bench/memory_plan.py --smoke     # the same programs for the tiny test model on 8 devices: seconds
 
 Caveats: the CPU compiler is not the TPU or GPU one. It schedules, fuses and pads differently (TPU pads the
 two minor dimensions to tiles) and computes some bf16 operations in fp32, so treat the compiled temporaries as
@@ -27,18 +28,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from idefics_jax import sharding as cfg  # noqa: E402
 from idefics_jax import sharding as shd  # noqa: E402
 from idefics_jax.checkpoint import abstract_model  # noqa: E402
-from idefics_jax.model import KVCache  # noqa: E402
-from idefics_jax.model import positions_from_mask  # noqa: E402
-from idefics_jax.presets import IDEFICS3_8B_LLAMA3  # noqa: E402
+from idefics_jax.config import ModelConfig  # noqa: E402
+from idefics_jax.model import KVCache, positions_from_mask  # noqa: E402
+from idefics_jax.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
+from idefics_jax.train import optim  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
+from idefics_jax.train.config import OptimConfig  # noqa: E402
 
 GiB = 2**30
-CONFIG = IDEFICS3_8B_LLAMA3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ PLATFORMS = (
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
-    mesh: cfg.MeshShape
+    mesh: shd.MeshShape
     dtype: object
     batch: int  # global
     tokens: int  # prompt / training sequence length, image tokens included
@@ -71,13 +73,24 @@ class Workload:
         return not self.cache_slots
 
 
+# --smoke: the same programs for the tiny test model, compiled in seconds.
+SMOKE_PLATFORMS = (Platform("8 simulated devices", 8, 16),)
+
+
+def smoke_workloads(devices: int) -> tuple[Workload, ...]:
+    return (
+        Workload("fine-tune, fp32 params + AdamW", shd.FSDP, jnp.float32, devices, 64, 1),
+        Workload("inference, bf16, batch 8", shd.FSDP_TP, jnp.bfloat16, 8, 64, 1, cache_slots=128),
+    )
+
+
 def workloads(devices: int) -> tuple[Workload, ...]:
     return (
         # Full fine-tuning, AdamW, remat per layer, one sample per device.
-        Workload("fine-tune, fp32 params + AdamW", cfg.FSDP, jnp.float32, devices, 2048, 5),
-        Workload("fine-tune, bf16 params + AdamW", cfg.FSDP, jnp.bfloat16, devices, 2048, 5),
+        Workload("fine-tune, fp32 params + AdamW", shd.FSDP, jnp.float32, devices, 2048, 5),
+        Workload("fine-tune, bf16 params + AdamW", shd.FSDP, jnp.bfloat16, devices, 2048, 5),
         # Serving batch 8: prefill of a 2048-token prompt into a 4096-slot cache.
-        Workload("inference, bf16, batch 8", cfg.FSDP_TP, jnp.bfloat16, 8, 2048, 5, cache_slots=4096),
+        Workload("inference, bf16, batch 8", shd.FSDP_TP, jnp.bfloat16, 8, 2048, 5, cache_slots=4096),
     )
 
 
@@ -102,8 +115,8 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
-def _batch(w: Workload, part: shd.Partitioning, labels: bool) -> dict:
-    v = CONFIG.vision
+def _batch(w: Workload, part: shd.Partitioning, labels: bool, config: ModelConfig) -> dict:
+    v = config.vision
     B, T, I, P = w.batch, w.tokens, w.images, v.image_size
     shapes = {"input_ids": ((B, T), jnp.int32), "attention_mask": ((B, T), jnp.int32),
               "pixel_values": ((B, I, 3, P, P), jnp.float32), "pixel_attention_mask": ((B, I, P, P), jnp.bool_)}
@@ -113,34 +126,46 @@ def _batch(w: Workload, part: shd.Partitioning, labels: bool) -> dict:
             for k, (s, d) in shapes.items()}
 
 
-def compile_program(w: Workload, devices) -> dict:
+def _replicated(part: shd.Partitioning):
+    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(part.mesh, PartitionSpec()))
+
+
+def _train_state(model, part: shd.Partitioning):
+    """The training step's pieces for the abstract `model`: its split, the optimizer, and an abstract TrainState
+    whose parameters and AdamW moments carry the shardings the parameters' logical axes give."""
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    # `train.split(model)` with abstract leaves (it reads values): everything trains.
+    trainable = {"/".join(map(str, p)): jax.ShapeDtypeStruct(
+        v.get_value().shape, v.get_value().dtype, sharding=part.sharding(v.get_metadata()["axes"], v.get_value().shape))
+        for p, v in flat}
+    s = train.Split(graphdef, tuple(flat), trainable, {})
+    tx = optim.make(OptimConfig(learning_rate=1e-5, weight_decay=0.1), 1000, s.fan_in, trainable)
+    # The moments are laid out like their parameters (as `train.init_state` makes them under jit).
+    opt_state = optax.tree_map_params(
+        tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
+        jax.eval_shape(tx.init, trainable), trainable, transform_non_params=_replicated(part))
+    step = _replicated(part)(jax.ShapeDtypeStruct((), jnp.int32))
+    return s, tx, train.TrainState(step, trainable, opt_state)
+
+
+def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
     """Lowers and compiles `w` on `devices`; returns bytes per device by component and XLA's analysis."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
-    model = abstract_model(CONFIG, w.dtype, part)
-    out = {"mesh": dict(zip(cfg.MESH_AXES, part.mesh.devices.shape))}
+    model = abstract_model(config, w.dtype, part)
+    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape))}
     t0 = time.time()
     if w.training:
-        optimizer = nnx.eval_shape(lambda m: train.make_optimizer(m, 1e-5, weight_decay=0.1), model)
-        graphdef, state = nnx.split((model, optimizer))
-        state = _with_shardings(state, part)
-        params, opt_state = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param), nnx.state(nnx.merge(graphdef, state)[1])
-        out["params"], out["optimizer"] = _per_device_bytes(params), _per_device_bytes(opt_state)
-        batch = _batch(w, part, labels=True)
-
-        def fn(state, batch):
-            m, o = nnx.merge(graphdef, state)
-            loss = train.step(m, o, batch, remat=True)
-            return loss, nnx.state((m, o))
-
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        jitted = jax.jit(fn, donate_argnums=0, out_shardings=(NamedSharding(part.mesh, PartitionSpec()), shardings))
-        lowered = jitted.lower(state, batch)
+        s, tx, state = _train_state(model, part)
+        out["params"], out["optimizer"] = _per_device_bytes(state.trainable), _per_device_bytes(state.opt_state)
+        batch = _batch(w, part, labels=True, config=config)
+        lowered = train.make_train_step(s, tx, remat=True).lower(state, {}, batch)
     else:
         graphdef, state = nnx.split(model)
         state = _with_shardings(state, part)
         out["params"], out["optimizer"] = _per_device_bytes(state), 0
-        batch = _batch(w, part, labels=False)
-        t = CONFIG.text
+        batch = _batch(w, part, labels=False, config=config)
+        t = config.text
         shape = (t.num_layers, w.batch, w.cache_slots, t.num_kv_heads, t.head_dim)
         kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
         cache = KVCache(kv, kv)
@@ -167,11 +192,11 @@ def compile_program(w: Workload, devices) -> dict:
     out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
                temporaries=m.temp_size_in_bytes)
     out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    out["hand"] = hand_estimate(w, out["mesh"])
+    out["hand"] = hand_estimate(w, out["mesh"], config)
     return out
 
 
-def hand_estimate(w: Workload, mesh: dict) -> dict:
+def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
     """Back-of-the-envelope bytes per device: parameters split evenly, plus the buffers that dominate.
 
     Activation terms (B samples per device, T tokens, S cache slots, L layers, N heads per device):
@@ -182,9 +207,9 @@ def hand_estimate(w: Workload, mesh: dict) -> dict:
     Prefill: the embedding table and lm_head gathered whole + fp32 attention logits B*N*T*S 3 times + one
     layer's weights and MLP.
     """
-    t, v = CONFIG.text, CONFIG.vision
+    t, v = config.text, config.vision
     b = jnp.dtype(w.dtype).itemsize
-    P = sum(math.prod(s.shape) for s in jax.tree.leaves(nnx.state(abstract_model(CONFIG))))
+    P = sum(math.prod(s.shape) for s in jax.tree.leaves(nnx.state(abstract_model(config))))
     tp = mesh["tensor"]
     est = {"params": P * b / (mesh["fsdp"] * tp)}
     B = w.batch / (mesh["data"] * mesh["fsdp"])  # samples per device
@@ -225,7 +250,8 @@ def table(results: list[tuple[Platform, Workload, dict]]) -> str:
         budget = 0.9 * p.hbm_gib * GiB
         fits = "yes" if r["peak"] <= budget else "by hand only" if h["total"] <= budget else "**no**"
         rows.append(
-            f"| {p.name} ({p.devices} × {p.hbm_gib:g} GiB) | {w.name} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
+            f"| {p.name} ({p.devices} × {p.hbm_gib:g} GiB) | {w.name} "
+            f"| ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
             f"| {_g(r['params'])} / {_g(h['params'])} | {_g(r['optimizer'])} / {_g(h['optimizer'])} "
             f"| {_g(r.get('kv_cache'))} / {_g(h.get('kv_cache'))} | {_g(r['temporaries'])} / {_g(h['activations'])} "
             f"| {_g(r['peak'])} / {_g(h['total'])} | {fits} |")
@@ -288,15 +314,20 @@ Regenerate with `python bench/memory_plan.py --out docs/memory-plan.md`.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the whole memory plan (markdown) to this file")
+    ap.add_argument("--smoke", action="store_true", help="the tiny test model on 8 devices (checks the programs)")
     a = ap.parse_args(argv)
+    if a.smoke and a.out:
+        ap.error("--smoke measures the tiny model, not Idefics3-8B: no --out")
+    config, platforms, loads = (TINY, SMOKE_PLATFORMS, smoke_workloads) if a.smoke else \
+        (IDEFICS3_8B_LLAMA3, PLATFORMS, workloads)
     compiled: dict = {}
     results = []
-    for p in PLATFORMS:
-        for w in workloads(p.devices):
+    for p in platforms:
+        for w in loads(p.devices):
             key = (p.devices, w)
             if key not in compiled:  # the same program on the same number of devices compiles once
                 print(f"compiling {w.name} on {p.devices} devices ...", file=sys.stderr, flush=True)
-                compiled[key] = compile_program(w, jax.devices()[: p.devices])
+                compiled[key] = compile_program(w, jax.devices()[: p.devices], config)
                 r = compiled[key]
                 print(f"  lowered in {r['lower_s']:.0f} s, compiled in {r['compile_s']:.0f} s; arguments "
                       f"{_g(r['arguments'])} GiB, temporaries {_g(r['temporaries'])} GiB", file=sys.stderr, flush=True)

@@ -87,7 +87,8 @@ def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, st
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for key, arr in tensors.items():
-        header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does

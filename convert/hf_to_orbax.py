@@ -71,9 +71,11 @@ class HFCheckpoint:
         missing = sorted(set(wanted) - set(self.tensors))
         leftover = sorted(set(self.tensors) - set(wanted))
         if missing:
-            raise CheckpointError(f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
+            raise CheckpointError(
+                f"{src}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'")
         if leftover:
-            raise CheckpointError(f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
+            raise CheckpointError(
+                f"{src}: checkpoint has {len(leftover)} tensor(s) the config does not use, e.g. '{leftover[0]}'")
         for key, e in wanted.items():
             if self.tensors[key].shape != e.hf_shape:
                 raise CheckpointError(

@@ -28,6 +28,7 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES) -> Ide
         config, arrays = read_hf_checkpoint(path, dtype=dtype)
         model = model_from_arrays(config, arrays, mesh, rules)
     else:
-        raise CheckpointError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model (*.safetensors)")
+        raise CheckpointError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model "
+                              "(*.safetensors)")
     model.generation_defaults = read_generation_defaults(path)
     return model

@@ -39,7 +39,7 @@ def prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp:
     x = model.embed(ids_BT, pixel_values, pixel_mask, one_image_at_a_time=cpu)
     # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below. Prefill is
     # compute-bound: it scans the stacked weights (as bits when bf16), whatever groups decoding uses.
-    cache = KVCache.zeros(c, B, T, model.dtype)
+    cache = KVCache.zeros(c, B, T, model.dtype, model.partitioning)
     h, cache = model.text(x, positions_from_mask(mask_BT), causal_mask(mask_BT, c.sliding_window), cache, 0,
                           layer_weights=None if isinstance(lw, list) else lw)
     grow = ((0, 0), (0, 0), (0, slots - T), (0, 0), (0, 0))

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.config import TextConfig
-from idefics_jax._layers import Stacked, apply_rope, attend, attention_swiglu_spec, ones, param, rms_norm, rope_inv_freq, scan_layers
+from idefics_jax._layers import (Stacked, apply_rope, attend, attention_swiglu_spec, ones, param, rms_norm,
+                                 rope_inv_freq, scan_layers)
 from idefics_jax.sharding import Partitioning, constrain
 
 _ONES = jax.nn.initializers.ones
@@ -74,13 +75,14 @@ class Decoder(nnx.Module):
 
         def layer(x, w, kv):
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            q = shard(apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq), "batch", None, "heads", None)
-            k = shard(apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq), "batch", None, "kv_heads", None)
-            v = shard(jnp.einsum("BTD,DKH->BTKH", h, w["v"]), "batch", None, "kv_heads", None)
+            heads, kv_heads = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+            q = shard(apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq), *heads)
+            k = shard(apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq), *kv_heads)
+            v = shard(jnp.einsum("BTD,DKH->BTKH", h, w["v"]), *kv_heads)
             if kv is not None:
                 start = (0, cache_index, 0, 0)
-                k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), "batch", None, "kv_heads", None)
-                v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), "batch", None, "kv_heads", None)
+                k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), *kv_heads)
+                v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), *kv_heads)
                 kv = (k, v)
             # As one (N*H)-wide contraction: left as (N, H), XLA:CPU transposes the weight every step instead.
             o = attend(q, k, v, mask_BTS)

@@ -132,7 +132,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
     inv = inv.astype(np.float32)
     if rope.type == "llama3":
-        orig, lo, hi, factor = rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor, rope.factor
+        orig, lo, hi = rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor
+        factor = rope.factor
         wavelen = 2 * math.pi / inv
         low_wl, high_wl = orig / lo, orig / hi
         scaled = np.where(wavelen > low_wl, inv / factor, inv)

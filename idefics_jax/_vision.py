@@ -40,10 +40,12 @@ def _layer(eps: float, part: Partitioning | None):
         q = shard(jnp.einsum("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
         k = shard(jnp.einsum("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
         v = shard(jnp.einsum("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
-        a = attend(q, k, v, jnp.broadcast_to(key_mask_IS[:, None, :], (*key_mask_IS.shape[:1], x_ISD.shape[1], x_ISD.shape[1])))
+        I, S = key_mask_IS.shape
+        a = attend(q, k, v, jnp.broadcast_to(key_mask_IS[:, None, :], (I, S, S)))
         x_ISD = shard(x_ISD + jnp.einsum("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
         h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
-        h = shard(jax.nn.gelu(jnp.einsum("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True), "batch", None, "mlp")
+        h = jax.nn.gelu(jnp.einsum("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
+        h = shard(h, "batch", None, "mlp")
         return shard(x_ISD + jnp.einsum("ISF,FD->ISD", h, w["fc2"]) + w["fc2_bias"], "batch", None, None)
 
     return fn

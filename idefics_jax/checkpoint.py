@@ -34,13 +34,10 @@ class CheckpointError(ValueError):
     config.json (HF safetensors or ours); the message names the file and the problem in one line."""
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32, partitioning: shd.Partitioning | None = None) -> IdeficsModel:
+def abstract_model(config: ModelConfig, dtype=jnp.float32,
+                   partitioning: shd.Partitioning | None = None) -> IdeficsModel:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
     return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
-
-
-def _partitioning(mesh, rules) -> shd.Partitioning | None:
-    return None if mesh is None else shd.Partitioning(mesh, rules)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -67,12 +64,13 @@ def _nest(flat: dict[str, object]) -> dict:
 def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.RULES):
     """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given)."""
     dtype = next(iter(arrays.values())).dtype
-    model = abstract_model(config, dtype, _partitioning(mesh, rules))
+    part = shd.partitioning(mesh, rules)
+    model = abstract_model(config, dtype, part)
     graphdef, state = nnx.split(model)
 
     def place(path, var):
         arr = arrays["/".join(map(str, path))]
-        return var.replace(jax.device_put(arr, shd.sharding_for(var.get_metadata()["axes"], arr.shape, mesh, rules)))
+        return var.replace(jax.device_put(arr, shd.sharding_for(var.get_metadata()["axes"], arr.shape, part)))
 
     flat = [(p, place(p, v)) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -115,16 +113,15 @@ def _with_read_chunks(driver: str, metadata: dict, shape: list[int]) -> dict:
     which tensorstore reads one by one."""
     if driver == "zarr":
         return {**metadata, "chunks": shape}
-    codecs = [
-        {**c, "configuration": {**c["configuration"], "chunk_shape": shape}} if c.get("name") == "sharding_indexed" else c
-        for c in metadata.get("codecs", [])
-    ]
+    sharded = lambda c: {**c, "configuration": {**c["configuration"], "chunk_shape": shape}}  # noqa: E731
+    codecs = [sharded(c) if c.get("name") == "sharding_indexed" else c for c in metadata.get("codecs", [])]
     return {**metadata, "codecs": codecs}
 
 
 def param_axes(config: ModelConfig) -> dict[str, tuple]:
     """Logical axis names by parameter path."""
-    return {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config)))
+    return {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in flat}
 
 
 def save_partial(directory: str, path: str, array: np.ndarray, axes) -> None:
@@ -161,6 +158,44 @@ def resolve(path: str) -> str:
     return path
 
 
+def _check_stored(path: str, params_dir: str, target: dict) -> None:
+    """Checks what the restore will read before it starts: the stored arrays' names and shapes (Orbax's metadata
+    file) against the model's, and that the store's index and every array's metadata are there. Reads no array.
+
+    Orbax runs a restore's reads as asyncio tasks on a loop that it closes as soon as one read fails, without
+    cancelling the others: left pending, they fail later as unraisable exceptions (pages of TensorStore specs,
+    "Event loop is closed"). So a checkpoint that does not match or is damaged is refused here, not by a read.
+    """
+    import tensorstore as ts
+    from etils import epath
+
+    def damaged(e: Exception):
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return CheckpointError(f"{path}: parameters missing or damaged ({detail})")
+
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
+        keys = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result().list().result()
+    except (ValueError, KeyError, OSError) as e:
+        raise damaged(e) from None
+    name = lambda p: "/".join(str(k.key) for k in p)  # noqa: E731
+    stored = {name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    wanted = {name(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
+    missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+    if missing or extra:
+        which = f"{missing[0]} missing" if missing else f"{extra[0]} not in the model"
+        raise CheckpointError(f"{path}: parameters do not match config.json ({which})")
+    for n, shape in wanted.items():
+        if stored[n] != shape:
+            raise CheckpointError(f"{path}: parameters do not match config.json ({n}: stored {stored[n]}, "
+                            f"config.json gives {shape})")
+    # Orbax names each array's store after its path with dots.
+    present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}
+    absent = sorted(n for n in stored if n.replace("/", ".") not in present)
+    if absent:
+        raise CheckpointError(f"{path}: parameters missing or damaged ({absent[0]} is not in the store)")
+
+
 def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
     """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
     meta_path = os.path.join(path, META_FILE)
@@ -173,15 +208,17 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
     stored = jnp.dtype(meta["dtype"])
     dtype = jnp.dtype(dtype or stored)
-    graphdef, state = nnx.split(abstract_model(config, stored, _partitioning(mesh, rules)))
+    part = shd.partitioning(mesh, rules)
+    graphdef, state = nnx.split(abstract_model(config, stored, part))
     flat = nnx.to_flat_state(state)
     target = _nest({
         "/".join(map(str, p)): jax.ShapeDtypeStruct(
-            v.shape, dtype, sharding=shd.sharding_for(v.get_metadata()["axes"], v.shape, mesh, rules))
+            v.shape, dtype, sharding=shd.sharding_for(v.get_metadata()["axes"], v.shape, part))
         for p, v in flat
     })
     ckptr = ocp.PyTreeCheckpointer()
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
+    _check_stored(path, params_dir, target)
     try:
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=jax.tree.map(

@@ -21,6 +21,13 @@ def _export(a):
 
 
 def _train(a):
+    from idefics_jax import configs
+
+    if a.list:
+        print("\n".join(configs.names()))
+        return
+    if a.config is None:
+        raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
     from idefics_jax.train import config, trainer
 
     trainer.train(config.load(a.config, a.overrides))
@@ -28,39 +35,61 @@ def _train(a):
 
 def _generate(a):
     from idefics_jax.chat import Chat
+    from idefics_jax.generation import check_arguments
+    from idefics_jax.images import load_image
 
+    # Every argument is checked before the model loads (seconds), images included.
     if a.temperature is not None and not a.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
-    chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge)
-    content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
+    if a.longest_edge is not None and a.longest_edge < 1:
+        raise ValueError(f"--longest-edge must be a positive number of pixels; got {a.longest_edge}")
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    for piece in chat.stream([{"role": "user", "content": content}], a.image, max_new_tokens=a.max_new_tokens, **kw):
+    check_arguments(max_new_tokens=a.max_new_tokens, **kw)
+    images = [load_image(i) for i in a.image]
+    chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
+                     longest_edge=a.longest_edge)
+    content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
+    for piece in chat.stream([{"role": "user", "content": content}], images, max_new_tokens=a.max_new_tokens, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("idefics-jax")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    # --debug after the subcommand too; SUPPRESS keeps a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="HF safetensors directory -> Orbax checkpoint")
+    parser = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
+    c = parser("convert", help="HF safetensors directory -> Orbax checkpoint")
     c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards)")
     c.add_argument("dst", help="output directory (must not exist)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     c.set_defaults(fn=_convert)
-    e = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors directory")
+    e = parser("export", help="Orbax checkpoint -> HF safetensors directory")
     e.add_argument("src", help="checkpoint written by `idefics-jax convert`")
     e.add_argument("dst", help="output HF directory (must not exist)")
     e.set_defaults(fn=_export)
-    t = sub.add_parser("train", help="fine-tune with a config from configs/ (resumes from WORKDIR)")
-    t.add_argument("config", help="YAML file, e.g. configs/tiny.yaml")
+    t = parser("train", help="fine-tune with a shipped config or a YAML file (resumes from WORKDIR)")
+    t.add_argument("config", nargs="?", help="a shipped config's name (see --list), or a YAML file")
+    t.add_argument("--list", action="store_true", help="name the shipped configs and exit")
     t.add_argument("overrides", nargs="*", help="key=value, nested with dots (optim.learning_rate=1e-4)")
     t.set_defaults(fn=_train)
-    g = sub.add_parser("generate", help="answer a prompt about images, streaming the text to stdout")
+    g = parser("generate", help="answer a prompt about images, streaming the text to stdout")
     g.add_argument("--model", default="tiny-shapes",
                    help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")

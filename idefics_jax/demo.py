@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     top = processor.tokenizer.convert_ids_to_tokens(int(logits[0, -1].argmax()))
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens, {inputs['pixel_values'].shape[1]} image tiles")
     print(f"jax forward: {t1 - t0:.2f} s with compile, {1000 * (t2 - t1):.1f} ms after")
-    print(f"next token (random weights): {top!r}; transformers agrees: {top == processor.tokenizer.convert_ids_to_tokens(int(ref_logits[0, -1].argmax()))}")
+    theirs = processor.tokenizer.convert_ids_to_tokens(int(ref_logits[0, -1].argmax()))
+    print(f"next token (random weights): {top!r}; transformers agrees: {top == theirs}")
     print(f"max |logit diff| / max |logit| vs transformers: {err:.2e}")
 
     chat = Chat(model, processor)

@@ -47,9 +47,10 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _check_arguments(model, mask_BT, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                     chunk_size, seed) -> None:
-    """Every argument error as a ValueError that names it, before anything is compiled or run."""
+def check_arguments(*, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=None,
+                    top_p=None, chunk_size=1, seed=0) -> None:
+    """Every generation argument error as a ValueError that names it; needs no model (the CLI checks its
+    arguments with it before loading one)."""
     if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
     if not (_is_int(min_new_tokens) and min_new_tokens >= 0):
@@ -64,6 +65,9 @@ def _check_arguments(model, mask_BT, max_new_tokens, min_new_tokens, do_sample, 
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer; got {seed!r}")
+
+
+def _check_prompt(model, mask_BT) -> None:
     if not mask_BT.any(axis=1).all():
         raise ValueError("every row needs at least one token (attention_mask has an all-zero row)")
     if mask_BT[:, -1].min() == 0:
@@ -87,8 +91,9 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     ids = np.asarray(input_ids)
     check_inputs(model.config, ids, attention_mask, pixel_values, pixel_attention_mask)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
-    _check_arguments(model, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, chunk_size,
-                     seed)
+    check_arguments(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size, seed=seed)
+    _check_prompt(model, mask)
 
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:  # transformers' order: the generation config's pad, else the first eos

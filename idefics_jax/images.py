@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 # PIL refuses more than twice its default pixel budget outright; 10000 x 10000 photos (100 M) are accepted.
 MAX_PIXELS = 2 * 89_478_485

@@ -68,8 +68,8 @@ class IdeficsModel(nnx.Module):
         self.connector = CONNECTORS[type(config.connector)](config, rngs=rngs, dtype=dtype)
         self.text = Decoder(config.text, rngs=rngs, dtype=dtype, partitioning=partitioning)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"), dtype=dtype,
-                                 fan_in=1)
+            self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"),
+                                 dtype=dtype, fan_in=1)
         # eos / pad ids `generate` defaults to; `load_pretrained` sets the checkpoint's.
         self.generation_defaults = GenerationDefaults()
 
@@ -158,7 +158,8 @@ def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, p
         raise ValueError(f"input_ids must be a 2-D integer array (batch, tokens); got shape {ids.shape} {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
         # jnp.take would quietly turn these into NaN embeddings.
-        raise ValueError(f"input_ids must lie in [0, {config.text.vocab_size}); got values from {ids.min()} to {ids.max()}")
+        raise ValueError(
+            f"input_ids must lie in [0, {config.text.vocab_size}); got values from {ids.min()} to {ids.max()}")
     if attention_mask is not None and np.shape(attention_mask) != ids.shape:
         raise ValueError(f"attention_mask shape {np.shape(attention_mask)} differs from input_ids shape {ids.shape}")
     n_tokens = int((ids == config.image_token_id).sum())

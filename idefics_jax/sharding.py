@@ -101,10 +101,28 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rule
     return PartitionSpec(*out)
 
 
-def sharding_for(axes, shape, mesh: Mesh | None, rules: Rules = RULES):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+def known_axes(rules: Rules) -> set[str]:
+    """The mesh axis names `rules` can map onto: data, fsdp, tensor and any other axis a rule names."""
+    named = {a for _, t in rules for a in ((t,) if isinstance(t, str) else (t or ()))}
+    return set(MESH_AXES) | named
+
+
+def auto_mesh(mesh: Mesh, rules: Rules = RULES) -> Mesh:
+    """`mesh` (same devices and axis names) with Auto axis types, after checking its axis names.
+
+    `jax.make_mesh` gives Explicit axes by default, where arrays carry their sharding in their type and
+    `with_sharding_constraint` may not name those axes; the model places its parameters and constrains its
+    activations itself and lets the compiler propagate between them, which is what Auto axes mean. A mesh may
+    name a subset of the axes (e.g. data and tensor only): rules naming a missing axis leave that dimension
+    unsplit along it.
+    """
+    unknown = [a for a in mesh.axis_names if a not in known_axes(rules)]
+    if unknown:
+        raise ValueError(f"mesh axis {unknown[0]!r} is unknown: the sharding rules map onto "
+                         f"{', '.join(sorted(known_axes(rules)))}")
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +130,8 @@ class Partitioning:
     """A mesh and the rules mapping logical axis names onto it.
 
     The model holds one (static, so part of every jit cache key) and constrains its activations with it; a
-    model without one runs wherever its arrays are, unconstrained.
+    model without one runs wherever its arrays are, unconstrained. Any mesh is accepted (Auto or Explicit axes,
+    any subset of data / fsdp / tensor); it is kept as `auto_mesh(mesh)`.
     """
 
     mesh: Mesh
@@ -121,12 +140,24 @@ class Partitioning:
     def __post_init__(self):
         # Tuples throughout: the model's graph definition must hash.
         object.__setattr__(self, "rules", tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in self.rules))
+        object.__setattr__(self, "mesh", auto_mesh(self.mesh, self.rules))
 
     def spec(self, axes, shape) -> PartitionSpec:
         return spec_for(axes, shape, self.mesh, self.rules)
 
     def sharding(self, axes, shape) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(axes, shape))
+
+
+def partitioning(mesh: Mesh | None, rules: Rules = RULES) -> Partitioning | None:
+    return None if mesh is None else Partitioning(mesh, rules)
+
+
+def sharding_for(axes, shape, part: Partitioning | None):
+    """Where an array with logical `axes` goes: laid out over the mesh, or on the first local device."""
+    if part is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return part.sharding(axes, shape)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:

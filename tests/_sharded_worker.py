@@ -4,13 +4,15 @@
     python tests/_sharded_worker.py CKPT INPUTS.npz OUT --mesh 1,8,1 --process-id I --num-processes 2 --port P
 
 `--mesh one` is the plain single-device model; `D,F,T` a (data, fsdp, tensor) mesh over all 8 devices of all
-processes. INPUTS holds `<case>/<key>` processor arrays, and `train/<key>` a batch with labels. For each mesh,
-OUT.npz gets under `<mesh>/`: the logits of every case, the loss and updated parameters of one AdamW step
-(`param/<path>`; `param_before/<path>` for `one`), the partition spec of every parameter before and after the step, and the parameter bytes on
-each device of this process; on meshes, `prefill/` holds the text-only case's logits through a KV cache
-allocated on the mesh, and that cache's partition spec. With several processes each one starts the same program, as on a TPU pod;
-process 0 writes OUT.npz. Every process writes OUT.<process>.json with the bytes it read from disk to load
-CKPT2 on a (1, 8, 1) mesh.
+processes (`sharding.make_mesh`: Auto axes); `name=size,...` a mesh made the ordinary way, `jax.make_mesh(sizes,
+names)` (Explicit axes by default), with any of the axis names. INPUTS holds `<case>/<key>` processor arrays, and
+`train/<key>` a batch with labels. For each mesh, OUT.npz gets under `<mesh>/`: the logits of every case, the loss
+and updated parameters of one AdamW step (`param/<path>`; `param_before/<path>` for `one`), the partition spec of
+every parameter before and after the step, and the parameter bytes on each device of this process; on meshes,
+`prefill/` holds the text-only case's logits through a KV cache allocated on the mesh, and that cache's partition
+spec; for the meshes named by `--generate`, `generate/batch8` holds the greedy tokens `generate` returns for that
+case. With several processes each one starts the same program, as on a TPU pod; process 0 writes OUT.npz. Every
+process writes OUT.<process>.json with the bytes it read from disk to load CKPT2 on a (1, 8, 1) mesh.
 
 XLA's backend optimisation is off: it divides compile time by about three, and every run here shares it.
 """
@@ -52,12 +54,26 @@ def _prefill(model, batch):
     return run(model, batch["input_ids"], batch["attention_mask"])
 
 
+def _make_mesh(arg: str):
+    import jax
+
+    from idefics_jax import sharding as shd
+
+    if arg == "one":
+        return None
+    if "=" in arg:
+        names, sizes = zip(*(part.split("=") for part in arg.split(",")))
+        return jax.make_mesh(tuple(map(int, sizes)), names)
+    return shd.make_mesh(tuple(int(s) for s in arg.split(",")))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("ckpt")
     p.add_argument("inputs")
     p.add_argument("out")
-    p.add_argument("--mesh", action="append", required=True, help="'one', or data,fsdp,tensor")
+    p.add_argument("--mesh", action="append", required=True, help="'one', data,fsdp,tensor or name=size,...")
+    p.add_argument("--generate", action="append", default=[], help="a --mesh to run `generate` on too")
     p.add_argument("--read-check", help="a checkpoint to load on a (1, 8, 1) mesh, counting the bytes read")
     p.add_argument("--hf", help="an HF directory to load on a (2, 2, 2) mesh (converted in memory); OUT gets "
                    "`hf/<case>/logits`")
@@ -94,11 +110,13 @@ def main(argv=None) -> int:
 
     out: dict[str, np.ndarray] = {}
     for mesh_arg in a.mesh:
-        mesh = None if mesh_arg == "one" else shd.make_mesh(tuple(int(s) for s in mesh_arg.split(",")))
+        mesh = _make_mesh(mesh_arg)
         model = idefics_jax.load_pretrained(a.ckpt, mesh=mesh)
         for case, batch in inputs.items():
             if case != "train":
                 out[f"{mesh_arg}/{case}/logits"] = shd.to_host(model(**batch))
+        if mesh_arg in a.generate:
+            out[f"{mesh_arg}/generate/batch8"] = idefics_jax.generate(model, **inputs["batch8"], max_new_tokens=3)
         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             name = "/".join(map(str, path))
             out[f"{mesh_arg}/spec/{name}"] = np.array(str(getattr(v[...].sharding, "spec", "")))
@@ -116,7 +134,8 @@ def main(argv=None) -> int:
         tx = optax.adamw(1e-4, weight_decay=0.1, eps=1e-6)
         parts = train.split(model)
         state = train.init_state(parts.trainable, tx)
-        state, metrics = train.make_train_step(parts, tx)(state, parts.frozen, train.put_batch(inputs["train"], model.partitioning))
+        batch = train.put_batch(inputs["train"], model.partitioning)
+        state, metrics = train.make_train_step(parts, tx)(state, parts.frozen, batch)
         out[f"{mesh_arg}/loss"] = shd.to_host(metrics["loss"])
         for name, v in state.trainable.items():
             out[f"{mesh_arg}/param/{name}"] = shd.to_host(v)

@@ -65,7 +65,8 @@ CASES = {
     "missing config.json": (lambda p: os.remove(os.path.join(p, "config.json")), "config.json: missing"),
     "malformed config.json": (lambda p: open(os.path.join(p, "config.json"), "w").write("{\"model_type\": "),
                               "config.json: not valid JSON"),
-    "shapes disagree": (_edit_config(text_hidden_size=64), "proj.weight' has shape (48, 128), config.json implies (64, 128)"),
+    "shapes disagree": (_edit_config(text_hidden_size=64),
+                        "proj.weight' has shape (48, 128), config.json implies (64, 128)"),
     "unsupported model_type": (_edit_config(model_type="llava"), "model_type 'llava' is not supported"),
     "missing tokenizer": (lambda p: os.remove(os.path.join(p, "tokenizer.json")), "no tokenizer files"),
 }

@@ -73,7 +73,8 @@ def test_sliding_window_shorter_than_prompt(tmp_path, cases2):
     assert inputs["attention_mask"].sum(axis=1).min() > 3 * 16
     model = idefics_jax.load_pretrained(path)
     assert model.config.text.sliding_window == 16
-    err = rel_err(np.asarray(model(**inputs)), hf_logits(AutoModelForImageTextToText.from_pretrained(path).eval(), inputs),
+    hf = AutoModelForImageTextToText.from_pretrained(path).eval()
+    err = rel_err(np.asarray(model(**inputs)), hf_logits(hf, inputs),
                   inputs["attention_mask"])
     print(f"sliding window 16: logits rel err {err:.2e}")
     assert err <= 1e-4

@@ -68,7 +68,8 @@ def test_tied_head_when_checkpoint_has_none(tmp_path, cases):
     inputs = cases["one_image_split_padded"]
     model = idefics_jax.load_pretrained(path)
     assert model.config.tie_word_embeddings and not hasattr(model, "lm_head")
-    err = rel_err(np.asarray(model(**inputs)), hf_logits(AutoModelForImageTextToText.from_pretrained(path).eval(), inputs),
+    hf = AutoModelForImageTextToText.from_pretrained(path).eval()
+    err = rel_err(np.asarray(model(**inputs)), hf_logits(hf, inputs),
                   inputs["attention_mask"])
     assert err <= 1e-4
 
@@ -84,6 +85,7 @@ def test_default_rope_and_untied(tmp_path, cases):
     inputs = cases["batch_1_and_2_images"]
     model = idefics_jax.load_pretrained(path)
     assert model.config.text.rope.type == "default"
-    err = rel_err(np.asarray(model(**inputs)), hf_logits(AutoModelForImageTextToText.from_pretrained(path).eval(), inputs),
+    hf = AutoModelForImageTextToText.from_pretrained(path).eval()
+    err = rel_err(np.asarray(model(**inputs)), hf_logits(hf, inputs),
                   inputs["attention_mask"])
     assert err <= 1e-4

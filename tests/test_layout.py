@@ -88,7 +88,8 @@ def test_layers_point_one_way():
             if imp == FACADE:
                 bad.append(f"{where} imports the package facade; import the defining module instead")
             elif imp in KNOWN and layer_of(imp) > layer_of(m):
-                bad.append(f"{where}: {LAYERS[layer_of(m)][0]} module {m} imports {LAYERS[layer_of(imp)][0]} module {imp}")
+                bad.append(f"{where}: {LAYERS[layer_of(m)][0]} module {m} imports "
+                           f"{LAYERS[layer_of(imp)][0]} module {imp}")
     assert not bad, "\n".join(bad)
 
 

@@ -7,6 +7,7 @@ This process already runs jax on one device, so the sharded runs happen in fresh
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from idefics_jax import testing
 
 WORKER = os.path.join(os.path.dirname(__file__), "_sharded_worker.py")
 MESHES = ["2,2,2", "1,8,1", "1,2,4"]
+# Meshes made the ordinary way, `jax.make_mesh(sizes, names)`: Explicit axes (jax's default), and a mesh naming
+# only some of the axes.
+ANY_MESHES = ["data=2,fsdp=2,tensor=2", "data=4,tensor=2"]
 CASES = ["batch8", "text_only"]
 
 
@@ -144,7 +148,9 @@ def _run(args, n=1, timeout=600):
 
 @pytest.fixture(scope="module")
 def one_process(ckpt, wide_ckpt, inputs, workdir, tiny_hf_sharded):
-    return _run([ckpt, inputs[0], str(workdir / "one"), "--mesh", "one", *sum((["--mesh", m] for m in MESHES), []),
+    return _run([ckpt, inputs[0], str(workdir / "one"), "--mesh", "one",
+                 *sum((["--mesh", m] for m in MESHES + ANY_MESHES), []),
+                 *sum((["--generate", m] for m in ["one", *ANY_MESHES]), []),
                  "--read-check", wide_ckpt, "--hf", tiny_hf_sharded])
 
 
@@ -173,17 +179,49 @@ def _same_step(got: dict, prefix: str, ref: dict):
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (prefix, loss, ref_loss)
     params = [k[len("one/param/"):] for k in ref if k.startswith("one/param/")]
     worst = max((_rel(got[f"{prefix}/param/{p}"], ref[f"one/param/{p}"]), p) for p in params)
-    print(f"{prefix}: loss {loss:.6f} (one device {ref_loss:.6f}), worst updated parameter rel err {worst[0]:.1e} ({worst[1]})")
+    print(f"{prefix}: loss {loss:.6f} (one device {ref_loss:.6f}), "
+          f"worst updated parameter rel err {worst[0]:.1e} ({worst[1]})")
     assert worst[0] <= 1e-5, (prefix, worst)
-    for p in params:  # the step kept every parameter's layout
-        assert str(got[f"{prefix}/spec_after_step/{p}"]) == str(got[f"{prefix}/spec/{p}"]), (prefix, p)
+    # The step kept every parameter's layout (trailing unsplit dimensions may be spelled out or not).
+    same = lambda s: re.sub(r"(, None)*,?\)$", ")", str(s))  # noqa: E731
+    for p in params:
+        assert same(got[f"{prefix}/spec_after_step/{p}"]) == same(got[f"{prefix}/spec/{p}"]), (prefix, p)
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESHES + ANY_MESHES)
 def test_mesh_matches_one_device(one_process, inputs, mesh):
+    """Logits, greedy tokens, the training step's loss and updated parameters (and `generate`'s tokens)."""
     got, _ = one_process
     _same_outputs(got, mesh, got, inputs[1])
+    if mesh in ANY_MESHES:
+        print(mesh, "generated", got[f"{mesh}/generate/batch8"][:, -3:].tolist())
+        np.testing.assert_array_equal(got[f"{mesh}/generate/batch8"], got["one/generate/batch8"], err_msg=mesh)
     _same_step(got, mesh, got)
+
+
+def test_any_mesh_is_kept_with_auto_axes():
+    """A mesh with Explicit axes is used as the same mesh with Auto axes; a subset of the axis names is kept."""
+    import jax
+    from jax.sharding import AxisType
+
+    explicit = jax.make_mesh((1, 1), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+    part = shd.Partitioning(explicit)
+    assert part.mesh.axis_types == (AxisType.Auto,) * 2 and part.mesh.axis_names == ("data", "tensor")
+    assert list(part.mesh.devices.flat) == list(explicit.devices.flat)
+    assert part.spec(("batch", "heads"), (4, 4)) == shd.PartitionSpec(None, None)
+
+
+def test_unknown_mesh_axis_is_named(tiny_hf):
+    import jax
+
+    import idefics_jax
+
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    with pytest.raises(ValueError, match=r"^mesh axis 'model' is unknown: the sharding rules map onto data, fsdp, "
+                                         r"tensor$"):
+        idefics_jax.load_pretrained(tiny_hf, mesh=mesh)
+    # An axis that a rule names is known.
+    assert shd.Partitioning(mesh, cfg.override(cfg.RULES, mlp="model")).mesh.axis_names == ("data", "model")
 
 
 def test_training_step_trains(one_process):
@@ -197,23 +235,26 @@ def test_training_step_trains(one_process):
     assert np.isfinite(got["one/loss"]) and float(got["one/loss"]) > 0
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESHES + ANY_MESHES)
 def test_kv_cache_on_mesh(one_process, inputs, mesh):
     """A prefill through a KV cache allocated on the mesh: batch over data/fsdp, kv heads (2) over tensor when
     they divide; the same logits as the forward pass without a cache."""
     got, _ = one_process
     keep = inputs[1]["text_only"]["attention_mask"].astype(bool)
     assert _rel(got[f"{mesh}/prefill/logits"], got["one/text_only/logits"], keep) <= 1e-5
-    expected = {"2,2,2": (None, "data", None, "tensor"), "1,8,1": (), "1,2,4": (None, "fsdp")}
+    expected = {"2,2,2": (None, "data", None, "tensor"), "1,8,1": (), "1,2,4": (None, "fsdp"),
+                "data=2,fsdp=2,tensor=2": (None, "data", None, "tensor"),
+                "data=4,tensor=2": (None, None, None, "tensor")}
     assert str(got[f"{mesh}/prefill/cache_spec"]) == str(shd.PartitionSpec(*expected[mesh]))
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESHES + ANY_MESHES[:1])
 def test_parameters_are_split(one_process, mesh):
     got, _ = one_process
     specs = {k.split("/spec/")[1]: str(v) for k, v in got.items() if k.startswith(f"{mesh}/spec/")}
     sizes = {p: got[f"one/param/{p}"].size for p in specs}
-    replicated = [p for p, s in specs.items() if sizes[p] >= 1024 and not s.strip("P()").replace("None", "").strip(", ")]
+    unsplit = lambda s: not s.strip("P()").replace("None", "").strip(", ")  # noqa: E731
+    replicated = [p for p, s in specs.items() if sizes[p] >= 1024 and unsplit(s)]
     assert not replicated, (mesh, replicated)
     per_device = got[f"{mesh}/bytes_per_device"]
     total = sum(got[f"one/param/{p}"].nbytes for p in specs)

@@ -19,7 +19,8 @@ def _split(shape, n_in: int, stacked: bool):
     return shape[:lead], math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
 
 
-def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraConfig, key) -> dict[str, dict[str, jax.Array]]:
+def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraConfig,
+         key) -> dict[str, dict[str, jax.Array]]:
     """Adapters for every target path; B starts at zero so the model starts unchanged. `fan_in`: the parameters'
     matmul metadata (`idefics_jax.model.matmul_fan_in`)."""
     out = {}

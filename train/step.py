@@ -129,7 +129,8 @@ def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype
                 (t, c), g = grad_fn(state.trainable, frozen, mb)
                 return jax.tree.map(jnp.add, acc, ((t, c), g)), None
 
-            zero = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), jax.tree.map(jnp.zeros_like, state.trainable))
+            zero = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+                    jax.tree.map(jnp.zeros_like, state.trainable))
             ((total, count), grads), _ = jax.lax.scan(body, zero, micro)
         n = jnp.maximum(count, 1)
         grads = jax.tree.map(lambda g: g / n, grads)

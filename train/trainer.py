@@ -95,8 +95,8 @@ def train(cfg: TrainConfig) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.__setitem__("signal", sig))
 
     def save(step: int):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state())),
-                     force=True)
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(it.get_state())), force=True)
 
     flops_tok = flops_per_token(model)
     peak = peak_flops(compute or jnp.float32) * jax.device_count()
