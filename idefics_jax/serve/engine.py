@@ -50,7 +50,7 @@ class Request:
 
     messages: list[dict]
     images: Sequence[Any] | None = None
-    max_tokens: int = 256
+    max_tokens: int | None = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -192,7 +192,7 @@ class Engine:
     def prepare(self, request: Request) -> dict:
         """The request's model inputs, or ValueError naming what is wrong with it."""
         r = request
-        if not _positive_int(r.max_tokens):
+        if r.max_tokens is not None and not _positive_int(r.max_tokens):
             raise ValueError(f"max_tokens must be a positive integer; got {r.max_tokens!r}")
         if not (isinstance(r.temperature, numbers.Real) and math.isfinite(r.temperature) and r.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy); got {r.temperature!r}")
@@ -208,11 +208,13 @@ class Engine:
         if T > limit:
             raise ValueError(f"the prompt has {T} tokens but the model has {limit} positions; shorten it or use "
                              "fewer / smaller images")
-        if not self.decoder.fits(T, r.max_tokens):
-            room = self.max_len - self.decoder.prompt_columns(T)
+        room = self.max_len - self.decoder.prompt_columns(T)
+        if room < 1:
+            raise ValueError(f"the prompt has {T} tokens: too long for the {self.max_len} positions per slot")
+        if r.max_tokens is not None and r.max_tokens > room:
             raise ValueError(f"max_tokens {r.max_tokens} is too large: the prompt has {T} tokens and at most "
-                             f"{room} new tokens fit (max_len {self.max_len})" if room > 0 else
-                             f"the prompt has {T} tokens, more than the {self.max_len} positions per slot")
+                             f"{room} new tokens fit (max_len {self.max_len})")
+        inputs["max_tokens"] = room if r.max_tokens is None else r.max_tokens
         return inputs
 
     def submit(self, request: Request, *, on_event: Callable[[tuple], None] | None = None,
@@ -292,8 +294,10 @@ class Engine:
 
     def _admit(self, h: Handle, inputs: dict, slot: int) -> None:
         r = h.request
+        inputs = dict(inputs)
+        max_tokens = inputs.pop("max_tokens")
         try:
-            pre = self.decoder.prefill(**inputs, max_new_tokens=r.max_tokens, temperature=r.temperature,
+            pre = self.decoder.prefill(**inputs, max_new_tokens=max_tokens, temperature=r.temperature,
                                        top_p=r.top_p, seed=r.seed)
         except Exception as e:  # checked at submit; anything left fails this request only
             self.stats["failed"] += 1
