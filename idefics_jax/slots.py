@@ -55,6 +55,7 @@ class SlotState:
     temperature_N: jax.Array  # f32; 0 = greedy
     top_p_N: jax.Array  # f32
     key_N2: jax.Array  # uint32 key data of jax.random.key(seed)
+    ignore_eos_N: jax.Array  # bool: only max tokens ends the request
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ class Prefilled:
     temperature: float
     top_p: float
     seed: int
+    ignore_eos: bool
 
     @property
     def prompt_tokens(self) -> int:
@@ -88,7 +90,7 @@ def _pad_images(pixel_values, pixel_mask):
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def _insert(state: SlotState, cache: KVCache, mask_T, slot, first, limit, temperature, top_p, key2):
+def _insert(state: SlotState, cache: KVCache, mask_T, slot, first, limit, temperature, top_p, key2, ignore_eos):
     S = state.valid_NS.shape[1]
     T = mask_T.shape[0]
     cols = (state.t - T + jnp.arange(T)) % S  # the T columns that end just before the next one written
@@ -104,7 +106,7 @@ def _insert(state: SlotState, cache: KVCache, mask_T, slot, first, limit, temper
         pos_N=state.pos_N.at[slot].set(jnp.sum(mask_T, dtype=jnp.int32)), step_N=state.step_N.at[slot].set(1),
         limit_N=state.limit_N.at[slot].set(limit), done_N=state.done_N.at[slot].set(False),
         temperature_N=state.temperature_N.at[slot].set(temperature), top_p_N=state.top_p_N.at[slot].set(top_p),
-        key_N2=state.key_N2.at[slot].set(key2))
+        key_N2=state.key_N2.at[slot].set(key2), ignore_eos_N=state.ignore_eos_N.at[slot].set(ignore_eos))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -151,7 +153,7 @@ def _decode(graphdef, params, lw, state: SlotState, stop_on_finish, pad, eos_E, 
         h, cache = model.text(model.embed(s.last_N[:, None]), s.pos_N[:, None], mask[:, None, :], s.cache, q,
                               layer_weights=lw)
         nxt = jnp.where(active, _choose(model.lm_logits(h)[:, 0], s, pad, eos_E), pad)
-        ends = active & (is_eos(nxt, eos_E) | (s.step_N + 1 >= s.limit_N))
+        ends = active & ((is_eos(nxt, eos_E) & ~s.ignore_eos_N) | (s.step_N + 1 >= s.limit_N))
         s = dataclasses.replace(
             s, cache=cache, valid_NS=valid, keypos_NS=keypos, t=s.t + 1, last_N=jnp.where(active, nxt, s.last_N),
             pos_N=s.pos_N + active, step_N=s.step_N + active, done_N=s.done_N | ends)
@@ -190,7 +192,7 @@ class SlotDecoder:
             cache, jnp.zeros((N, S), bool), jnp.zeros((N, S), jnp.int32), jnp.int32(0), jnp.zeros(N, jnp.int32),
             jnp.zeros(N, jnp.int32), jnp.zeros(N, jnp.int32), jnp.ones(N, jnp.int32), jnp.ones(N, bool),
             jnp.zeros(N, jnp.float32), jnp.ones(N, jnp.float32),
-            jnp.zeros((N, *jax.random.key_data(jax.random.key(0)).shape), jnp.uint32))
+            jnp.zeros((N, *jax.random.key_data(jax.random.key(0)).shape), jnp.uint32), jnp.zeros(N, bool))
 
     def prompt_columns(self, prompt_len: int) -> int:
         """Cache columns a prompt of this many tokens takes (its bucket)."""
@@ -200,9 +202,11 @@ class SlotDecoder:
         return self.prompt_columns(prompt_len) + max_new_tokens <= self.max_len
 
     def prefill(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
-                max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Prefilled:
+                max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                ignore_eos: bool = False) -> Prefilled:
         """Runs one request's prompt (batch 1, the processor's numpy outputs) as `generate` does and picks its
-        first token. temperature 0 is greedy. Raises ValueError for a bad argument or a request that does not fit."""
+        first token. temperature 0 is greedy; with `ignore_eos` only `max_new_tokens` ends the request (as
+        `generate(eos_token_id=[])`). Raises ValueError for a bad argument or a request that does not fit."""
         ids = np.asarray(input_ids)
         check_inputs(self.model.config, ids, attention_mask, pixel_values, pixel_attention_mask)
         if ids.shape[0] != 1:
@@ -228,16 +232,16 @@ class SlotDecoder:
         st = _prefill(self.graphdef, self.params, self.lw, ids_b, mask_b, pv, pm, sp, cfg=cfg, slots=Tb + 1,
                       cpu=self.cpu)
         first = int(np.asarray(st.tokens_BS)[0, Tb])
-        done = bool(np.asarray(st.done_B)[0]) or max_new_tokens == 1
+        done = (bool(np.asarray(st.done_B)[0]) and not ignore_eos) or max_new_tokens == 1
         return Prefilled(st.cache, mask_b[0], first, done, max_new_tokens, float(temperature if sample else 0.0),
-                         float(top_p), int(seed))
+                         float(top_p), int(seed), bool(ignore_eos))
 
     def insert(self, pre: Prefilled, slot: int) -> None:
         """Puts a prefilled request into `slot` (which must be free); it decodes from the next `decode` on."""
         key2 = jax.random.key_data(jax.random.key(pre.seed))
         self.state = _insert(self.state, pre.cache, jnp.asarray(pre.mask_T), jnp.int32(slot), jnp.int32(pre.first),
                              jnp.int32(pre.max_new_tokens), jnp.float32(pre.temperature), jnp.float32(pre.top_p),
-                             key2)
+                             key2, jnp.bool_(pre.ignore_eos))
 
     def release(self, slot: int) -> None:
         """Stops `slot` (a cancelled request); it is free for `insert`."""

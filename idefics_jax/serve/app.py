@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages with text and image_url parts (data: URLs; local paths under
                                 `allow_local_images`), stream (server-sent events), max_tokens, temperature
-                                (0 = greedy), top_p, seed, stop; usage counts in the response
+                                (0 = greedy), top_p, seed, stop, ignore_eos (as vLLM); usage counts
     GET  /v1/models, GET /health, GET / (the chat page)
 
     app = create_app(Engine(model, processor, slots=8), "tiny-shapes")   # then uvicorn.run(app, ...)
@@ -153,8 +153,12 @@ def parse_request(body, model_name: str, engine: Engine, *, max_images: int, **i
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("stop must be a string or a list of at most 4 non-empty strings")
     seed = _number(body, "seed", None, int)
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest(f"ignore_eos must be true or false; got {ignore_eos!r}")
     req = Request(messages, images, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
-                  top_p=_number(body, "top_p", 1.0), seed=secrets.randbits(31) if seed is None else seed, stop=stop)
+                  top_p=_number(body, "top_p", 1.0), seed=secrets.randbits(31) if seed is None else seed, stop=stop,
+                  ignore_eos=ignore_eos)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false; got {stream!r}")

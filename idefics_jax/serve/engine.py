@@ -55,6 +55,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: Sequence[str] = ()
+    ignore_eos: bool = False  # only max_tokens (or a stop string) ends the answer
 
 
 @dataclasses.dataclass
@@ -298,14 +299,15 @@ class Engine:
         max_tokens = inputs.pop("max_tokens")
         try:
             pre = self.decoder.prefill(**inputs, max_new_tokens=max_tokens, temperature=r.temperature,
-                                       top_p=r.top_p, seed=r.seed)
+                                       top_p=r.top_p, seed=r.seed, ignore_eos=r.ignore_eos)
         except Exception as e:  # checked at submit; anything left fails this request only
             self.stats["failed"] += 1
             h._emit(("error", e))
             return
         stopped = self._take(h, [pre.first])
         if pre.done or stopped:
-            reason = "length" if (not stopped and pre.first not in self.decoder.eos_ids) else "stop"
+            eos = pre.first in self.decoder.eos_ids and not r.ignore_eos
+            reason = "stop" if (stopped or eos) else "length"
             self._finish(h, reason)
             return
         self.decoder.insert(pre, slot)
@@ -363,5 +365,5 @@ class Engine:
                     self.decoder.release(slot)
                     self._finish(h, "stop", slot)
                 elif done[slot]:
-                    eos = len(new) and int(new[-1]) in self.decoder.eos_ids
+                    eos = len(new) and int(new[-1]) in self.decoder.eos_ids and not h.request.ignore_eos
                     self._finish(h, "stop" if eos else "length", slot)
