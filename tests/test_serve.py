@@ -491,8 +491,8 @@ def test_sigterm_drains_running_requests_and_exits(server, tiny_chat):
     """SIGTERM while 4 answers stream: each finishes in full, then the process exits 0; afterwards nothing
     listens. (Runs last: it stops the module's server.)"""
     q = QUESTIONS[3]
-    want, _ = solo_text(tiny_chat, *q, 120, ignore_eos=True)
-    body = {"model": "tiny-shapes", "messages": openai_messages(*q), "temperature": 0, "max_tokens": 120,
+    want, _ = solo_text(tiny_chat, *q, 600, ignore_eos=True)
+    body = {"model": "tiny-shapes", "messages": openai_messages(*q), "temperature": 0, "max_tokens": 600,
             "ignore_eos": True}
     streams = [open_stream(server, body) for _ in range(4)]
     results = [read_events(f, 2) for _, f in streams]  # all 4 running
@@ -516,3 +516,7 @@ def test_sigterm_drains_running_requests_and_exits(server, tiny_chat):
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == want
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    server.log.seek(0)
+    log = server.log.read()
+    assert "Waiting for connections to close" in log  # the 4 answers were still running at SIGTERM
+    assert "Traceback" not in log

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import time
 import warnings
 from typing import Any
@@ -297,4 +298,11 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
     name = os.path.basename(os.path.normpath(model))
     app = create_app(engine, name, allow_local_images=allow_local_images, max_images=max_images,
                      max_image_pixels=max_image_pixels, drain_timeout=drain_timeout)
+    # uvicorn drains on SIGTERM / SIGINT, then raises the signal again under the handler it found: with this one
+    # the process exits 0 after a clean drain (while loading, above, the default handler ends it at once).
+    signal.signal(signal.SIGTERM, _exit)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info")
+
+
+def _exit(signum, frame):
+    raise SystemExit(0)
