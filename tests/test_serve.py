@@ -520,3 +520,42 @@ def test_sigterm_drains_running_requests_and_exits(server, tiny_chat):
     log = server.log.read()
     assert "Waiting for connections to close" in log  # the 4 answers were still running at SIGTERM
     assert "Traceback" not in log
+
+
+MESH_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from idefics_jax.chat import Chat, user_turn
+from idefics_jax.convert.load import load_pretrained
+from idefics_jax.generation import generate
+from idefics_jax.serve.engine import Engine, Request
+from idefics_jax.sharding import make_mesh
+from transformers import AutoProcessor
+
+path = sys.argv[1]
+model = load_pretrained(path, mesh=make_mesh((2, 2, 2)))
+chat = Chat(model, AutoProcessor.from_pretrained(path))
+texts = ["what is this", "why the dots", "show the red", "many kinds o", "blue or what"]
+reqs = [Request(user_turn(t), None, max_tokens=m, ignore_eos=True) for t, m in zip(texts, (9, 3, 14, 6, 11))]
+with Engine(model, chat, slots=4, max_len=64) as engine:
+    got = [h.result().tokens for h in [engine.submit(r) for r in reqs]]
+    spec = str(engine.decoder.state.cache.k.sharding.spec)
+want = []
+for r in reqs:
+    inputs = chat.inputs(r.messages)
+    want.append(generate(model, **inputs, max_new_tokens=r.max_tokens, eos_token_id=[])[0, -r.max_tokens:].tolist())
+print(json.dumps({"got": got, "want": want, "spec": spec}))
+"""
+
+
+def test_engine_on_a_mesh(lively_hf):
+    """On a (2, 2, 2) mesh of 8 simulated devices (a fresh process): the slot cache is sharded over the mesh
+    (slots over data and fsdp, kv heads over tensor) and the answers are `generate`'s on that mesh."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, lively_hf], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["got"] == r["want"]
+    assert "data" in r["spec"] and "tensor" in r["spec"], r["spec"]
