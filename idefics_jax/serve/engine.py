@@ -190,7 +190,7 @@ class Engine:
         with self._cv:
             return {"active": len(self._active), "waiting": len(self._waiting)}
 
-    def prepare(self, request: Request) -> dict:
+    def _prepare(self, request: Request) -> dict:
         """The request's model inputs, or ValueError naming what is wrong with it."""
         r = request
         if r.max_tokens is not None and not _positive_int(r.max_tokens):
@@ -222,7 +222,7 @@ class Engine:
                wait: bool = False) -> Handle:
         """Queues `request` -> its Handle. Raises ValueError for a bad request, QueueFull when `max_queue`
         requests wait (with wait=True: blocks until there is room), EngineStopped when stopping."""
-        inputs = self.prepare(request)
+        inputs = self._prepare(request)
         h = Handle(request, on_event)
         h._engine = self
         h.prompt_tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else \
