@@ -65,6 +65,12 @@ def _version() -> str:
     except PackageNotFoundError:  # a source tree that is not installed
         return "0+unknown"
 
+def _serve(a):
+    from idefics_jax.serve.app import serve
+
+    serve(a.model, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue, dtype=a.dtype,
+          allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
@@ -103,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     g.set_defaults(fn=_generate)
+    s = parser("serve", help="OpenAI-compatible chat server with continuous batching, and a chat page at /")
+    s.add_argument("--model", default="tiny-shapes", help="checkpoint or shipped model (default: tiny-shapes)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-len", type=int, default=None, help="cache positions per slot (prompt + answer)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    s.add_argument("--allow-local-images", default=None, metavar="DIR", help="accept image paths under DIR")
+    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    s.set_defaults(fn=_serve)
     return p
 
 

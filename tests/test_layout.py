@@ -24,7 +24,8 @@ LAYERS = [
               "idefics_jax.progress"]),
     ("conversion", ["idefics_jax.convert", "idefics_jax.testing"]),
     ("generation", ["idefics_jax.sampling", "idefics_jax._cpu", "idefics_jax._decode", "idefics_jax.generation",
-                    "idefics_jax.images", "idefics_jax.chat"]),
+                    "idefics_jax.images", "idefics_jax.chat", "idefics_jax.slots"]),
+    ("serving", ["idefics_jax.serve"]),
     ("training", ["idefics_jax.train"]),
     ("cli", ["idefics_jax.cli", "idefics_jax.demo"]),
 ]

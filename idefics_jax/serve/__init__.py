@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine (engine.py) and the OpenAI-compatible server and chat page (app.py)."""
