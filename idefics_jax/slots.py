@@ -30,7 +30,7 @@ from flax import nnx
 
 from idefics_jax._cpu import layer_weights, on_cpu, per_layer
 from idefics_jax._decode import prefill as _prefill
-from idefics_jax.generation import _check_arguments, _eos_ids, bucket
+from idefics_jax.generation import _check_prompt, _eos_ids, bucket, check_arguments
 from idefics_jax.model import IdeficsModel, KVCache, check_inputs, positions_from_mask
 from idefics_jax.sampling import SamplingConfig, SamplingParams, choose_tokens, is_eos
 
@@ -213,7 +213,8 @@ class SlotDecoder:
             raise ValueError(f"prefill takes one request (batch 1); got batch {ids.shape[0]}")
         mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         sample = temperature is not None and temperature > 0
-        _check_arguments(self.model, mask, max_new_tokens, 0, sample, temperature, None, top_p, 1, seed)
+        check_arguments(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+        _check_prompt(self.model, mask)
         if not self.fits(ids.shape[1], max_new_tokens):
             raise ValueError(f"the prompt ({ids.shape[1]} tokens, {bucket(ids.shape[1])} as a bucket) plus "
                              f"{max_new_tokens} new tokens exceed the {self.max_len} cache positions per slot")
