@@ -213,7 +213,8 @@ class SlotDecoder:
             raise ValueError(f"prefill takes one request (batch 1); got batch {ids.shape[0]}")
         mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         sample = temperature is not None and temperature > 0
-        check_arguments(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+        check_arguments(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+                        seed=seed)
         _check_prompt(self.model, mask)
         if not self.fits(ids.shape[1], max_new_tokens):
             raise ValueError(f"the prompt ({ids.shape[1]} tokens, {bucket(ids.shape[1])} as a bucket) plus "
