@@ -173,14 +173,28 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         return CheckpointError(f"{path}: parameters missing or damaged ({detail})")
 
+    name = lambda p: "/".join(str(k.key) for k in p)  # noqa: E731
+    wanted = {name(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
+    # TensorStore first, with its own futures (no asyncio loop to strand): the store's index, then every array's
+    # metadata record. Orbax's metadata() below opens the arrays on its asyncio loop, so it must not be the read
+    # that finds the damage.
     try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result()
+        keys = store.list().result()
+        # Orbax names each array's store after its path with dots.
+        present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}
+        absent = sorted(n for n in wanted if n.replace("/", ".") not in present)
+        extra = sorted(present - {n.replace("/", ".") for n in wanted})
+        if extra:  # another model's arrays: the shapes check below would say the same, after Orbax's reads
+            raise CheckpointError(f"{path}: parameters do not match config.json ({extra[0]} not in the model)")
+        if absent:
+            raise CheckpointError(f"{path}: parameters missing or damaged ({absent[0]} is not in the store)")
+        for read in [store.read(k) for k in keys if k.endswith(b"/zarr.json")]:
+            read.result()
         tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
-        keys = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result().list().result()
     except (ValueError, KeyError, OSError) as e:
         raise damaged(e) from None
-    name = lambda p: "/".join(str(k.key) for k in p)  # noqa: E731
     stored = {name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    wanted = {name(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
     missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
     if missing or extra:
         which = f"{missing[0]} missing" if missing else f"{extra[0]} not in the model"
@@ -189,11 +203,6 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
         if stored[n] != shape:
             raise CheckpointError(f"{path}: parameters do not match config.json ({n}: stored {stored[n]}, "
                             f"config.json gives {shape})")
-    # Orbax names each array's store after its path with dots.
-    present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}
-    absent = sorted(n for n in stored if n.replace("/", ".") not in present)
-    if absent:
-        raise CheckpointError(f"{path}: parameters missing or damaged ({absent[0]} is not in the store)")
 
 
 def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
