@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -43,7 +45,17 @@ def _generate(a):
     sys.stdout.write("\n")
 
 
+def _eval(a):
+    from idefics_jax.evaluate.runner import run
+
+    r = run(a.model, a.task, a.data, a.out or os.path.join("eval-out", a.task), limit=a.limit,
+            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, shard=a.shard, dtype=a.dtype)
+    print(json.dumps({k: r[k] for k in ("task", "metric", "score", "count")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from idefics_jax.evaluate.tasks import TASKS  # names only: no jax import
+
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     g.set_defaults(fn=_generate)
+    v = sub.add_parser("eval", help="score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, ...)")
+    v.add_argument("--model", default="tiny-shapes", help="checkpoint directory or a shipped model's name")
+    v.add_argument("--task", required=True,
+                   choices=list(TASKS))
+    v.add_argument("--data", required=True, help="a .jsonl file, a .parquet file or a folder of parquet shards")
+    v.add_argument("--limit", type=int, default=None, help="the first N samples only")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--out", default=None, help="output folder (default eval-out/TASK); a partial one is resumed")
+    v.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (lmms-eval's)")
+    v.add_argument("--shard", default=None, metavar="I/N", help="this host's share (default: jax's process index)")
+    v.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    v.set_defaults(fn=_eval)
     return p
 
 

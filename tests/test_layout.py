@@ -25,6 +25,7 @@ LAYERS = [
     ("generation", ["idefics_jax.sampling", "idefics_jax._cpu", "idefics_jax._decode", "idefics_jax.generation",
                     "idefics_jax.images", "idefics_jax.chat"]),
     ("training", ["idefics_jax.train"]),
+    ("evaluation", ["idefics_jax.evaluate"]),
     ("cli", ["idefics_jax.cli", "idefics_jax.demo"]),
 ]
 FACADE = "idefics_jax"  # the package's __init__: gathers the public names; nothing inside imports it

@@ -25,6 +25,8 @@ import os
 from typing import Any, Iterator
 
 MMMU_MAX_IMAGES = 7
+QUESTION_COLUMNS = ("question", "query")
+ANSWER_COLUMNS = ("answers", "label", "answer", "multiple_choice_answer")
 
 
 @dataclasses.dataclass
@@ -73,19 +75,26 @@ class Dataset:
         if self.files:
             import pyarrow.parquet as pq
 
-            try:
-                self._len = sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
-            except Exception as e:  # pyarrow's ArrowInvalid etc.
-                raise ValueError(f"{path}: not readable as parquet ({e})") from None
+            self._len = 0
+            for f in self.files:
+                try:
+                    meta = pq.ParquetFile(f)
+                except Exception as e:  # pyarrow's ArrowInvalid etc.
+                    raise ValueError(f"{f}: not readable as parquet ({e})") from None
+                names = set(meta.schema_arrow.names)
+                for need in (QUESTION_COLUMNS, ANSWER_COLUMNS):
+                    if not names & set(need):
+                        raise ValueError(f"{f}: no column {' or '.join(need)} (columns: {', '.join(sorted(names))})")
+                self._len += meta.metadata.num_rows
         else:
-            with open(path, "rb") as f:
-                self._len = sum(1 for line in f if line.strip())
+            self._samples = list(self._jsonl())  # paths and text only: cheap, and checked before any model work
+            self._len = len(self._samples)
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[Sample]:
-        return self._parquet() if self.files else self._jsonl()
+        return self._parquet() if self.files else iter(self._samples)
 
     def _parquet(self) -> Iterator[Sample]:
         import pyarrow.parquet as pq
@@ -129,13 +138,13 @@ def _image(v: Any) -> Any:
 
 
 def _answers(row: dict) -> list[str]:
-    for key in ("answers", "label", "answer", "multiple_choice_answer"):
+    for key in ANSWER_COLUMNS:
         v = row.get(key)
         if v is None:
             continue
         v = v if isinstance(v, list) else [v]
         return [str(a["answer"]) if isinstance(a, dict) else str(a) for a in v]
-    raise ValueError("no answer column (answers, label, answer or multiple_choice_answer)")
+    raise ValueError(f"no answer ({', '.join(ANSWER_COLUMNS)} all empty)")
 
 
 def row_sample(row: dict, index: int, where: str = "") -> Sample:
