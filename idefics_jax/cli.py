@@ -35,11 +35,13 @@ def _generate(a):
         raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
     chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
                      longest_edge=a.longest_edge)
-    content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
+    content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
+        {"type": "text", "text": a.prompt}]
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    for piece in chat.stream([{"role": "user", "content": content}], a.image, max_new_tokens=a.max_new_tokens, **kw):
+    for piece in chat.stream([{"role": "user", "content": content}], a.image, videos=a.video,
+                             max_new_tokens=a.max_new_tokens, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="tiny-shapes",
                    help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
+    g.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="video file (SmolVLM2: sampled frames; repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0: greedy)")

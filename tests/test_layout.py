@@ -23,7 +23,7 @@ LAYERS = [
               "idefics_jax.model", "idefics_jax.sharding", "idefics_jax.checkpoint", "idefics_jax.configs"]),
     ("conversion", ["idefics_jax.convert", "idefics_jax.testing"]),
     ("generation", ["idefics_jax.sampling", "idefics_jax._cpu", "idefics_jax._decode", "idefics_jax.generation",
-                    "idefics_jax.images", "idefics_jax.chat"]),
+                    "idefics_jax.images", "idefics_jax.video", "idefics_jax.chat"]),
     ("training", ["idefics_jax.train"]),
     ("evaluation", ["idefics_jax.evaluate"]),
     ("cli", ["idefics_jax.cli", "idefics_jax.demo"]),
