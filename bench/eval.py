@@ -22,20 +22,6 @@ import time
 import numpy as np
 
 
-def build(workdir: str) -> tuple[str, str]:
-    from idefics_jax import PRESETS, testing
-    from idefics_jax.convert.hf_to_orbax import convert
-
-    hf_dir, orbax_dir = os.path.join(workdir, "smolvlm-256m-hf"), os.path.join(workdir, "smolvlm-256m-orbax")
-    if not os.path.exists(os.path.join(hf_dir, "config.json")):
-        print(f"building a random SmolVLM-256M-shaped checkpoint in {hf_dir} ...", file=sys.stderr)
-        config = PRESETS["smolvlm-256m"].replace(image_token_id=testing.IMAGE_TOKEN_ID)
-        testing.save_hf_checkpoint(hf_dir, config, seed=0, tiles_per_side=1)
-    if not os.path.exists(orbax_dir):
-        convert(hf_dir, orbax_dir)
-    return hf_dir, orbax_dir
-
-
 def write_samples(folder: str, n: int, seed: int = 0) -> str:
     """`n` random 512 px images with short questions, as an eval JSONL file."""
     from idefics_jax import testing
@@ -84,6 +70,9 @@ def main(argv=None) -> int:
 
     from idefics_jax.chat import Chat
     from idefics_jax.evaluate import run
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from generate import build  # bench/generate.py's checkpoint (shared when --workdir is)
 
     hf_dir, orbax_dir = build(a.workdir)
     data = write_samples(os.path.join(a.workdir, f"eval-samples-{a.samples}"), a.samples)

@@ -3,6 +3,8 @@
 Values are those of each checkpoint's `config.json`; `tests/test_config.py` checks the parameter counts.
 """
 
+import dataclasses
+
 from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
 
 _SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16)
@@ -80,15 +82,10 @@ SMOLVLM_2_2B = ModelConfig(
 # transformers' SmolVLM on the same dicts).
 SMOLVLM2_256M = SMOLVLM_256M.replace(model_type="smolvlm")
 SMOLVLM2_500M = SMOLVLM_500M.replace(model_type="smolvlm")
-SMOLVLM2_2_2B = ModelConfig(
+SMOLVLM2_2_2B = SMOLVLM_2_2B.replace(
     model_type="smolvlm",
-    vision=VisionConfig(**_SIGLIP_SO400M, image_size=384, patch_size=14),
-    text=TextConfig(
-        vocab_size=49280, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=32,
-        num_kv_heads=32, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=8192,
-        rope=RopeConfig(theta=130000.0),
-    ),
-    connector=PixelShuffleConfig(scale_factor=3),
+    text=dataclasses.replace(SMOLVLM_2_2B.text, vocab_size=49280, max_position_embeddings=8192,
+                             rope=RopeConfig(theta=130000.0)),
     image_token_id=49190,
 )
 

@@ -26,10 +26,13 @@ Request = tuple[list[dict], list, int]
 AnswerFn = Callable[[Sequence[Request]], list[str]]
 
 
-def chat_answerer(chat) -> AnswerFn:
-    """Greedy answers through `Chat.answers`, one batch per distinct max_new_tokens."""
+def chat_answerer(chat, pad_to: int = 1) -> AnswerFn:
+    """Greedy answers through `Chat.answers`, one batch per distinct max_new_tokens. A batch shorter than
+    `pad_to` (the last one) is padded with copies of its last request: the same shapes, no new compile."""
 
     def answer(requests: Sequence[Request]) -> list[str]:
+        n_real = len(requests)
+        requests = list(requests) + [requests[-1]] * (pad_to - n_real)
         out = [""] * len(requests)
         for n in sorted({r[2] for r in requests}):
             rows = [i for i, r in enumerate(requests) if r[2] == n]
@@ -37,7 +40,7 @@ def chat_answerer(chat) -> AnswerFn:
                                  batch_size=len(rows))
             for i, t in zip(rows, texts):
                 out[i] = t
-        return out
+        return out[:n_real]
 
     return answer
 
@@ -167,7 +170,7 @@ def run(model, task: str | Task, data: str, out: str, *, limit: int | None = Non
             t = time.perf_counter()
             chat = model if isinstance(model, Chat) else Chat.load(model, dtype=dtype)
             load_s = time.perf_counter() - t
-            answer_fn = chat_answerer(chat)
+            answer_fn = chat_answerer(chat, pad_to=min(batch_size, len(mine)))
         answered = _answer(task, dataset, mine, done, path, answer_fn, batch_size, n_new, progress)
     seconds = time.perf_counter() - t0 - load_s
     timing = {"seconds": round(seconds, 3), "load_seconds": round(load_s, 3), "answered": answered,
@@ -195,9 +198,9 @@ def _answer(task, dataset, mine, done, path, answer_fn, batch_size, n_new, progr
         def flush():
             prompts = [task.prompt(s) for s in batch]
             requests = [(messages_for(p, len(s.images)), s.load_images(), n_new) for p, s in zip(prompts, batch)]
-            # A short last batch is padded with copies of its last request: the same shapes, no new compile.
-            pad = [requests[-1]] * (min(batch_size, len(mine)) - len(requests))
-            answers = answer_fn(requests + pad)[:len(requests)]
+            answers = answer_fn(requests)
+            if len(answers) != len(requests):
+                raise ValueError(f"the answer function gave {len(answers)} answers to {len(requests)} requests")
             for s, p, a in zip(batch, prompts, answers):
                 rec = _record(task, s, p, a)
                 done[s.index] = rec
