@@ -57,7 +57,7 @@ def _av():
     try:
         import av
     except ImportError:
-        raise ImportError("reading video files needs PyAV: pip install av") from None
+        raise ValueError("reading video files needs PyAV: pip install av (or the video extra)") from None
     return av
 
 
