@@ -6,9 +6,10 @@ random model rarely stops).
     python bench/eval.py [--workdir out/bench] [--samples 32] [--batch-size 8] [--new-tokens 16]
     python bench/eval.py --smoke --workdir /tmp/smoke    # the tiny test model: checks the script in seconds
 
-idefics-jax is timed twice in one process: the first pass includes compiling, the second reuses the compiled
-functions (what every batch after the first of a long run costs). transformers runs the same batches (the same
-processor outputs) through `generate`. The machine may be shared: numbers are one run, noisy.
+idefics-jax eval answers through the serving engine (batch-size slots). It is timed twice in one process: the
+first pass includes compiling, the second reuses the compiled functions (what every batch after the first of a
+long run costs). transformers runs the same batches (the same processor outputs) through `generate`. The machine
+may be shared: numbers are one run, noisy.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
 
     from idefics_jax.chat import Chat
     from idefics_jax.evaluate import run
+    from idefics_jax.evaluate.runner import engine_answerer
+    from idefics_jax.serve.engine import Engine
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from generate import build  # bench/generate.py's checkpoint (shared when --workdir is)
@@ -80,17 +83,18 @@ def main(argv=None) -> int:
     hf_dir, orbax_dir = build(a.workdir, preset, progress=not a.smoke)
     data = write_samples(os.path.join(a.workdir, f"eval-samples-{a.samples}"), a.samples)
     chat = Chat.load(orbax_dir)
-    # A fixed answer length for both: the eos id is never produced (min_new_tokens for transformers).
-    chat_fn = lambda reqs: chat.answers([(m, i) for m, i, _ in reqs], max_new_tokens=a.new_tokens,  # noqa: E731
-                                        batch_size=len(reqs), min_new_tokens=a.new_tokens)
     ours = {}
-    for name in ("first (compiles)", "second"):
-        out = os.path.join(a.workdir, "eval-out")
-        shutil.rmtree(out, ignore_errors=True)
-        t = time.perf_counter()
-        run(orbax_dir, "exact_match", data, out, batch_size=a.batch_size, max_new_tokens=a.new_tokens,
-            answer_fn=chat_fn, progress=False)
-        ours[name] = time.perf_counter() - t
+    # eval's own engine (batch_size slots), kept for both passes; a fixed answer length for both sides: eos ends
+    # nothing (ignore_eos here, min_new_tokens for transformers).
+    with Engine(chat.model, chat, slots=a.batch_size) as engine:
+        fixed = engine_answerer(engine, ignore_eos=True)
+        for name in ("first (compiles)", "second"):
+            out = os.path.join(a.workdir, "eval-out")
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            run(orbax_dir, "exact_match", data, out, batch_size=a.batch_size, max_new_tokens=a.new_tokens,
+                answer_fn=fixed, progress=False)
+            ours[name] = time.perf_counter() - t
     theirs = time_hf(hf_dir, chat, data, a.batch_size, a.new_tokens)
     print(f"{a.samples} samples, batch {a.batch_size}, {a.new_tokens} new tokens each, fp32, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")

@@ -84,7 +84,8 @@ def _eval(a):
     from idefics_jax.evaluate.runner import run
 
     r = run(a.model, a.task, a.data, a.out or os.path.join("eval-out", a.task), limit=a.limit,
-            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, shard=a.shard, dtype=a.dtype)
+            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, shard=a.shard, dtype=a.dtype,
+            max_len=a.max_len)
     print(json.dumps({k: r[k] for k in ("task", "metric", "score", "count")}))
 
 
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--task", required=True, choices=list(TASKS))
     v.add_argument("--data", required=True, help="a .jsonl file, a .parquet file or a folder of parquet shards")
     v.add_argument("--limit", type=int, default=None, help="the first N samples only")
-    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--batch-size", type=int, default=16, help="requests the serving engine decodes together")
+    v.add_argument("--max-len", type=int, default=None,
+                   help="cache positions per request (prompt + answer; default: the model's, at most 2048)")
     v.add_argument("--out", default=None, help="output folder (default eval-out/TASK); a partial one is resumed")
     v.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (lmms-eval's)")
     v.add_argument("--shard", default=None, metavar="I/N", help="this host's share (default: jax's process index)")

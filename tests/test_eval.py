@@ -105,7 +105,8 @@ def test_parquet_vqav2_layout(chat, tmp_path):
 
 
 def test_parquet_mmmu_layout_by_subject(chat, tmp_path):
-    """MMMU/MMMU: a folder per subject, options as a Python list's repr, image_1..image_7, per-subject scores."""
+    """MMMU/MMMU: a folder per subject, options as a Python list's repr, image_1..image_7, per-subject scores;
+    answered by a running serving engine passed in."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -119,7 +120,13 @@ def test_parquet_mmmu_layout_by_subject(chat, tmp_path):
                          "question_type": "multiple-choice"})
         (tmp_path / "mmmu" / subject).mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mmmu" / subject / "validation-00000-of-00001.parquet")
-    r = run(chat, "mmmu", str(tmp_path / "mmmu"), str(tmp_path / "out"), batch_size=4, progress=False)
+    from idefics_jax.serve.engine import Engine
+
+    # A serving engine the caller started: eval queues its requests there and leaves it running.
+    with Engine(chat.model, chat, slots=4) as engine:
+        r = run(engine, "mmmu", str(tmp_path / "mmmu"), str(tmp_path / "out"), batch_size=4, progress=False)
+        assert engine.stats["finished"] == 4 and engine.load() == {"active": 0, "waiting": 0}
+        assert engine.answer_all([(messages_for(items[0][1].text, 1), [items[0][0]])], max_tokens=4)
     recs = lines(tmp_path / "out" / "samples.jsonl")
     assert all(x["question"].endswith("Answer with the option's letter from the given choices directly.")
                for x in recs)

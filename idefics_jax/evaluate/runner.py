@@ -1,4 +1,5 @@
 """Run a task over a dataset: batched greedy answers, per-sample scores, a results file; resumable and sharded.
+The answers come from the serving engine (idefics_jax.serve.engine), `batch_size` requests decoding together.
 
     from idefics_jax.evaluate import run
     results = run("tiny-shapes", "exact_match", "data.jsonl", "out/eval", limit=100)
@@ -12,35 +13,29 @@ results.json over all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 from idefics_jax.evaluate.data import Dataset, Sample
 from idefics_jax.evaluate.tasks import Task, get
+from idefics_jax.progress import Progress
 
-# (messages, images, max_new_tokens) -> answer text; Chat.answers now, the serving engine later.
-Request = tuple[list[dict], list, int]
-AnswerFn = Callable[[Sequence[Request]], list[str]]
+# (messages, images, max_new_tokens) -> answer text. By default the serving engine answers (engine_answerer).
+Query = tuple[list[dict], list, int]
+AnswerFn = Callable[[Sequence[Query]], list[str]]
 
 
-def chat_answerer(chat, pad_to: int = 1) -> AnswerFn:
-    """Greedy answers through `Chat.answers`, one batch per distinct max_new_tokens. A batch shorter than
-    `pad_to` (the last one) is padded with copies of its last request: the same shapes, no new compile."""
+def engine_answerer(engine, **request_kwargs) -> AnswerFn:
+    """Answers through a started serving `Engine` (idefics_jax.serve.engine): a batch's queries are queued
+    together and decode in its slots, each greedy answer the tokens `generate` gives it alone; `request_kwargs`
+    go into every Request (ignore_eos=True for answers of a fixed length, say)."""
+    from idefics_jax.serve.engine import Request
 
-    def answer(requests: Sequence[Request]) -> list[str]:
-        n_real = len(requests)
-        requests = list(requests) + [requests[-1]] * (pad_to - n_real)
-        out = [""] * len(requests)
-        for n in sorted({r[2] for r in requests}):
-            rows = [i for i, r in enumerate(requests) if r[2] == n]
-            texts = chat.answers([(requests[i][0], requests[i][1]) for i in rows], max_new_tokens=n,
-                                 batch_size=len(rows))
-            for i, t in zip(rows, texts):
-                out[i] = t
-        return out[:n_real]
+    def answer(queries: Sequence[Query]) -> list[str]:
+        return engine.answer_all([Request(m, i, max_tokens=n, **request_kwargs) for m, i, n in queries])
 
     return answer
 
@@ -139,10 +134,12 @@ def _record(task: Task, s: Sample, prompt: str, prediction: str) -> dict:
 
 def run(model, task: str | Task, data: str, out: str, *, limit: int | None = None, batch_size: int = 16,
         max_new_tokens: int | None = None, shard: str | tuple[int, int] | None = None,
-        answer_fn: AnswerFn | None = None, progress: bool = True, dtype=None) -> dict:
-    """Evaluates `model` (a checkpoint path, a shipped model's name, or a `Chat`) on `task` over `data` (see
-    `idefics_jax.evaluate.data`), the first `limit` samples. Returns results.json's content; for a shard that is
-    not the last to finish, its own shard's results (also in OUT/results.<i>-of-<n>.json)."""
+        answer_fn: AnswerFn | None = None, progress: bool = True, dtype=None, max_len: int | None = None) -> dict:
+    """Evaluates `model` (a checkpoint path, a shipped model's name, a `Chat`, or a started serving `Engine`, which
+    is left running) on `task` over `data` (see `idefics_jax.evaluate.data`), the first `limit` samples; answers
+    come from a serving engine with `batch_size` slots of `max_len` cache positions (prompt + answer; default the
+    engine's: the model's positions, at most 2048), or from `answer_fn`. Returns results.json's content; for a
+    shard that is not the last to finish, its own shard's results (also in OUT/results.<i>-of-<n>.json)."""
     task = get(task) if isinstance(task, str) else task
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch size must be a positive integer; got {batch_size!r}")
@@ -164,14 +161,25 @@ def run(model, task: str | Task, data: str, out: str, *, limit: int | None = Non
     t0 = time.perf_counter()
     answered, load_s = 0, 0.0
     if len(done) < len(mine):
+        engine = None
         if answer_fn is None:
             from idefics_jax.chat import Chat
+            from idefics_jax.serve.engine import Engine
 
-            t = time.perf_counter()
-            chat = model if isinstance(model, Chat) else Chat.load(model, dtype=dtype)
-            load_s = time.perf_counter() - t
-            answer_fn = chat_answerer(chat, pad_to=min(batch_size, len(mine)))
-        answered = _answer(task, dataset, mine, done, path, answer_fn, batch_size, n_new, progress)
+            if isinstance(model, Engine):
+                answer_fn = engine_answerer(model)
+            else:
+                t = time.perf_counter()
+                chat = model if isinstance(model, Chat) else Chat.load(model, dtype=dtype)
+                load_s = time.perf_counter() - t
+                engine = Engine(chat.model, chat, slots=min(batch_size, len(mine) - len(done)),
+                                max_len=max_len).start()
+                answer_fn = engine_answerer(engine)
+        try:
+            answered = _answer(task, dataset, mine, done, path, answer_fn, batch_size, n_new, progress)
+        finally:
+            if engine is not None:
+                engine.stop(timeout=0)  # a finished run leaves nothing queued; after an error, drop the rest
     seconds = time.perf_counter() - t0 - load_s
     timing = {"seconds": round(seconds, 3), "load_seconds": round(load_s, 3), "answered": answered,
               "samples_per_s": round(answered / seconds, 3) if answered and seconds > 0 else None}
@@ -187,20 +195,19 @@ def run(model, task: str | Task, data: str, out: str, *, limit: int | None = Non
 
 def _answer(task, dataset, mine, done, path, answer_fn, batch_size, n_new, progress) -> int:
     """Answers the samples of `mine` not in `done`, appending each batch to `path`; returns how many."""
-    from tqdm import tqdm
-
     wanted = set(mine) - set(done)
     answered = 0
-    with open(path, "a") as f, tqdm(total=len(mine), initial=len(done), unit="sample", file=sys.stderr,
-                                    disable=not progress, desc=task.name, dynamic_ncols=True) as bar:
+    # Counts this run's samples only, so that its rate is this run's samples/s after a resume.
+    bar = Progress(task.name, len(wanted), unit="samples", enabled=progress)
+    with open(path, "a") as f, contextlib.closing(bar):
         batch: list[Sample] = []
 
         def flush():
             prompts = [task.prompt(s) for s in batch]
-            requests = [(messages_for(p, len(s.images)), s.load_images(), n_new) for p, s in zip(prompts, batch)]
-            answers = answer_fn(requests)
-            if len(answers) != len(requests):
-                raise ValueError(f"the answer function gave {len(answers)} answers to {len(requests)} requests")
+            queries = [(messages_for(p, len(s.images)), s.load_images(), n_new) for p, s in zip(prompts, batch)]
+            answers = answer_fn(queries)
+            if len(answers) != len(queries):
+                raise ValueError(f"the answer function gave {len(answers)} answers to {len(queries)} queries")
             for s, p, a in zip(batch, prompts, answers):
                 rec = _record(task, s, p, a)
                 done[s.index] = rec
