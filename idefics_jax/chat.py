@@ -6,6 +6,8 @@
     for piece in chat.stream(messages, images=["statue.jpg"]):
         print(piece, end="", flush=True)
     chat.answers([(user_turn("What is this?", 1), ["a.jpg"]), (user_turn("And this?", 1), ["b.jpg"])])
+    chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
+         videos=["clip.mp4"])  # SmolVLM2: sampled frames (idefics_jax.video)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from idefics_jax.convert.load import load_pretrained
 from idefics_jax.generation import generate, generate_stream
 from idefics_jax.images import load_image
 from idefics_jax.model import IdeficsModel
+from idefics_jax.video import FPS, MAX_FRAMES, video_frames
 
 # Content keys transformers' chat templates accept for an image given inline.
 _IMAGE_KEYS = ("image", "url", "path")
@@ -29,19 +32,30 @@ def user_turn(text: str, n_images: int = 0) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
 
 
-def _image_slots(messages: list[dict]) -> int:
+def _image_slots(messages: list[dict], kind: str = "image") -> int:
     return sum(1 for m in messages if isinstance(m.get("content"), list)
-               for item in m["content"] if item.get("type") == "image")
+               for item in m["content"] if item.get("type") == kind)
+
+
+def _visual(messages: list[dict]) -> bool:
+    return bool(_image_slots(messages) or _image_slots(messages, "video"))
 
 
 class Chat:
     """`model` plus `processor` (the checkpoint's, with its chat template). Images are PIL images, paths or URLs,
     one per `{"type": "image"}` entry of `messages`, in order; they may also sit in those entries under "image",
-    "url" or "path". `do_image_splitting` / `longest_edge` override the processor's image resizing."""
+    "url" or "path". `do_image_splitting` / `longest_edge` override the processor's image resizing.
+
+    Videos (SmolVLM2) are files, one per `{"type": "video"}` entry (or under its "video" / "path" key): up to
+    `max_frames` frames at `fps` per second (default: the processor's video settings, else SmolVLM2's 64 and 1),
+    each an unsplit image; a conversation with a video has all its images unsplit, as transformers does."""
 
     def __init__(self, model: IdeficsModel, processor, *, do_image_splitting: bool | None = None,
-                 longest_edge: int | None = None):
+                 longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None):
         self.model, self.processor = model, processor
+        vp = getattr(processor, "video_processor", None)
+        self.max_frames = max_frames or getattr(vp, "num_frames", None) or MAX_FRAMES
+        self.fps = fps or getattr(vp, "fps", None) or FPS
         self.image_kwargs: dict[str, Any] = {}
         if do_image_splitting is not None:
             self.image_kwargs["do_image_splitting"] = do_image_splitting
@@ -50,7 +64,7 @@ class Chat:
 
     @classmethod
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
-             longest_edge: int | None = None) -> "Chat":
+             longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None) -> "Chat":
         """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one) or of
         a shipped model ("tiny-shapes")."""
         from transformers import AutoProcessor
@@ -58,7 +72,7 @@ class Chat:
         path = resolve(path)
         model = load_pretrained(path, dtype=dtype)
         return cls(model, AutoProcessor.from_pretrained(path), do_image_splitting=do_image_splitting,
-                   longest_edge=longest_edge)
+                   longest_edge=longest_edge, max_frames=max_frames, fps=fps)
 
     def _images(self, messages: list[dict], images: Sequence[Any] | None) -> list:
         n_slots = _image_slots(messages)
@@ -70,20 +84,58 @@ class Chat:
             raise ValueError(f"messages have {n_slots} image entries but {len(images)} images were given")
         return [load_image(i) for i in images]
 
-    def inputs(self, messages: list[dict], images: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
-        """The processor's numpy inputs for `messages`, with the generation prompt appended."""
-        return self.batch_inputs([(messages, images)])
+    def _with_videos(self, messages: list[dict], images: list, videos: Sequence[str] | None) -> tuple[list, list]:
+        """`messages` with each video entry replaced by its text and frame entries; the images in content order."""
+        n = _image_slots(messages, "video")
+        if videos is None:
+            videos = [next(item[k] for k in ("video", "path", "url") if k in item)
+                      for m in messages if isinstance(m.get("content"), list)
+                      for item in m["content"] if item.get("type") == "video" and
+                      any(k in item for k in ("video", "path", "url"))]
+        if len(videos) != n:
+            raise ValueError(f"messages have {n} video entries but {len(videos)} videos were given")
+        if not n:
+            return messages, images
+        size = self.processor.image_processor.max_image_size["longest_edge"]
+        it_img, it_vid, out_msgs, out_imgs = iter(images), iter(videos), [], []
+        for m in messages:
+            if not isinstance(m.get("content"), list):
+                out_msgs.append(m)
+                continue
+            content = []
+            for item in m["content"]:
+                if item.get("type") == "video":
+                    frames, entries = video_frames(str(next(it_vid)), size=size, max_frames=self.max_frames,
+                                                   fps=self.fps)
+                    content += entries
+                    out_imgs += frames
+                else:
+                    content.append({"type": "image"} if item.get("type") == "image" else item)
+                    if item.get("type") == "image":
+                        out_imgs.append(next(it_img))
+            out_msgs.append({**m, "content": content})
+        return out_msgs, out_imgs
 
-    def batch_inputs(self, conversations: Sequence[tuple[list[dict], Sequence[Any] | None]]) -> dict[str, np.ndarray]:
-        """One left-padded batch of (messages, images) conversations: input_ids (B, T), pixel_values (B, I, 3, H, W)
-        and masks. Either every conversation has images or none has."""
-        prompts, images = [], []
-        for messages, imgs in conversations:
-            images.append(self._images(messages, imgs))
+    def inputs(self, messages: list[dict], images: Sequence[Any] | None = None,
+               videos: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The processor's numpy inputs for `messages`, with the generation prompt appended."""
+        return self.batch_inputs([(messages, images, videos)])
+
+    def batch_inputs(self, conversations: Sequence[tuple]) -> dict[str, np.ndarray]:
+        """One left-padded batch of (messages, images) or (messages, images, videos) conversations: input_ids
+        (B, T), pixel_values (B, I, 3, H, W) and masks. Either every conversation has images (or videos) or none
+        has."""
+        prompts, images, has_video = [], [], False
+        for messages, imgs, *videos in conversations:
+            has_video |= bool(_image_slots(messages, "video"))
+            messages, loaded = self._with_videos(messages, self._images(messages, imgs), videos[0] if videos else None)
+            images.append(loaded)
             prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
         if any(images) and not all(images):
             raise ValueError("batch_inputs: some conversations have images and some do not; batch them apart")
         kw = dict(images=images, **self.image_kwargs) if images[0] else {}
+        if has_video:  # video frames are single tiles (transformers: "videos are always processed without splitting")
+            kw["do_image_splitting"] = False
         return dict(self.processor(text=prompts, return_tensors="np", padding=True, padding_side="left", **kw))
 
     def answers(self, conversations: Sequence[tuple[list[dict], Sequence[Any] | None]], *, max_new_tokens: int = 256,
@@ -94,8 +146,8 @@ class Chat:
         for start in range(0, len(conversations), batch_size):
             rows = range(start, min(start + batch_size, len(conversations)))
             # The processor takes a batch whose rows all have images or none.
-            for group in ([i for i in rows if _image_slots(conversations[i][0])],
-                          [i for i in rows if not _image_slots(conversations[i][0])]):
+            for group in ([i for i in rows if _visual(conversations[i][0])],
+                          [i for i in rows if not _visual(conversations[i][0])]):
                 if group:
                     inputs = self.batch_inputs([conversations[i] for i in group])
                     new = generate(self.model, **inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
@@ -108,13 +160,13 @@ class Chat:
         return [self.processor.tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True).strip()
                 for row in tokens_BT]
 
-    def stream(self, messages: list[dict], images: Sequence[Any] | None = None, *, max_new_tokens: int = 256,
-               **generate_kwargs) -> Iterator[str]:
+    def stream(self, messages: list[dict], images: Sequence[Any] | None = None, *, videos: Sequence[str] | None = None,
+               max_new_tokens: int = 256, **generate_kwargs) -> Iterator[str]:
         """Yields the answer text piece by piece as tokens are produced (special tokens dropped)."""
         tok = self.processor.tokenizer
         new: list[int] = []
         shown = ""
-        for chunk in generate_stream(self.model, **self.inputs(messages, images), max_new_tokens=max_new_tokens,
+        for chunk in generate_stream(self.model, **self.inputs(messages, images, videos), max_new_tokens=max_new_tokens,
                                      **generate_kwargs):
             new.extend(int(t) for t in chunk[0])
             text = tok.decode(new, skip_special_tokens=True)
@@ -124,10 +176,10 @@ class Chat:
                 yield text[len(shown):]
                 shown = text
 
-    def __call__(self, messages: list[dict], images: Sequence[Any] | None = None, *, max_new_tokens: int = 256,
-                 **generate_kwargs) -> str:
+    def __call__(self, messages: list[dict], images: Sequence[Any] | None = None, *,
+                 videos: Sequence[str] | None = None, max_new_tokens: int = 256, **generate_kwargs) -> str:
         """The answer text."""
         new = np.concatenate(list(generate_stream(
-            self.model, **self.inputs(messages, images), max_new_tokens=max_new_tokens, chunk_size=max_new_tokens,
-            **generate_kwargs)), axis=1)
+            self.model, **self.inputs(messages, images, videos), max_new_tokens=max_new_tokens,
+            chunk_size=max_new_tokens, **generate_kwargs)), axis=1)
         return self.processor.tokenizer.decode(new[0].tolist(), skip_special_tokens=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -37,6 +39,7 @@ def _generate(a):
     from idefics_jax.chat import Chat
     from idefics_jax.generation import check_arguments
     from idefics_jax.images import load_image
+    from idefics_jax.video import probe
 
     # Every argument is checked before the model loads (seconds), images included.
     if a.temperature is not None and not a.temperature >= 0:
@@ -48,10 +51,14 @@ def _generate(a):
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     check_arguments(max_new_tokens=a.max_new_tokens, **kw)
     images = [load_image(i) for i in a.image]
+    for v in a.video:  # readable, with frames (PyAV installed)
+        probe(v)
     chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
                      longest_edge=a.longest_edge)
-    content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
-    for piece in chat.stream([{"role": "user", "content": content}], images, max_new_tokens=a.max_new_tokens, **kw):
+    content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
+        {"type": "text", "text": a.prompt}]
+    for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
+                             max_new_tokens=a.max_new_tokens, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -65,6 +72,7 @@ def _version() -> str:
     except PackageNotFoundError:  # a source tree that is not installed
         return "0+unknown"
 
+
 def _serve(a):
     from idefics_jax.serve.app import serve
 
@@ -72,7 +80,18 @@ def _serve(a):
           allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels)
 
 
+def _eval(a):
+    from idefics_jax.evaluate.runner import run
+
+    r = run(a.model, a.task, a.data, a.out or os.path.join("eval-out", a.task), limit=a.limit,
+            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, shard=a.shard, dtype=a.dtype,
+            max_len=a.max_len)
+    print(json.dumps({k: r[k] for k in ("task", "metric", "score", "count")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from idefics_jax.evaluate.tasks import TASKS  # names only: no jax import
+
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -99,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="tiny-shapes",
                    help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
+    g.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="video file (SmolVLM2: sampled frames; repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0: greedy)")
@@ -121,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     s.set_defaults(fn=_serve)
+    v = parser("eval", help="score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, ...)")
+    v.add_argument("--model", default="tiny-shapes", help="checkpoint directory or a shipped model's name")
+    v.add_argument("--task", required=True, choices=list(TASKS))
+    v.add_argument("--data", required=True, help="a .jsonl file, a .parquet file or a folder of parquet shards")
+    v.add_argument("--limit", type=int, default=None, help="the first N samples only")
+    v.add_argument("--batch-size", type=int, default=16, help="requests the serving engine decodes together")
+    v.add_argument("--max-len", type=int, default=None,
+                   help="cache positions per request (prompt + answer; default: the model's, at most 2048)")
+    v.add_argument("--out", default=None, help="output folder (default eval-out/TASK); a partial one is resumed")
+    v.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (lmms-eval's)")
+    v.add_argument("--shard", default=None, metavar="I/N", help="this host's share (default: jax's process index)")
+    v.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    v.set_defaults(fn=_eval)
     return p
 
 

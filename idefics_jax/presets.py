@@ -3,6 +3,8 @@
 Values are those of each checkpoint's `config.json`; `tests/test_config.py` checks the parameter counts.
 """
 
+import dataclasses
+
 from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
 
 _SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16)
@@ -74,6 +76,19 @@ SMOLVLM_2_2B = ModelConfig(
     image_token_id=49153,
 )
 
+# SmolVLM2 (HuggingFaceTB/SmolVLM2-256M-Video-Instruct, -500M-Video-Instruct, -2.2B-Instruct): model_type
+# "smolvlm", trained on video frames too. The 256M / 500M architectures are SmolVLM's; 2.2B has SmolVLM-Instruct's
+# shapes with the 49280-token vocabulary. Values as in their config.json (test_config checks the counts against
+# transformers' SmolVLM on the same dicts).
+SMOLVLM2_256M = SMOLVLM_256M.replace(model_type="smolvlm")
+SMOLVLM2_500M = SMOLVLM_500M.replace(model_type="smolvlm")
+SMOLVLM2_2_2B = SMOLVLM_2_2B.replace(
+    model_type="smolvlm",
+    text=dataclasses.replace(SMOLVLM_2_2B.text, vocab_size=49280, max_position_embeddings=8192,
+                             rope=RopeConfig(theta=130000.0)),
+    image_token_id=49190,
+)
+
 # Small enough for CPU tests; head counts keep GQA (6 heads over 2 kv heads) and llama3 RoPE.
 TINY = ModelConfig(
     model_type="idefics3",
@@ -110,6 +125,9 @@ PRESETS = {
     "smolvlm-256m": SMOLVLM_256M,
     "smolvlm-500m": SMOLVLM_500M,
     "smolvlm-2.2b": SMOLVLM_2_2B,
+    "smolvlm2-256m": SMOLVLM2_256M,
+    "smolvlm2-500m": SMOLVLM2_500M,
+    "smolvlm2-2.2b": SMOLVLM2_2_2B,
     "tiny": TINY,
     "tiny-idefics2": TINY_IDEFICS2,
 }

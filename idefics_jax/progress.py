@@ -48,7 +48,10 @@ class Progress:
         fmt = (lambda v: f"{v / self.scale:,.1f}") if self.scale != 1 else (lambda v: f"{v:,}")
         detail = f"{fmt(self.done)} / {fmt(self.total)}{' ' + self.unit if self.unit else ''}"
         if self.rate:
-            detail += f", {self.done / self.scale / max(now - self.t0, 1e-9):,.0f} {self.unit or 'units'}/s"
+            rate = self.done / self.scale / max(now - self.t0, 1e-9)
+            # Two significant digits below 10 (an evaluation's 0.4 samples/s), whole numbers above.
+            detail += f", {rate:,.0f}" if rate >= 10 else f", {rate:.2g}"
+            detail += f" {self.unit or 'units'}/s"
         return f"{self.what}: {int(100 * self.done / self.total):3d}% ({detail})"
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ def no_loading(monkeypatch):
     (["--top-p", "1.5"], "top_p must be in (0, 1] (or None); got 1.5"),
     (["--longest-edge", "0"], "--longest-edge must be a positive number of pixels; got 0"),
     (["--image", EXAMPLE, "--image", "no/such.png"], "no/such.png: no such image file"),
+    (["--video", "no/such.mp4"], "no/such.mp4: no such video file"),
 ])
 def test_generate_arguments_are_checked_before_loading(no_loading, capsys, args, message):
     assert cli.main(["generate", "--prompt", "hi", *args]) == 1

@@ -44,23 +44,40 @@ def test_bad_configs(bad, msg):
         from_hf_dict(bad)
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_preset_parameter_count(name):
-    """jax.eval_shape of the full-size model: the count equals transformers' for the same config.json and the
-    published figure."""
+def _transformers_count(name: str, model_class: str | None = None) -> int:
+    """Parameters of transformers' model built (on the meta device) from the preset's config.json."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    ours = idefics_jax.param_count(PRESETS[name])
     d = to_hf_dict(PRESETS[name])
     mt = d.pop("model_type")
     d.pop("architectures")
     with torch.device("meta"):
         hf = AutoModelForImageTextToText.from_config(AutoConfig.for_model(mt, **d))
-    assert ours == sum(p.numel() for p in hf.parameters())
+    if model_class:
+        assert type(hf) is getattr(transformers, model_class)
+    return sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_count(name):
+    """jax.eval_shape of the full-size model: the count equals transformers' for the same config.json and the
+    published figure."""
+    ours = idefics_jax.param_count(PRESETS[name])
+    assert ours == _transformers_count(name)
     published, rounding = PUBLISHED[name]
     print(f"{name}: {ours:,} parameters")
     assert abs(ours - published) <= rounding
+
+
+@pytest.mark.parametrize("name", ["smolvlm2-256m", "smolvlm2-500m", "smolvlm2-2.2b"])
+def test_smolvlm2_preset_parameter_count(name):
+    """SmolVLM2: jax.eval_shape's count equals transformers' SmolVLM (model_type smolvlm) on the same dict."""
+    ours = idefics_jax.param_count(PRESETS[name])
+    assert PRESETS[name].model_type == "smolvlm" and from_hf_dict(to_hf_dict(PRESETS[name])) == PRESETS[name]
+    assert ours == _transformers_count(name, "SmolVLMForConditionalGeneration")
+    print(f"{name}: {ours:,} parameters")
 
 
 # HuggingFaceM4/idefics2-8b's config.json (4.x spellings, remote-code model_type leftovers, no perceiver width).

@@ -72,6 +72,7 @@ def test_readme_snippets_run(scratch):
 SMALLEST = {
     "compile_time.py": (["--preset", "tiny", "--images", "1", "--tokens", "32"], "2 + 2 layers"),
     "convert_memory.py": (["--preset", "tiny", "--shards", "2", "--workdir", "{tmp}"], "converter peak RSS"),
+    "eval.py": (["--smoke", "--workdir", "{tmp}"], "transformers generate loop"),
     "eval_tiny_shapes.py": (["--images", "2"], "transformers agrees on"),
     "generate.py": (["--smoke", "--workdir", "{tmp}"], "jax / best hf"),
     "memory_plan.py": (["--smoke"], "| 8 simulated devices (8 × 16 GiB) | fine-tune, fp32 params + AdamW | (1, 8, 1)"),

@@ -72,7 +72,11 @@ def test_bytes_and_disabled(monkeypatch):
     p.file, p.tty = out, False
     clock.now = 2.0
     p.update(3 * 2**20)
-    assert out.getvalue() == "converting: 100% (3.0 / 3.0 MiB, 2 MiB/s)\n"
+    assert out.getvalue() == "converting: 100% (3.0 / 3.0 MiB, 1.5 MiB/s)\n"  # two digits below 10 / s
+    fast = Progress("evaluating", 400, unit="samples", file=Stream(tty=False))
+    clock.now = 4.0
+    fast.set(400)
+    assert fast.file.getvalue() == "evaluating: 100% (400 / 400 samples, 200 samples/s)\n"  # whole numbers above
     quiet = Progress("x", 5, enabled=False, file=out)
     quiet.update(5)
     assert quiet.done == 5 and out.getvalue().count("\n") == 1

@@ -32,14 +32,32 @@ class Report:
         return "\n".join(rows)
 
 
-def questions(n_images: int, seed: int = EVAL_SEED):
-    """(image, question) for every allowed question of `n_images` fresh images."""
+def questions(n_images: int, seed: int = EVAL_SEED, limit: int | None = None):
+    """(image, question) for every allowed question of `n_images` fresh images (the first `limit` of them)."""
     rng = np.random.default_rng(seed)
-    return [(ex.image, q) for ex in (shapes.sample(rng) for _ in range(n_images)) for q in ex.questions]
+    return [(ex.image, q) for ex in (shapes.sample(rng) for _ in range(n_images)) for q in ex.questions][:limit]
+
+
+def write_jsonl(folder: str, items) -> str:
+    """`items` (from `questions`) as an `idefics-jax eval` JSONL file with PNG images beside it; returns its path."""
+    import json
+    import os
+
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    path = os.path.join(folder, "data.jsonl")
+    names: dict[int, str] = {}
+    with open(path, "w") as f:
+        for image, q in items:
+            if id(image) not in names:  # an image's questions share its file
+                names[id(image)] = f"images/{len(names):05d}.png"
+                image.save(os.path.join(folder, names[id(image)]))
+            f.write(json.dumps({"image": names[id(image)], "question": q.text, "answers": [q.answer],
+                                "kind": q.kind}) + "\n")
+    return path
 
 
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
-             max_new_tokens: int = 3, progress: bool = False) -> Report:
+             max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
     """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
     from idefics_jax.checkpoint import resolve
     from idefics_jax.convert.load import load_pretrained
@@ -52,16 +70,17 @@ def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: b
 
         hf = AutoModelForImageTextToText.from_pretrained(path).eval()
     return evaluate_model(load_pretrained(path), AutoProcessor.from_pretrained(path), n_images,
-                          seed=seed, hf=hf, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                          seed=seed, hf=hf, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                          limit=limit)
 
 
 def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf=None, batch_size: int = 32,
-                   max_new_tokens: int = 3, progress: bool = False) -> Report:
+                   max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
     """`evaluate` for a model in memory (a training run's, say); `hf`: a transformers model to compare with."""
     from idefics_jax.chat import Chat, user_turn
 
     chat = Chat(model, processor)
-    items = questions(n_images, seed)
+    items = questions(n_images, seed, limit)
     report = Report(collections.Counter(), collections.Counter())
     bar = Progress("evaluating", len(items), unit="questions", enabled=progress)
     for start in range(0, len(items), batch_size):
