@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import RopeConfig
+from idefics_jax.quantize import QuantizedWeight, nibbles
 
 Axes = Sequence[str | None]
 
@@ -99,6 +100,38 @@ def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat:
 
 def _from_bits(w):
     return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
+
+
+def matmul(eq: str, x, w):
+    """`jnp.einsum(eq, x, w)` for a weight array or a `QuantizedWeight` (dequantized here, a layer at a time, in
+    x's dtype): the one matmul of every layer.
+
+    In the form all our layers use (x's trailing dims contracted with the weight's leading ones, in order, and the
+    output ending with the weight's remaining dims: "BTD,DNH->BTNH", "ISNH,NHD->ISD") it is one 2-D contraction:
+    left as (N, H), XLA:CPU transposes the weight at every call. Other forms (the patch embedding) go to einsum,
+    unquantized only.
+    """
+    lhs, rhs, out = eq.replace("->", ",").split(",")
+    n_in = len(set(lhs) & set(rhs))
+    if n_in == 0 or lhs[-n_in:] != rhs[:n_in] or out != lhs[:-n_in] + rhs[n_in:]:
+        if isinstance(w, QuantizedWeight):
+            raise ValueError(f"matmul '{eq}': a quantized weight needs x's trailing dims contracted with its leading ones")
+        return jnp.einsum(eq, x, w)
+    batch = x.shape[:x.ndim - n_in]
+    x = x.reshape(*batch, -1)
+    if not isinstance(w, QuantizedWeight):
+        return (x @ w.reshape(x.shape[-1], -1)).reshape(*batch, *w.shape[n_in:])
+    out_shape = w.values.shape[w.values.ndim - w.out_ndim:]
+    if w.bits == 8:  # per output channel: the scales multiply the output, the codes go in as they are
+        y = (x @ w.values.reshape(x.shape[-1], -1).astype(x.dtype)) * w.scales.reshape(-1).astype(x.dtype)
+        return y.reshape(*batch, *out_shape)
+    k, h = w.values.shape[:2]  # groups, half a group
+    xs = x.reshape(*batch, k, 2, h)
+    s = w.scales.astype(x.dtype)
+    lo, hi = nibbles(w.values, x.dtype)
+    y = xs[..., 0, :].reshape(*batch, k * h) @ (lo * s).reshape(k * h, -1) + \
+        xs[..., 1, :].reshape(*batch, k * h) @ (hi * s).reshape(k * h, -1)
+    return y.reshape(*batch, *out_shape)
 
 
 def rms_norm(x, w, eps: float):

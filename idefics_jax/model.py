@@ -10,7 +10,7 @@ from flax import nnx
 from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 from idefics_jax._connector import PixelShuffleConnector
 from idefics_jax._decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KVCache: public here)
-from idefics_jax._layers import param
+from idefics_jax._layers import matmul, param
 from idefics_jax._perceiver import PerceiverConnector
 from idefics_jax.config import GenerationDefaults
 from idefics_jax._vision import VisionEncoder, patch_mask
@@ -119,7 +119,7 @@ class IdeficsModel(nnx.Module):
 
     def lm_logits(self, h_BTD):
         w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
+        logits = matmul("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
         return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False):
