@@ -9,7 +9,7 @@ import sys
 def _convert(a):
     from idefics_jax.convert.hf_to_orbax import convert
 
-    convert(a.src, a.dst, dtype=a.dtype)
+    convert(a.src, a.dst, dtype=a.dtype, quantize=a.quantize, group_size=a.group_size)
     print(f"wrote {a.dst}", file=sys.stderr)
 
 
@@ -32,7 +32,7 @@ def _generate(a):
     if a.temperature is not None and not a.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
     chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge)
+                     longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size)
     content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
@@ -43,6 +43,14 @@ def _generate(a):
     sys.stdout.write("\n")
 
 
+def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
+    # Checked by the library (one-line errors), not by argparse choices.
+    p.add_argument("--quantize", default=None, metavar="int8|int4",
+                   help=f"{what}: int8 per output channel, int4 in groups along the contraction")
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4 group size (default 128, or the largest power of two below it dividing the width)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -51,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards)")
     c.add_argument("dst", help="output directory (must not exist)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    _quantize_options(c, "store the matmul weights quantized")
     c.set_defaults(fn=_convert)
     e = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors directory")
     e.add_argument("src", help="checkpoint written by `idefics-jax convert`")
@@ -73,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer image tokens)")
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    _quantize_options(g, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     g.set_defaults(fn=_generate)
     return p
 
