@@ -122,16 +122,49 @@ def matmul(eq: str, x, w):
     if not isinstance(w, QuantizedWeight):
         return (x @ w.reshape(x.shape[-1], -1)).reshape(*batch, *w.shape[n_in:])
     out_shape = w.values.shape[w.values.ndim - w.out_ndim:]
+    C, O = x.shape[-1], math.prod(out_shape)
     if w.bits == 8:  # per output channel: the scales multiply the output, the codes go in as they are
-        y = (x @ w.values.reshape(x.shape[-1], -1).astype(x.dtype)) * w.scales.reshape(-1).astype(x.dtype)
-        return y.reshape(*batch, *out_shape)
-    k, h = w.values.shape[:2]  # groups, half a group
-    xs = x.reshape(*batch, k, 2, h)
-    s = w.scales.astype(x.dtype)
-    lo, hi = nibbles(w.values, x.dtype)
-    y = xs[..., 0, :].reshape(*batch, k * h) @ (lo * s).reshape(k * h, -1) + \
-        xs[..., 1, :].reshape(*batch, k * h) @ (hi * s).reshape(k * h, -1)
+        values, scales = w.values.reshape(C, O), w.scales.reshape(1, O)
+
+        def part(v, s):
+            return (x @ v.astype(x.dtype)) * s.astype(x.dtype)
+    else:
+        k, h = w.values.shape[:2]  # groups, half a group
+        values, scales = w.values.reshape(k, h, O), w.scales.reshape(k, 1, O)
+        xs = x.reshape(*batch, k, 2, h)
+        x_lo, x_hi = xs[..., 0, :].reshape(*batch, k * h), xs[..., 1, :].reshape(*batch, k * h)
+
+        def part(v, s):
+            lo, hi = nibbles(v, x.dtype)
+            s = s.astype(x.dtype)
+            return x_lo @ (lo * s).reshape(k * h, -1) + x_hi @ (hi * s).reshape(k * h, -1)
+    n = _column_blocks(C, O)
+    if n == 1:
+        return part(values, scales).reshape(*batch, *out_shape)
+    # A big weight (the head) in column blocks: each block's dequantized copy stays in the CPU's cache instead of a
+    # full-precision copy of the whole weight going through memory at every step.
+    c = O // n
+
+    def block(j, y):
+        cols = lambda a: jax.lax.dynamic_slice_in_dim(a, j * c, c, axis=a.ndim - 1)  # noqa: E731
+        return jax.lax.dynamic_update_slice_in_dim(y, part(cols(values), cols(scales)), j * c, axis=y.ndim - 1)
+
+    y = jax.lax.fori_loop(0, n, block, jnp.zeros((*batch, O), x.dtype))
     return y.reshape(*batch, *out_shape)
+
+
+BLOCK_ELEMENTS = 1 << 18  # dequantized weight elements per block: 1 MiB in fp32
+
+
+def _column_blocks(C: int, O: int) -> int:
+    """How many column blocks a (C, O) quantized weight is multiplied in: 1 up to BLOCK_ELEMENTS, else the fewest
+    blocks (a divisor of O) of at most that many elements each."""
+    if C * O <= 4 * BLOCK_ELEMENTS:
+        return 1
+    for n in range(2, O + 1):
+        if O % n == 0 and C * (O // n) <= BLOCK_ELEMENTS:
+            return n
+    return 1
 
 
 def rms_norm(x, w, eps: float):

@@ -13,6 +13,7 @@ from idefics_jax._decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KV
 from idefics_jax._layers import matmul, param
 from idefics_jax._perceiver import PerceiverConnector
 from idefics_jax.config import GenerationDefaults
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax._vision import VisionEncoder, patch_mask
 from idefics_jax.sharding import Partitioning, constrain, put
 
@@ -119,6 +120,10 @@ class IdeficsModel(nnx.Module):
 
     def lm_logits(self, h_BTD):
         w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        if isinstance(w, QuantizedWeight):
+            # Tied to this step's input: otherwise XLA hoists the head's dequantization out of the decode loop and
+            # every step reads a full-precision copy of it.
+            h_BTD, w = jax.lax.optimization_barrier((h_BTD, w))
         logits = matmul("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
         return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
