@@ -114,6 +114,25 @@ def quantize_param(path: str, array, meta: dict, fmt: str, group: int | None, me
     return jax.jit(_quantize_fn(path, meta, fmt, group), out_shardings=where)(array)
 
 
+def quantize_model(model: IdeficsModel, fmt: str, group: int | None = None) -> IdeficsModel:
+    """A model in memory with its matmul weights quantized, one at a time, placed on the model's mesh (if any) as
+    their weights are. Loading quantized (`load_pretrained(quantize=...)`) never holds the full-precision model;
+    this is for models built in memory (random initialisation, training)."""
+    check_quantize(model.config, fmt, group)
+    part = model.partitioning
+    mesh, rules = (part.mesh, part.rules) if part is not None else (None, shd.RULES)
+    graphdef, state = nnx.split(model)
+
+    def one(path, var):
+        key, value = "/".join(map(str, path)), var.get_value()
+        if isinstance(value, QuantizedWeight) or not eligible(key, var.get_metadata().get("fan_in")):
+            return var
+        return var.replace(quantize_param(key, value, var.get_metadata(), fmt, group, mesh, rules))
+
+    model = nnx.merge(graphdef, nnx.from_flat_state([(p, one(p, v)) for p, v in nnx.to_flat_state(state)]))
+    return model
+
+
 def check_quantize(config: ModelConfig, fmt: str, group: int | None) -> None:
     """Raises QuantizeError (one line) for a bad format, or an explicit group size that does not divide some
     quantized weight's contraction width, before anything is read or written."""

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from idefics_jax.checkpoint import quantize_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
@@ -30,7 +31,15 @@ def is_run(path: str) -> bool:
 def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     """A checkpoint or HF directory; or a directory holding only config.json (and tokenizer/processor files):
     random initialisation from `seed`; or "shapes": the tiny-shapes architecture, randomly initialised.
+    With `quantize`, the matmul weights come quantized (QLoRA's frozen base).
     Returns the model and the directory its processor comes from."""
+    model, model_dir = _load_model(cfg, part)
+    if cfg.quantize:
+        model = quantize_model(model, cfg.quantize, cfg.group_size or None)
+    return model, model_dir
+
+
+def _load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     path = cfg.model
     if path == "shapes":
         from idefics_jax.train import shapes_model
@@ -47,7 +56,8 @@ def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
         model = model if part is None else _shard(model, part)
         model.generation_defaults = read_generation_defaults(path)  # eos for evaluation
         return model, path
-    return load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh), path
+    return load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh,
+                           quantize=cfg.quantize or None, group_size=cfg.group_size or None), path
 
 
 def _shard(model, part: shd.Partitioning):
@@ -72,7 +82,7 @@ def trained_model(workdir: str, step: int | None = None):
         raise ValueError(f"{workdir}: no complete checkpoint to export")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
-    if cfg.lora.rank > 0:
+    if cfg.lora.rank > 0:  # a quantized base is dequantized under the adapters (export writes those weights)
         params = lora_lib.apply(parts.frozen, state.trainable, cfg.lora)
     else:
         params = {**parts.frozen, **state.trainable}

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax.train.config import LoraConfig
 
 
@@ -34,12 +35,15 @@ def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraC
     return out
 
 
-def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig) -> dict[str, jax.Array]:
-    """Parameters with the adapters folded in (differentiable in the adapters)."""
+def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig, dtype=None) -> dict[str, jax.Array]:
+    """Parameters with the adapters folded in (differentiable in the adapters). A quantized base weight (QLoRA)
+    is dequantized (to `dtype`, default float32) under its adapter: the sum is a full-precision weight."""
     scale = cfg.alpha / cfg.rank
     out = dict(params)
     for path, ab in adapters.items():
         w = params[path]
+        if isinstance(w, QuantizedWeight):
+            w = w.dequantize(dtype or jnp.float32)
         delta = jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"]) * scale
         out[path] = w + delta.reshape(w.shape).astype(w.dtype)
     return out
