@@ -375,9 +375,11 @@ are fp32 master weights (frozen).
 {quantized_table(results)}
 - int8 holds the decoder at 1 byte per weight and int4 at about 0.53 (codes plus one fp32 scale per 128); the
   bf16 embedding table (1 GiB, not quantized: a lookup) is the largest single full-precision piece.
-- QLoRA dequantizes each adapted weight (all layers of q, k, v, o) under its adapter inside the step: those
-  bf16 copies and their gradients are the bulk of the temporaries, besides the fp32 logits over 128,259 tokens.
-  The CPU compiler computes bf16 matmuls in fp32 (see above): read the temporaries as an upper bound.
+- QLoRA keeps each adapted weight quantized: the layers add the adapters' low-rank path beside the dequantized
+  layer (`idefics_jax.quantize.AdaptedWeight`), so no full-precision copy of the base nor of its gradient exists.
+  What remains is the fp32 embedding table (2 GiB; it is frozen and could be bf16), the fp32 logits over 128,259
+  tokens and their gradient, and the remat boundaries. The CPU compiler computes bf16 matmuls in fp32 (see
+  above): read the temporaries as an upper bound.
 {QUANT_END}
 """
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import RopeConfig
-from idefics_jax.quantize import QuantizedWeight, nibbles
+from idefics_jax.quantize import AdaptedWeight, QuantizedWeight, nibbles
 
 Axes = Sequence[str | None]
 
@@ -113,6 +113,11 @@ def matmul(eq: str, x, w):
     """
     lhs, rhs, out = eq.replace("->", ",").split(",")
     n_in = len(set(lhs) & set(rhs))
+    if isinstance(w, AdaptedWeight):  # QLoRA: the frozen quantized weight, plus the adapters' low-rank path
+        x2 = x.reshape(*x.shape[:x.ndim - n_in], -1)
+        low = (x2 @ w.a.astype(x.dtype)) @ w.b.astype(x.dtype)
+        y = matmul(eq, x, w.base)
+        return y + (w.scale * low).reshape(y.shape).astype(y.dtype)
     if n_in == 0 or lhs[-n_in:] != rhs[:n_in] or out != lhs[:-n_in] + rhs[n_in:]:
         if isinstance(w, QuantizedWeight):
             raise ValueError(f"matmul '{eq}': a quantized weight needs x's trailing dims contracted with its leading ones")

@@ -99,6 +99,37 @@ class QuantizedWeight:
         return w.reshape(self.shape).astype(dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdaptedWeight:
+    """A frozen quantized weight with a low-rank update, w + scale * a @ b, kept apart (QLoRA): `_layers.matmul`
+    computes x @ w + scale * (x @ a) @ b, so the base stays quantized and no full-precision copy of it (or of its
+    gradient) is ever made. a (*lead, C, r), b (*lead, r, O) for a weight (*lead, *in, *out) of width C -> O."""
+
+    base: QuantizedWeight
+    a: jax.Array
+    b: jax.Array
+    scale: float = _static()
+
+    def __getitem__(self, key):
+        if key is not Ellipsis:
+            raise TypeError("an AdaptedWeight is indexed only with [...]")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The merged full-precision weight (export)."""
+        delta = jnp.einsum("...ir,...ro->...io", self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+        return (self.base.dequantize(jnp.float32) + self.scale * delta.reshape(self.shape)).astype(dtype)
+
+
 def nibbles(packed, dtype):
     """Packed int4 bytes -> (low, high) codes in [-8, 7] as `dtype`."""
     return (packed & 15).astype(dtype) - 8, (packed >> 4).astype(dtype) - 8

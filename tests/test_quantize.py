@@ -178,6 +178,16 @@ def test_qlora_trains_adapters_only(tiny_hf):
     for k in before:
         assert not np.array_equal(before[k]["b"], np.asarray(state.trainable[k]["b"]))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, parts.frozen), frozen_before)
+    # Export merges the adapters into dequantized weights: the same logits as the adapted quantized model.
+    from idefics_jax.train import lora as lora_lib
+
+    inputs = {k: batch[k] for k in step_lib.MODEL_INPUTS}
+    adapted = step_lib.merge(parts, lora_lib.apply(parts.frozen, state.trainable, lora)).forward(**inputs)
+    merged = step_lib.merge(parts, lora_lib.apply(parts.frozen, state.trainable, lora, merge=True)).forward(**inputs)
+    assert not isinstance(lora_lib.apply(parts.frozen, state.trainable, lora, merge=True)["text/layers/q"],
+                          QuantizedWeight)
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), rtol=1e-4,
+                               atol=1e-4 * float(np.abs(np.asarray(adapted)).max()))
     # Without LoRA the quantized weights stay frozen and the rest (norms, embeddings, biases) trains.
     plain = step_lib.split(model)
     assert not any(isinstance(v, QuantizedWeight) for v in plain.trainable.values())

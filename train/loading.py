@@ -82,8 +82,8 @@ def trained_model(workdir: str, step: int | None = None):
         raise ValueError(f"{workdir}: no complete checkpoint to export")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
-    if cfg.lora.rank > 0:  # a quantized base is dequantized under the adapters (export writes those weights)
-        params = lora_lib.apply(parts.frozen, state.trainable, cfg.lora)
+    if cfg.lora.rank > 0:  # a quantized base is dequantized under its adapters (export writes those weights)
+        params = lora_lib.apply(parts.frozen, state.trainable, cfg.lora, merge=True)
     else:
         params = {**parts.frozen, **state.trainable}
     return step_lib.merge(parts, params), model_dir

@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax.quantize import AdaptedWeight, QuantizedWeight
 from idefics_jax.train.config import LoraConfig
 
 
@@ -35,15 +35,18 @@ def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraC
     return out
 
 
-def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig, dtype=None) -> dict[str, jax.Array]:
+def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig, merge: bool = False) -> dict[str, jax.Array]:
     """Parameters with the adapters folded in (differentiable in the adapters). A quantized base weight (QLoRA)
-    is dequantized (to `dtype`, default float32) under its adapter: the sum is a full-precision weight."""
+    keeps its adapter beside it (an `AdaptedWeight`: the layers add the low-rank path, the base stays quantized);
+    `merge` folds it into a dequantized float32 weight instead (export)."""
     scale = cfg.alpha / cfg.rank
     out = dict(params)
     for path, ab in adapters.items():
         w = params[path]
         if isinstance(w, QuantizedWeight):
-            w = w.dequantize(dtype or jnp.float32)
+            adapted = AdaptedWeight(w, ab["a"], ab["b"], scale)
+            out[path] = adapted.dequantize() if merge else adapted
+            continue
         delta = jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"]) * scale
         out[path] = w + delta.reshape(w.shape).astype(w.dtype)
     return out

@@ -66,7 +66,7 @@ def split(model, freeze: tuple[str, ...] = (), lora: LoraConfig | None = None, k
     (QLoRA); with LoRA (rank > 0) every model parameter is fixed and new adapters train instead."""
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    params = {_path(p): v[...] for p, v in flat}
+    params = {_path(p): v.get_value() for p, v in flat}
     if lora is not None and lora.rank > 0:
         adapters = lora_lib.init(matmul_fan_in(model), params, lora, key if key is not None else jax.random.key(0))
         return Split(graphdef, tuple(flat), adapters, params)
@@ -96,11 +96,11 @@ def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
 def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool, lora: LoraConfig | None):
     """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch`."""
     if lora is not None and lora.rank > 0:
-        params = lora_lib.apply(frozen, trainable, lora, dtype=compute_dtype)
+        params = lora_lib.apply(frozen, trainable, lora)
     else:
         params = {**frozen, **trainable}
     if compute_dtype is not None:  # quantized weights compute in the activations' dtype by themselves
-        params = {p: v.astype(compute_dtype) if not isinstance(v, QuantizedWeight) and jnp.issubdtype(v.dtype, jnp.floating)
+        params = {p: v.astype(compute_dtype) if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
                   else v for p, v in params.items()}
     logits = merge(s, params).forward(*(batch.get(k) for k in MODEL_INPUTS), remat=remat)
     return cross_entropy(logits, batch["labels"])
