@@ -81,6 +81,11 @@ class QuantizedWeight:
         return (*self.values.shape[:self.lead], *self.in_shape, *self.values.shape[self.values.ndim - self.out_ndim:])
 
     @property
+    def size(self) -> int:
+        """Weights it stands for (as an array's size; FLOP counts read it)."""
+        return math.prod(self.shape)
+
+    @property
     def dtype(self):
         return self.scales.dtype
 
@@ -119,6 +124,10 @@ class AdaptedWeight:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.base.shape
+
+    @property
+    def size(self) -> int:
+        return self.base.size
 
     @property
     def dtype(self):
