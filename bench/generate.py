@@ -143,6 +143,21 @@ def time_hf(model, inputs, new_tokens: int, repeats: int) -> dict[str, float]:
     return {"prefill_s": prefill, "decode_tok_s": B * (new_tokens - 1) / decode}
 
 
+def ensure_checkpoint(workdir: str, preset: str = "smolvlm-256m", progress: bool = True) -> tuple[str, str]:
+    """A random `preset`-shaped checkpoint (HF directory, its Orbax conversion), built once in `workdir`."""
+    from idefics_jax import PRESETS, testing
+    from idefics_jax.convert.hf_to_orbax import convert
+
+    hf_dir, orbax_dir = os.path.join(workdir, f"{preset}-hf"), os.path.join(workdir, f"{preset}-orbax")
+    if not os.path.exists(os.path.join(hf_dir, "config.json")):
+        print(f"building a random {preset}-shaped checkpoint in {hf_dir} ...", file=sys.stderr)
+        config = PRESETS[preset].replace(image_token_id=testing.IMAGE_TOKEN_ID)
+        testing.save_hf_checkpoint(hf_dir, config, seed=0, tiles_per_side=1)
+    if not os.path.exists(orbax_dir):
+        convert(hf_dir, orbax_dir, progress=progress)
+    return hf_dir, orbax_dir
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="out/bench")
@@ -163,16 +178,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import idefics_jax
-    from idefics_jax.convert.hf_to_orbax import convert
-    from idefics_jax import PRESETS, testing
 
-    hf_dir, orbax_dir = os.path.join(a.workdir, f"{preset}-hf"), os.path.join(a.workdir, f"{preset}-orbax")
-    if not os.path.exists(os.path.join(hf_dir, "config.json")):
-        print(f"building a random {preset}-shaped checkpoint in {hf_dir} ...", file=sys.stderr)
-        config = PRESETS[preset].replace(image_token_id=testing.IMAGE_TOKEN_ID)
-        testing.save_hf_checkpoint(hf_dir, config, seed=0, tiles_per_side=1)
-    if not os.path.exists(orbax_dir):
-        convert(hf_dir, orbax_dir, progress=not a.smoke)
+    hf_dir, orbax_dir = ensure_checkpoint(a.workdir, preset, progress=not a.smoke)
     processor = AutoProcessor.from_pretrained(orbax_dir)
 
     bw = measure_bandwidth(probe_bytes)
