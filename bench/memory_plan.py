@@ -194,16 +194,20 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         jitted = jax.jit(prefill, donate_argnums=2,
                          out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)))
         lowered = jitted.lower(state, batch, cache)
+    _compile(lowered, out, t0)
+    out["hand"] = hand_estimate(w, out["mesh"], config)
+    return out
+
+
+def _compile(lowered, out: dict, t0: float) -> None:
+    """Compiles `lowered` (lowered since `t0`) and adds the times and XLA's per-device memory analysis to `out`."""
     out["lower_s"] = time.time() - t0
     t0 = time.time()
-    compiled = lowered.compile()
+    m = lowered.compile().memory_analysis()
     out["compile_s"] = time.time() - t0
-    m = compiled.memory_analysis()
     out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
                temporaries=m.temp_size_in_bytes)
     out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    out["hand"] = hand_estimate(w, out["mesh"], config)
-    return out
 
 
 def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
@@ -365,13 +369,7 @@ def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
     out["optimizer"] = _per_device_bytes(train_state.opt_state)
     step = train.make_train_step(parts, tx, compute_dtype=jnp.bfloat16, remat=True, lora=QLORA)
     lowered = step.lower(train_state, parts.frozen, _batch(w, part, labels=True, config=config))
-    out["lower_s"] = time.time() - t0
-    t0 = time.time()
-    m = lowered.compile().memory_analysis()
-    out["compile_s"] = time.time() - t0
-    out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
-               temporaries=m.temp_size_in_bytes)
-    out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    _compile(lowered, out, t0)
     return out
 
 

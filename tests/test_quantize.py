@@ -148,6 +148,11 @@ def test_bad_requests_get_one_line_errors(tiny_hf, tmp_path, capfd):
         err = capfd.readouterr().err.strip()
         assert err.startswith("idefics-jax convert: error: ") and msg in err and "\n" not in err, err
         assert not os.path.exists(dst) and not any(n.startswith(".out") for n in os.listdir(tmp_path))
+    # generate and serve check the format before loading anything (the model named here does not exist).
+    for cmd in (["generate", "--prompt", "hi"], ["serve"]):
+        assert cli.main([*cmd, "--model", str(tmp_path / "absent"), "--quantize", "int3"]) == 1
+        err = capfd.readouterr().err.strip()
+        assert err == f"idefics-jax {cmd[0]}: error: quantize must be one of int8, int4; got 'int3'", err
     with pytest.raises(QuantizeError, match="quantize must be one of int8, int4; got 'fp8'"):
         idefics_jax.load_pretrained(tiny_hf, quantize="fp8")
     with pytest.raises(config_lib.ConfigError, match="quantize: 'int2'"):
@@ -226,3 +231,28 @@ def test_sharded_quantized_load_equals_one_device(converted, cases, tmp_path):
         # gate (layers, C/g, g/2, mlp) and its scales: the mlp axis split over tensor, as the weight's is.
         values_spec, scales_spec = r[name + "_spec"]
         assert "tensor" in values_spec and "tensor" in scales_spec, (values_spec, scales_spec)
+
+
+def test_qlora_run_evaluates_and_exports(tmp_path):
+    """`quantize: int4` in a training config: the run's base is quantized and frozen, evaluation generates with the
+    adapted quantized model, and export writes the adapters merged into dequantized weights."""
+    from idefics_jax.train import loading, trainer
+
+    run, dst = str(tmp_path / "run"), str(tmp_path / "hf")
+    cfg = config_lib.load("tiny", [f"workdir={run}", "steps=3", "log_every=1", "save_every=3", "eval_every=3",
+                                   "eval_batches=1", "data.num_records=24", "data.batch_size=4", "quantize=int4",
+                                   "lora.rank=4", "lora.alpha=8"])
+    assert quantized_format(loading.load_model(cfg, None)[0]) == "int4"
+    last = trainer.train(cfg)
+    assert 0.0 <= last["eval_exact_match"] <= 1.0 and np.isfinite(last["eval_loss"])
+    trained, _ = loading.trained_model(run)
+    want = _params(trained)
+    # The adapted weights merged into full precision; the others still quantized (export dequantizes them).
+    assert not isinstance(want["text/layers/q"], QuantizedWeight)
+    assert isinstance(want["text/layers/up"], QuantizedWeight)
+    assert cli.main(["export", run, dst]) == 0
+    back = _params(idefics_jax.load_pretrained(dst))
+    assert back.keys() == want.keys()
+    for k, w in want.items():
+        w = w.dequantize() if isinstance(w, QuantizedWeight) else w
+        np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(w), err_msg=k)
