@@ -78,9 +78,9 @@ def main(argv=None) -> int:
     from idefics_jax.serve.engine import Engine
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from generate import build  # bench/generate.py's checkpoint (shared when --workdir is)
+    from generate import ensure_checkpoint  # bench/generate.py's checkpoint (shared when --workdir is)
 
-    hf_dir, orbax_dir = build(a.workdir, preset, progress=not a.smoke)
+    hf_dir, orbax_dir = ensure_checkpoint(a.workdir, preset, progress=not a.smoke)
     data = write_samples(os.path.join(a.workdir, f"eval-samples-{a.samples}"), a.samples)
     chat = Chat.load(orbax_dir)
     ours = {}

@@ -143,8 +143,8 @@ def time_hf(model, inputs, new_tokens: int, repeats: int) -> dict[str, float]:
     return {"prefill_s": prefill, "decode_tok_s": B * (new_tokens - 1) / decode}
 
 
-def build(workdir: str, preset: str = "smolvlm-256m", progress: bool = True) -> tuple[str, str]:
-    """A random `preset`-shaped checkpoint in `workdir` (HF and converted), built once."""
+def ensure_checkpoint(workdir: str, preset: str = "smolvlm-256m", progress: bool = True) -> tuple[str, str]:
+    """A random `preset`-shaped checkpoint (HF directory, its Orbax conversion), built once in `workdir`."""
     from idefics_jax import PRESETS, testing
     from idefics_jax.convert.hf_to_orbax import convert
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
 
     import idefics_jax
 
-    hf_dir, orbax_dir = build(a.workdir, preset, progress=not a.smoke)
+    hf_dir, orbax_dir = ensure_checkpoint(a.workdir, preset, progress=not a.smoke)
     processor = AutoProcessor.from_pretrained(orbax_dir)
 
     bw = measure_bandwidth(probe_bytes)

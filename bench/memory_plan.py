@@ -5,7 +5,8 @@ Each program is lowered and compiled for the full-size model on simulated CPU de
 estimate. Takes about a minute on a 2-core CPU:
 
     python bench/memory_plan.py [--out docs/memory-plan.md]
-    python bench/memory_plan.py --smoke     # the same programs for the tiny test model on 8 devices: seconds
+    python bench/memory_plan.py --quantized [--out docs/memory-plan.md]   # int8 / int4 / QLoRA rows only
+    python bench/memory_plan.py --smoke     # the same programs (quantized ones too) for the tiny test model: seconds
 
 Caveats: the CPU compiler is not the TPU or GPU one. It schedules, fuses and pads differently (TPU pads the
 two minor dimensions to tiles) and computes some bf16 operations in fp32, so treat the compiled temporaries as
@@ -33,12 +34,14 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from idefics_jax import sharding as shd  # noqa: E402
 from idefics_jax.checkpoint import abstract_model  # noqa: E402
+from idefics_jax.checkpoint import quantized_shape, quantized_shardings  # noqa: E402
 from idefics_jax.config import ModelConfig  # noqa: E402
 from idefics_jax.model import KVCache, positions_from_mask  # noqa: E402
 from idefics_jax.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
+from idefics_jax.quantize import eligible  # noqa: E402
 from idefics_jax.train import optim  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
-from idefics_jax.train.config import OptimConfig  # noqa: E402
+from idefics_jax.train.config import LoraConfig, OptimConfig  # noqa: E402
 
 GiB = 2**30
 
@@ -67,6 +70,7 @@ class Workload:
     tokens: int  # prompt / training sequence length, image tokens included
     images: int  # image tiles per sample (2x2 split + the global image = 5)
     cache_slots: int = 0  # KV cache length for inference (prompt + generated)
+    quantize: str = ""  # "int8" / "int4": matmul weights quantized (QLoRA when training)
 
     @property
     def training(self) -> bool:
@@ -94,16 +98,22 @@ def workloads(devices: int) -> tuple[Workload, ...]:
     )
 
 
-def _with_shardings(state, part: shd.Partitioning):
-    """Abstract leaves carrying the shardings their logical axes give (scalars replicated)."""
+def _with_shardings(state, part: shd.Partitioning, quantize: str = ""):
+    """Abstract leaves carrying the shardings their logical axes give (scalars replicated); with `quantize`, the
+    matmul weights as abstract QuantizedWeights, sharded as `load_pretrained` places them."""
 
-    def leaf(v):
-        sds = v.get_value()
-        axes = v.get_metadata().get("axes")
+    def leaf(p, v):
+        sds, meta = v.get_value(), v.get_metadata()
+        key = "/".join(map(str, p))
+        if quantize and eligible(key, meta.get("fan_in")):
+            q = quantized_shape(key, meta, quantize, None, sds.shape)
+            where = quantized_shardings(q, meta, part)
+            return v.replace(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), q, where))
+        axes = meta.get("axes")
         sharding = part.sharding(axes, sds.shape) if axes else NamedSharding(part.mesh, PartitionSpec())
         return v.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
 
-    return nnx.from_flat_state([(p, leaf(v)) for p, v in nnx.to_flat_state(state)])
+    return nnx.from_flat_state([(p, leaf(p, v)) for p, v in nnx.to_flat_state(state)])
 
 
 def _per_device_bytes(tree) -> int:
@@ -162,7 +172,7 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         lowered = train.make_train_step(s, tx, remat=True).lower(state, {}, batch)
     else:
         graphdef, state = nnx.split(model)
-        state = _with_shardings(state, part)
+        state = _with_shardings(state, part, w.quantize)
         out["params"], out["optimizer"] = _per_device_bytes(state), 0
         batch = _batch(w, part, labels=False, config=config)
         t = config.text
@@ -184,16 +194,20 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         jitted = jax.jit(prefill, donate_argnums=2,
                          out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)))
         lowered = jitted.lower(state, batch, cache)
+    _compile(lowered, out, t0)
+    out["hand"] = hand_estimate(w, out["mesh"], config)
+    return out
+
+
+def _compile(lowered, out: dict, t0: float) -> None:
+    """Compiles `lowered` (lowered since `t0`) and adds the times and XLA's per-device memory analysis to `out`."""
     out["lower_s"] = time.time() - t0
     t0 = time.time()
-    compiled = lowered.compile()
+    m = lowered.compile().memory_analysis()
     out["compile_s"] = time.time() - t0
-    m = compiled.memory_analysis()
     out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
                temporaries=m.temp_size_in_bytes)
     out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    out["hand"] = hand_estimate(w, out["mesh"], config)
-    return out
 
 
 def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
@@ -311,15 +325,132 @@ Regenerate with `python bench/memory_plan.py --out docs/memory-plan.md`.
 """
 
 
+ONE_16 = Platform("one 16 GiB device (TPU v5e-1, T4, L4)", 1, 16)
+V5E_8 = PLATFORMS[0]
+QLORA = LoraConfig(rank=16, alpha=32.0)  # q, k, v, o of the decoder
+
+
+def quantized_workloads(smoke: bool = False) -> tuple[tuple[Platform, Workload], ...]:
+    """Issue 15: Idefics3-8B inference int8 / int4 on one 16 GiB device (one prompt, 4096-slot cache) and QLoRA
+    int4 fine-tuning on one 16 GiB device and on a v5e-8 (one 2048-token sample per device). `smoke`: the same
+    programs for the tiny test model on 1 and 8 simulated devices."""
+    one = shd.MeshShape()
+    if smoke:
+        one_dev, eight = Platform("one simulated device", 1, 16), SMOKE_PLATFORMS[0]
+        return (
+            (one_dev, Workload("inference, int8 weights, batch 1", one, jnp.bfloat16, 1, 64, 1, 128, "int8")),
+            (one_dev, Workload("inference, int4 weights, batch 1", one, jnp.bfloat16, 1, 64, 1, 128, "int4")),
+            (one_dev, Workload("QLoRA int4, rank 16, bf16 compute", one, jnp.float32, 1, 64, 1, quantize="int4")),
+            (eight, Workload("QLoRA int4, rank 16, bf16 compute", shd.FSDP, jnp.float32, 8, 64, 1, quantize="int4")),
+        )
+    return (
+        (ONE_16, Workload("inference, int8 weights, batch 1", one, jnp.bfloat16, 1, 2048, 5, 4096, "int8")),
+        (ONE_16, Workload("inference, int4 weights, batch 1", one, jnp.bfloat16, 1, 2048, 5, 4096, "int4")),
+        (ONE_16, Workload("QLoRA int4, rank 16, bf16 compute", one, jnp.float32, 1, 2048, 5, quantize="int4")),
+        (V5E_8, Workload("QLoRA int4, rank 16, bf16 compute", shd.FSDP, jnp.float32, 8, 2048, 5, quantize="int4")),
+    )
+
+
+def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
+    """One QLoRA step (`train/step.py`: frozen quantized base, LoRA adapters + AdamW, remat, bf16 compute) lowered
+    and compiled like `compile_program`."""
+    part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
+    graphdef, state = nnx.split(abstract_model(config, w.dtype, part))
+    model = nnx.merge(graphdef, _with_shardings(state, part, w.quantize))
+    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape))}
+    t0 = time.time()
+    parts = train.split(model, lora=QLORA, key=jax.random.key(0))
+    tx = optim.make(OptimConfig(), 1000, parts.fan_in, parts.trainable)
+    abstract = _replicated(part)
+    trainable = jax.tree.map(abstract, parts.trainable)
+    train_state = train.TrainState(abstract(jnp.zeros((), jnp.int32)), trainable,
+                                   jax.tree.map(abstract, jax.eval_shape(tx.init, trainable)))
+    out["params"] = _per_device_bytes(parts.frozen) + _per_device_bytes(trainable)
+    out["optimizer"] = _per_device_bytes(train_state.opt_state)
+    step = train.make_train_step(parts, tx, compute_dtype=jnp.bfloat16, remat=True, lora=QLORA)
+    lowered = step.lower(train_state, parts.frozen, _batch(w, part, labels=True, config=config))
+    _compile(lowered, out, t0)
+    return out
+
+
+def quantized_table(results) -> str:
+    head = ("| platform | workload | mesh (data, fsdp, tensor) | params | optimizer | KV cache | compiled temp "
+            "| compiled peak | fits (peak < 90% HBM) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    rows = []
+    for p, w, r in results:
+        mesh = r["mesh"]
+        fits = "yes" if r["peak"] <= 0.9 * p.hbm_gib * GiB else "**no**"
+        rows.append(f"| {p.name} | {w.name} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | {_g(r['params'])} "
+                    f"| {_g(r['optimizer'])} | {_g(r.get('kv_cache'))} | {_g(r['temporaries'])} | {_g(r['peak'])} "
+                    f"| {fits} |")
+    return head + "\n".join(rows) + "\n"
+
+
+QUANT_BEGIN, QUANT_END = "<!-- quantized: begin -->", "<!-- quantized: end -->"
+
+
+def quantized_section(results) -> str:
+    return f"""{QUANT_BEGIN}
+## Quantized weights (int8 / int4, QLoRA)
+
+Idefics3-8B with its matmul weights quantized (`load_pretrained(quantize=...)`, `convert --quantize`; int8 per
+output channel, int4 in groups of 128 along the contraction), compiled as above (`python bench/memory_plan.py
+--quantized --out docs/memory-plan.md` rewrites this section only). GiB per device. Inference: the prefill of one
+2048-token prompt (5 tiles) into a 4096-slot bf16 KV cache, activations in bf16; the embedding table stays bf16.
+QLoRA: one step of `train/step.py` with the int4 base frozen, rank-16 adapters on the decoder's q, k, v, o
+(AdamW, fp32), remat per layer, bf16 compute, one 2048-token sample per device; the norms and embedding table
+are fp32 master weights (frozen).
+
+{quantized_table(results)}
+- int8 holds the decoder at 1 byte per weight and int4 at about 0.53 (codes plus one fp32 scale per 128); the
+  bf16 embedding table (1 GiB, not quantized: a lookup) is the largest single full-precision piece.
+- QLoRA keeps each adapted weight quantized: the layers add the adapters' low-rank path beside the dequantized
+  layer (`idefics_jax.quantize.AdaptedWeight`), so no full-precision copy of the base nor of its gradient exists.
+  What remains is the fp32 embedding table (2 GiB; it is frozen and could be bf16), the fp32 logits over 128,259
+  tokens and their gradient, and the remat boundaries. The CPU compiler computes bf16 matmuls in fp32 (see
+  above): read the temporaries as an upper bound.
+{QUANT_END}
+"""
+
+
+def quantized_main(out_path: str | None, config: ModelConfig, smoke: bool = False) -> int:
+    results = []
+    for p, w in quantized_workloads(smoke):
+        print(f"compiling {w.name} on {p.devices} device(s) ...", file=sys.stderr, flush=True)
+        fn = compile_qlora if w.training else compile_program
+        r = fn(w, jax.devices()[: p.devices], config)
+        print(f"  peak {_g(r['peak'])} GiB (compiled in {r['compile_s']:.0f} s)", file=sys.stderr, flush=True)
+        results.append((p, w, r))
+    section = quantized_section(results)
+    print(section)
+    if out_path:
+        text = open(out_path).read() if os.path.exists(out_path) else ""
+        with open(out_path, "w") as f:
+            f.write(_with_section(text, section))
+    return 0
+
+
+def _with_section(text: str, section: str) -> str:
+    """`text` with its quantized section replaced by `section` (appended where it has none)."""
+    if QUANT_BEGIN in text:
+        return text[:text.index(QUANT_BEGIN)] + section.rstrip("\n") + text[text.index(QUANT_END) + len(QUANT_END):]
+    return text.rstrip("\n") + "\n\n" + section
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the whole memory plan (markdown) to this file")
-    ap.add_argument("--smoke", action="store_true", help="the tiny test model on 8 devices (checks the programs)")
+    ap.add_argument("--smoke", action="store_true", help="the tiny test model on 1 and 8 devices (checks the "
+                    "programs, the quantized ones too)")
+    ap.add_argument("--quantized", action="store_true", help="only the quantized rows (issue 15): rewrites their "
+                    "section of --out")
     a = ap.parse_args(argv)
     if a.smoke and a.out:
         ap.error("--smoke measures the tiny model, not Idefics3-8B: no --out")
     config, platforms, loads = (TINY, SMOKE_PLATFORMS, smoke_workloads) if a.smoke else \
         (IDEFICS3_8B_LLAMA3, PLATFORMS, workloads)
+    if a.quantized:
+        return quantized_main(a.out, config, a.smoke)
     compiled: dict = {}
     results = []
     for p in platforms:
@@ -333,9 +464,16 @@ def main(argv=None) -> int:
                       f"{_g(r['arguments'])} GiB, temporaries {_g(r['temporaries'])} GiB", file=sys.stderr, flush=True)
             results.append((p, w, compiled[key]))
     print(table(results))
+    if a.smoke:
+        return quantized_main(None, config, smoke=True)
     if a.out:
+        # The quantized section (`--quantized`) is compiled separately: an existing one is kept.
+        old = open(a.out).read() if os.path.exists(a.out) else ""
+        text = document(results)
+        if QUANT_BEGIN in old:
+            text = _with_section(text, old[old.index(QUANT_BEGIN):old.index(QUANT_END) + len(QUANT_END)])
         with open(a.out, "w") as f:
-            f.write(document(results))
+            f.write(text)
     return 0
 
 

@@ -15,11 +15,12 @@ import numpy as np
 
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import TensorInfo, read_header, read_tensor
-from idefics_jax.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, finalize_partial, param_axes, param_shapes,
-                                    save_partial)
+from idefics_jax.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, check_quantize, finalize_partial,
+                                    param_metadata, param_shapes, quantize_param, save_partial)
 from idefics_jax.config import ModelConfig
 from idefics_jax.hf_config import from_hf_file
 from idefics_jax.progress import Progress, bytes_progress
+from idefics_jax.quantize import eligible, leaf_axes
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -105,16 +106,6 @@ class HFCheckpoint:
         return out
 
 
-def read_hf_checkpoint(src: str, dtype=None, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Reads an HF directory into our parameter arrays keyed by path ("text/layers/q").
-
-    dtype: output dtype ("float32", "bfloat16" or a numpy dtype); None keeps the checkpoint's.
-    """
-    ckpt = HFCheckpoint(src, dtype)
-    bar = bytes_progress("converting", ckpt.nbytes, progress)
-    return ckpt.config, {path: ckpt.array(path, bar) for path in ckpt.shapes}
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -133,8 +124,13 @@ def copy_side_files(src: str, dst: str) -> None:
             shutil.copy2(full, os.path.join(dst, name))
 
 
-def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True) -> ModelConfig:
+def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True, quantize: str | None = None,
+            group_size: int | None = None) -> ModelConfig:
     """HF directory `src` -> Orbax checkpoint directory `dst` (config and tokenizer files beside the params).
+
+    quantize: "int8" or "int4" stores the matmul weights quantized (see `idefics_jax.quantize`; `group_size` for
+    int4), each one quantized as it is read: the full-precision model never exists in memory. The checkpoint's
+    metadata records the format, so it loads quantized by itself.
 
     Written to a temporary directory next to `dst` and renamed when complete, so a failure leaves nothing loadable.
     """
@@ -146,19 +142,32 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     ckpt = HFCheckpoint(src, dtype)
+    if quantize is not None:
+        check_quantize(ckpt.config, quantize, group_size)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
     try:
         copy_side_files(src, tmp)
         bar = bytes_progress("converting", ckpt.nbytes, progress)
         params = os.path.join(tmp, PARAMS_DIR)
         # One parameter at a time: build it, write it, free it. Peak memory is the largest parameter, not the model.
-        axes = param_axes(ckpt.config)
+        metas = param_metadata(ckpt.config)
         for path in ckpt.shapes:
-            save_partial(params, path, ckpt.array(path, bar), axes[path])
+            array, m = ckpt.array(path, bar), metas[path]
+            if quantize and eligible(path, m.get("fan_in")):
+                q = quantize_param(path, array, m, quantize, group_size)
+                va, sa = leaf_axes(m["axes"], m["fan_in"], quantize)
+                save_partial(params, f"{path}/values", np.asarray(q.values), va)
+                save_partial(params, f"{path}/scales", np.asarray(q.scales), sa)
+            else:
+                save_partial(params, path, array, m["axes"])
+            del array
         finalize_partial(params)
         dtype_name = "bfloat16" if ckpt.dtype == DTYPES["bfloat16"] else "float32"
+        meta = {"format": 1, "dtype": dtype_name, "tie_word_embeddings": ckpt.config.tie_word_embeddings}
+        if quantize:
+            meta["quantize"] = {"format": quantize, "group_size": group_size}
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"format": 1, "dtype": dtype_name, "tie_word_embeddings": ckpt.config.tie_word_embeddings}, f)
+            json.dump(meta, f)
         os.rename(tmp, dst)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,30 +5,47 @@ from __future__ import annotations
 import os
 
 from idefics_jax import sharding as shd
-from idefics_jax.checkpoint import PARAMS_DIR, CheckpointError, load_orbax, model_from_arrays, resolve, shipped_models
-from idefics_jax.convert.hf_to_orbax import read_hf_checkpoint
+from idefics_jax.checkpoint import (PARAMS_DIR, CheckpointError, check_quantize, load_orbax, model_from_arrays,
+                                    resolve, shipped_models)
+from idefics_jax.convert.hf_to_orbax import HFCheckpoint
 from idefics_jax.hf_config import read_generation_defaults
 from idefics_jax.model import IdeficsModel
 
 
-def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
+def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
+                    group_size: int | None = None) -> IdeficsModel:
     """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, or a model
     shipped with the package by name ("tiny-shapes").
 
     dtype: parameter (and compute) dtype; None keeps the stored one. mesh: restore straight into arrays sharded
-    over it by the logical-axis `rules`.
+    over it by the logical-axis `rules`. quantize: "int8" (per output channel) or "int4" (groups of `group_size`
+    along the contraction; default 128, or the largest power of two below it that divides the width) quantizes
+    the matmul weights while loading, one tensor at a time; a checkpoint written by `convert --quantize` loads
+    quantized without it.
     """
     path = resolve(path)
     if not os.path.isdir(path):
         shipped = ", ".join(shipped_models())
         raise CheckpointError(f"{path}: not a directory (nor a shipped model: {shipped})")
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        return load_orbax(path, dtype, mesh, rules)
+        return load_orbax(path, dtype, mesh, rules, quantize, group_size)
     if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
-        config, arrays = read_hf_checkpoint(path, dtype=dtype)
-        model = model_from_arrays(config, arrays, mesh, rules)
+        ckpt = HFCheckpoint(path, dtype)
+        if quantize is not None:
+            check_quantize(ckpt.config, quantize, group_size)
+        model = model_from_arrays(ckpt.config, _Lazy(ckpt), mesh, rules, quantize, group_size)
     else:
         raise CheckpointError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model "
                               "(*.safetensors)")
     model.generation_defaults = read_generation_defaults(path)
     return model
+
+
+class _Lazy:
+    """An HF checkpoint's parameters by path, each read when asked for (one in memory at a time)."""
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt, self.dtype = ckpt, ckpt.dtype
+
+    def __getitem__(self, path: str):
+        return self.ckpt.array(path)

@@ -8,15 +8,18 @@ import shutil
 import sys
 import tempfile
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from idefics_jax.checkpoint import quantized_format
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
 from idefics_jax.convert.hf_to_orbax import copy_side_files
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import to_hf_dict
 from idefics_jax.progress import bytes_progress
+from idefics_jax.quantize import QuantizedWeight
 
 SHARD_BYTES = 4 * 2**30
 
@@ -24,7 +27,7 @@ SHARD_BYTES = 4 * 2**30
 def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
     """Our parameters -> HF tensors by name (an untied head is written out even when we tie it)."""
     config = model.config
-    arrays = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    arrays = {"/".join(map(str, p)): _full(v[...], model.dtype) for p, v in nnx.to_flat_state(nnx.state(model))}
     out = {}
     for key, e in _names.entries(config, {k: v.shape for k, v in arrays.items()}).items():
         y = arrays[e.path] if e.layer is None else arrays[e.path][e.layer]
@@ -34,11 +37,21 @@ def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
     return out
 
 
+def _full(value, dtype) -> np.ndarray:
+    return np.asarray(value.dequantize(dtype) if isinstance(value, QuantizedWeight) else value)
+
+
 def export(src: str, dst: str, progress: bool = True) -> None:
     """Orbax checkpoint (or HF directory) `src` -> HF directory `dst` (safetensors shards of at most 4 GiB, config,
-    tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`."""
+    tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`. Quantized weights are written
+    dequantized (HF checkpoints hold full-precision weights), with a notice."""
     check_destination(dst)
-    write_hf(load_pretrained(src), src, dst, progress)
+    model = load_pretrained(src)
+    fmt = quantized_format(model)
+    if fmt:
+        print(f"note: {src} holds {fmt} weights; writing them dequantized to {jnp.dtype(model.dtype).name}",
+              file=sys.stderr)
+    write_hf(model, src, dst, progress)
 
 
 def check_destination(dst: str) -> None:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.config import ModelConfig
-from idefics_jax._layers import param
+from idefics_jax._layers import matmul, param
 
 
 def pixel_shuffle(x_ISD, s: int):
@@ -26,4 +26,4 @@ class PixelShuffleConnector(nnx.Module):
 
     def __call__(self, x_ISD, mask_IS=None):
         """Vision states (I, S, Dv) -> image tokens (I, S/s^2, D). The patch mask is not used here."""
-        return jnp.einsum("ISF,FD->ISD", pixel_shuffle(x_ISD, self.scale_factor), self.proj[...])
+        return matmul("ISF,FD->ISD", pixel_shuffle(x_ISD, self.scale_factor), self.proj[...])

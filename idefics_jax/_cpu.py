@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.model import IdeficsModel, KVCache
+from idefics_jax.quantize import QuantizedWeight
 
 
 def _cpu_view(a: jax.Array, index=None, dtype=None) -> jax.Array | None:
@@ -34,11 +35,17 @@ def layer_weights(model: IdeficsModel):
     step's memory traffic: fp32 weights go in as a list of layers (zero-copy views), read in place. bf16
     weights stay stacked but go in as uint16 bits: seeing bf16 matmul operands, XLA:CPU converts whole stacks to
     f32 once per call and streams the f32 copies; as bits they are converted a layer at a time inside the loop.
+    Quantized weights stay stacked too (bf16 leaves as bits): the scan reads one layer's codes (a quarter or an
+    eighth of fp32's bytes) and dequantizes them inside the loop body; as a list of layers, XLA:CPU hoists each
+    layer's dequantization out of the decode loop and streams full-precision copies again.
     """
     stacked = model.text.layers.weights()
     arrays = jax.tree.leaves(stacked)
     if not on_cpu(arrays):
         return None
+    if any(isinstance(w, QuantizedWeight) for w in stacked.values()):
+        views = jax.tree.map(lambda a: _cpu_view(a, dtype=np.uint16) if a.dtype == jnp.bfloat16 else a, stacked)
+        return None if any(v is None for v in jax.tree.leaves(views, is_leaf=lambda v: v is None)) else views
     if all(a.dtype == jnp.bfloat16 for a in arrays):
         views = {n: _cpu_view(a, dtype=np.uint16) for n, a in stacked.items()}
         return None if any(v is None for v in views.values()) else views

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.config import TextConfig
-from idefics_jax._layers import (Stacked, apply_rope, attend, attention_swiglu_spec, ones, param, rms_norm,
+from idefics_jax._layers import (Stacked, apply_rope, attend, attention_swiglu_spec, matmul, ones, param, rms_norm,
                                  rope_inv_freq, scan_layers)
 from idefics_jax.sharding import Partitioning, constrain
 
@@ -76,22 +76,21 @@ class Decoder(nnx.Module):
         def layer(x, w, kv):
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
             heads, kv_heads = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
-            q = shard(apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq), *heads)
-            k = shard(apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq), *kv_heads)
-            v = shard(jnp.einsum("BTD,DKH->BTKH", h, w["v"]), *kv_heads)
+            q = shard(apply_rope(matmul("BTD,DNH->BTNH", h, w["q"]), pos_BT, inv_freq), *heads)
+            k = shard(apply_rope(matmul("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq), *kv_heads)
+            v = shard(matmul("BTD,DKH->BTKH", h, w["v"]), *kv_heads)
             if kv is not None:
                 start = (0, cache_index, 0, 0)
                 k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), *kv_heads)
                 v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), *kv_heads)
                 kv = (k, v)
-            # As one (N*H)-wide contraction: left as (N, H), XLA:CPU transposes the weight every step instead.
             o = attend(q, k, v, mask_BTS)
-            o = jnp.einsum("BTE,ED->BTD", o.reshape(*o.shape[:2], -1), w["o"].reshape(-1, w["o"].shape[-1]))
+            o = matmul("BTNH,NHD->BTD", o, w["o"])
             x = shard(x + o, "batch", None, None)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-            h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["gate"])) * jnp.einsum("BTD,DF->BTF", h, w["up"])
+            h = jax.nn.silu(matmul("BTD,DF->BTF", h, w["gate"])) * matmul("BTD,DF->BTF", h, w["up"])
             h = shard(h, "batch", None, "mlp")
-            return shard(x + jnp.einsum("BTF,FD->BTD", h, w["down"]), "batch", None, None), kv
+            return shard(x + matmul("BTF,FD->BTD", h, w["down"]), "batch", None, None), kv
 
         kv_in = None if cache is None else (cache.k, cache.v)
         weights = self.layers.weights() if layer_weights is None else layer_weights

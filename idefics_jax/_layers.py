@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import RopeConfig
+from idefics_jax.quantize import AdaptedWeight, QuantizedWeight, nibbles
 
 Axes = Sequence[str | None]
 
@@ -110,6 +111,77 @@ def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat:
 
 def _from_bits(w):
     return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
+
+
+def matmul(eq: str, x, w):
+    """`jnp.einsum(eq, x, w)` for a weight array or a `QuantizedWeight` (dequantized here, a layer at a time, in
+    x's dtype): the one matmul of every layer.
+
+    In the form all our layers use (x's trailing dims contracted with the weight's leading ones, in order, and the
+    output ending with the weight's remaining dims: "BTD,DNH->BTNH", "ISNH,NHD->ISD") it is one 2-D contraction:
+    left as (N, H), XLA:CPU transposes the weight at every call. Other forms (the patch embedding) go to einsum,
+    unquantized only.
+    """
+    lhs, rhs, out = eq.replace("->", ",").split(",")
+    n_in = len(set(lhs) & set(rhs))
+    if isinstance(w, AdaptedWeight):  # QLoRA: the frozen quantized weight, plus the adapters' low-rank path
+        x2 = x.reshape(*x.shape[:x.ndim - n_in], -1)
+        low = (x2 @ w.a.astype(x.dtype)) @ w.b.astype(x.dtype)
+        y = matmul(eq, x, w.base)
+        return y + (w.scale * low).reshape(y.shape).astype(y.dtype)
+    if n_in == 0 or lhs[-n_in:] != rhs[:n_in] or out != lhs[:-n_in] + rhs[n_in:]:
+        if isinstance(w, QuantizedWeight):
+            raise ValueError(f"matmul '{eq}': a quantized weight needs x's trailing dims contracted with its "
+                             "leading ones")
+        return jnp.einsum(eq, x, w)
+    batch = x.shape[:x.ndim - n_in]
+    x = x.reshape(*batch, -1)
+    if not isinstance(w, QuantizedWeight):
+        return (x @ w.reshape(x.shape[-1], -1)).reshape(*batch, *w.shape[n_in:])
+    out_shape = w.values.shape[w.values.ndim - w.out_ndim:]
+    C, O = x.shape[-1], math.prod(out_shape)
+    if w.bits == 8:  # per output channel: the scales multiply the output, the codes go in as they are
+        values, scales = w.values.reshape(C, O), w.scales.reshape(1, O)
+
+        def part(v, s):
+            return (x @ v.astype(x.dtype)) * s.astype(x.dtype)
+    else:
+        k, h = w.values.shape[:2]  # groups, half a group
+        values, scales = w.values.reshape(k, h, O), w.scales.reshape(k, 1, O)
+        xs = x.reshape(*batch, k, 2, h)
+        x_lo, x_hi = xs[..., 0, :].reshape(*batch, k * h), xs[..., 1, :].reshape(*batch, k * h)
+
+        def part(v, s):
+            lo, hi = nibbles(v, x.dtype)
+            s = s.astype(x.dtype)
+            return x_lo @ (lo * s).reshape(k * h, -1) + x_hi @ (hi * s).reshape(k * h, -1)
+    n = _column_blocks(C, O)
+    if n == 1:
+        return part(values, scales).reshape(*batch, *out_shape)
+    # A big weight (the head) in column blocks: each block's dequantized copy stays in the CPU's cache instead of a
+    # full-precision copy of the whole weight going through memory at every step.
+    c = O // n
+
+    def block(j, y):
+        cols = lambda a: jax.lax.dynamic_slice_in_dim(a, j * c, c, axis=a.ndim - 1)  # noqa: E731
+        return jax.lax.dynamic_update_slice_in_dim(y, part(cols(values), cols(scales)), j * c, axis=y.ndim - 1)
+
+    y = jax.lax.fori_loop(0, n, block, jnp.zeros((*batch, O), x.dtype))
+    return y.reshape(*batch, *out_shape)
+
+
+BLOCK_ELEMENTS = 1 << 18  # dequantized weight elements per block: 1 MiB in fp32
+
+
+def _column_blocks(C: int, O: int) -> int:
+    """How many column blocks a (C, O) quantized weight is multiplied in: 1 up to BLOCK_ELEMENTS, else the fewest
+    blocks (a divisor of O) of at most that many elements each."""
+    if C * O <= 4 * BLOCK_ELEMENTS:
+        return 1
+    for n in range(2, O + 1):
+        if O % n == 0 and C * (O // n) <= BLOCK_ELEMENTS:
+            return n
+    return 1
 
 
 def rms_norm(x, w, eps: float):

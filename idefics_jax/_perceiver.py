@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.config import ModelConfig, PerceiverConfig
-from idefics_jax._layers import Stacked, attend, attention_swiglu_spec, ones, param, rms_norm, scan_layers
+from idefics_jax._layers import Stacked, attend, attention_swiglu_spec, matmul, ones, param, rms_norm, scan_layers
 
 _ONES = jax.nn.initializers.ones
 
@@ -21,8 +21,8 @@ def _layer_spec(p: PerceiverConfig, D: int) -> dict:
 
 
 def _swiglu(x, gate, up, down):
-    h = jax.nn.silu(jnp.einsum("...D,DF->...F", x, gate)) * jnp.einsum("...D,DF->...F", x, up)
-    return jnp.einsum("...F,FD->...D", h, down)
+    h = jax.nn.silu(matmul("...D,DF->...F", x, gate)) * matmul("...D,DF->...F", x, up)
+    return matmul("...F,FD->...D", h, down)
 
 
 class PerceiverConnector(nnx.Module):
@@ -55,10 +55,10 @@ class PerceiverConnector(nnx.Module):
             # Each layer norms the same projected features afresh: only the latents are carried between layers.
             ctx_normed = rms_norm(context, w["context_norm"], eps)
             kv_in = jnp.concatenate([ctx_normed, lat_normed], axis=1)
-            q = jnp.einsum("ITD,DNH->ITNH", lat_normed, w["q"])
-            k = jnp.einsum("ISD,DKH->ISKH", kv_in, w["k"])
-            v = jnp.einsum("ISD,DKH->ISKH", kv_in, w["v"])
-            lat_ITD = lat_ITD + jnp.einsum("ITNH,NHD->ITD", attend(q, k, v, mask_ITS), w["o"])
+            q = matmul("ITD,DNH->ITNH", lat_normed, w["q"])
+            k = matmul("ISD,DKH->ISKH", kv_in, w["k"])
+            v = matmul("ISD,DKH->ISKH", kv_in, w["v"])
+            lat_ITD = lat_ITD + matmul("ITNH,NHD->ITD", attend(q, k, v, mask_ITS), w["o"])
             h = rms_norm(lat_ITD, w["mlp_norm"], eps)
             return lat_ITD + _swiglu(h, w["gate"], w["up"], w["down"]), None
 

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import VisionConfig
-from idefics_jax._layers import Stacked, attend, layer_norm, normal, ones, param, scan_layers, zeros
+from idefics_jax._layers import Stacked, attend, layer_norm, matmul, normal, ones, param, scan_layers, zeros
 from idefics_jax.sharding import Partitioning, constrain
 
 _ONES, _ZEROS = jax.nn.initializers.ones, jax.nn.initializers.zeros
@@ -37,16 +37,16 @@ def _layer(eps: float, part: Partitioning | None):
 
     def fn(x_ISD, w, key_mask_IS):
         h = layer_norm(x_ISD, w["ln1_scale"], w["ln1_bias"], eps)
-        q = shard(jnp.einsum("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
-        k = shard(jnp.einsum("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
-        v = shard(jnp.einsum("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
+        q = shard(matmul("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
+        k = shard(matmul("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
+        v = shard(matmul("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
         I, S = key_mask_IS.shape
         a = attend(q, k, v, jnp.broadcast_to(key_mask_IS[:, None, :], (I, S, S)))
-        x_ISD = shard(x_ISD + jnp.einsum("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
+        x_ISD = shard(x_ISD + matmul("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
         h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
-        h = jax.nn.gelu(jnp.einsum("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
+        h = jax.nn.gelu(matmul("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
         h = shard(h, "batch", None, "mlp")
-        return shard(x_ISD + jnp.einsum("ISF,FD->ISD", h, w["fc2"]) + w["fc2_bias"], "batch", None, None)
+        return shard(x_ISD + matmul("ISF,FD->ISD", h, w["fc2"]) + w["fc2_bias"], "batch", None, None)
 
     return fn
 

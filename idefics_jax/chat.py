@@ -64,13 +64,14 @@ class Chat:
 
     @classmethod
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
-             longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None) -> "Chat":
+             longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None,
+             quantize: str | None = None, group_size: int | None = None) -> "Chat":
         """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one) or of
-        a shipped model ("tiny-shapes")."""
+        a shipped model ("tiny-shapes"); `quantize` / `group_size` as in `load_pretrained`."""
         from transformers import AutoProcessor
 
         path = resolve(path)
-        model = load_pretrained(path, dtype=dtype)
+        model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size)
         return cls(model, AutoProcessor.from_pretrained(path), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge, max_frames=max_frames, fps=fps)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from idefics_jax import sharding as shd
 from idefics_jax.config import ModelConfig
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
+from idefics_jax.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
 
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
@@ -61,19 +64,89 @@ def _nest(flat: dict[str, object]) -> dict:
     return out
 
 
-def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.RULES):
-    """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given)."""
-    dtype = next(iter(arrays.values())).dtype
+def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.RULES,
+                      quantize: str | None = None, group: int | None = None):
+    """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given), and
+    quantizing the matmul weights as they come when `quantize` is "int8" or "int4" (see `quantize_param`).
+
+    `arrays` may be any mapping that makes each array when asked for it: then one parameter exists at a time in
+    full precision."""
+    dtype = arrays.dtype if hasattr(arrays, "dtype") else next(iter(arrays.values())).dtype
     part = shd.partitioning(mesh, rules)
     model = abstract_model(config, dtype, part)
     graphdef, state = nnx.split(model)
 
     def place(path, var):
-        arr = arrays["/".join(map(str, path))]
-        return var.replace(jax.device_put(arr, shd.sharding_for(var.get_metadata()["axes"], arr.shape, part)))
+        key = "/".join(map(str, path))
+        arr, meta = arrays[key], var.get_metadata()
+        if quantize and eligible(key, meta.get("fan_in")):
+            return var.replace(quantize_param(key, arr, meta, quantize, group, part))
+        return var.replace(jax.device_put(arr, shd.sharding_for(meta["axes"], arr.shape, part)))
 
     flat = [(p, place(p, v)) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _quantize_fn(path: str, meta: dict, fmt: str, group: int | None):
+    axes = tuple(meta["axes"])
+    lead = 1 if axes and axes[0] == "layers" else 0
+    return functools.partial(quantize, fan_in=meta["fan_in"], fmt=fmt, group=group, lead=lead, where=path)
+
+
+def quantized_shape(path: str, meta: dict, fmt: str, group: int | None, shape, dtype=jnp.float32) -> QuantizedWeight:
+    """The QuantizedWeight of a weight of `shape`, with ShapeDtypeStruct leaves (nothing computed)."""
+    return jax.eval_shape(_quantize_fn(path, meta, fmt, group), jax.ShapeDtypeStruct(shape, dtype))
+
+
+def quantized_shardings(q: QuantizedWeight, meta: dict, part: shd.Partitioning | None) -> QuantizedWeight:
+    """Where the leaves of a quantized weight go: by the logical axes `leaf_axes` derives from its weight's."""
+    va, sa = leaf_axes(meta["axes"], meta["fan_in"], q.format)
+    return dataclasses.replace(q, values=shd.sharding_for(va, q.values.shape, part),
+                               scales=shd.sharding_for(sa, q.scales.shape, part))
+
+
+def quantize_param(path: str, array, meta: dict, fmt: str, group: int | None, part: shd.Partitioning | None = None):
+    """One weight (host or device array, any sharding) -> its QuantizedWeight, placed (sharded over the mesh as
+    its weight would be). Only this one weight is ever in full precision."""
+    target = quantized_shape(path, meta, fmt, group, array.shape, array.dtype)
+    where = quantized_shardings(target, meta, part)
+    return jax.jit(_quantize_fn(path, meta, fmt, group), out_shardings=where)(array)
+
+
+def quantize_model(model: IdeficsModel, fmt: str, group: int | None = None) -> IdeficsModel:
+    """A model in memory with its matmul weights quantized, one at a time, placed on the model's mesh (if any) as
+    their weights are. Loading quantized (`load_pretrained(quantize=...)`) never holds the full-precision model;
+    this is for models built in memory (random initialisation, training)."""
+    check_quantize(model.config, fmt, group)
+    part = model.partitioning
+    graphdef, state = nnx.split(model)
+
+    def one(path, var):
+        key, value = "/".join(map(str, path)), var.get_value()
+        if isinstance(value, QuantizedWeight) or not eligible(key, var.get_metadata().get("fan_in")):
+            return var
+        return var.replace(quantize_param(key, value, var.get_metadata(), fmt, group, part))
+
+    model = nnx.merge(graphdef, nnx.from_flat_state([(p, one(p, v)) for p, v in nnx.to_flat_state(state)]))
+    return model
+
+
+def check_quantize(config: ModelConfig, fmt: str, group: int | None) -> None:
+    """Raises QuantizeError (one line) for a bad format, or an explicit group size that does not divide some
+    quantized weight's contraction width, before anything is read or written."""
+    check_format(fmt)
+    shapes = param_shapes(config)
+    for key, meta in param_metadata(config).items():
+        if eligible(key, meta.get("fan_in")):
+            quantized_shape(key, meta, fmt, group, shapes[key])
+
+
+def quantized_format(model) -> str | None:
+    """"int8" / "int4" when the model's matmul weights are quantized, else None."""
+    for _, v in nnx.to_flat_state(nnx.state(model)):
+        if isinstance(v.get_value(), QuantizedWeight):
+            return v.get_value().format
+    return None
 
 
 def chunk_shape(shape, axes, itemsize: int, rules=shd.RULES) -> tuple[int, ...]:
@@ -118,10 +191,9 @@ def _with_read_chunks(driver: str, metadata: dict, shape: list[int]) -> dict:
     return {**metadata, "codecs": codecs}
 
 
-def param_axes(config: ModelConfig) -> dict[str, tuple]:
-    """Logical axis names by parameter path."""
-    flat = nnx.to_flat_state(nnx.state(abstract_model(config)))
-    return {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in flat}
+def param_metadata(config: ModelConfig) -> dict[str, dict]:
+    """Each parameter's metadata (`axes`, `fan_in`) by path."""
+    return {"/".join(map(str, p)): v.get_metadata() for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
 
 
 def save_partial(directory: str, path: str, array: np.ndarray, axes) -> None:
@@ -205,39 +277,94 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
                             f"config.json gives {shape})")
 
 
-def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
-    """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
+def _flat_leaves(path: str, leaf) -> dict[str, object]:
+    """A parameter's stored arrays by checkpoint path: the array itself, or a quantized weight's two."""
+    if isinstance(leaf, QuantizedWeight):
+        return {f"{path}/values": leaf.values, f"{path}/scales": leaf.scales}
+    return {path: leaf}
+
+
+def _restore(params_dir: str, target: dict, where: str, partial: bool = False) -> dict:
+    """Restores the ShapeDtypeStruct leaves of `target` (keyed by checkpoint path) -> arrays by the same keys."""
+    tree = _nest(target)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=tree, partial_restore=partial, restore_args=jax.tree.map(
+                lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), tree)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        what = "missing or damaged" if re.search("not[ _]found", detail, re.I) else "do not match config.json"
+        raise CheckpointError(f"{where}: parameters {what} ({detail})") from None
+    return {k: _get(restored, k) for k in target}
+
+
+def _get(tree: dict, path: str):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def read_meta(path: str) -> dict:
+    """The checkpoint's own metadata (META_FILE): dtype, tied head, and `quantize` ({"format", "group_size"}) when
+    its weights are stored quantized."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
         raise CheckpointError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
     with open(meta_path) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
+               group: int | None = None) -> IdeficsModel:
+    """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`).
+
+    A quantized checkpoint loads quantized (its metadata says how). `quantize` ("int8" / "int4") quantizes an
+    unquantized one while loading: one parameter at a time is read in full precision, quantized and placed.
+    """
+    meta = read_meta(path)
     config = from_hf_file(path)
     if meta.get("tie_word_embeddings") is not None:
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
+    stored_q = (meta.get("quantize") or {}).get("format")
+    if quantize is not None:
+        check_quantize(config, quantize, group)
+        if stored_q and quantize != stored_q:
+            raise CheckpointError(f"{path}: holds {stored_q} weights; load it without quantize= (or quantize the "
+                            "unquantized model)")
     stored = jnp.dtype(meta["dtype"])
     dtype = jnp.dtype(dtype or stored)
     part = shd.partitioning(mesh, rules)
     graphdef, state = nnx.split(abstract_model(config, stored, part))
     flat = nnx.to_flat_state(state)
-    target = _nest({
-        "/".join(map(str, p)): jax.ShapeDtypeStruct(
-            v.shape, dtype, sharding=shd.sharding_for(v.get_metadata()["axes"], v.shape, part))
-        for p, v in flat
-    })
-    ckptr = ocp.PyTreeCheckpointer()
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
-    _check_stored(path, params_dir, target)
-    try:
-        restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(
-                lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        what = "missing or damaged" if re.search("not[ _]found", detail, re.I) else "do not match config.json"
-        raise CheckpointError(f"{path}: parameters {what} ({detail})") from None
-    leaves = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.State(restored))}
-    new = [(p, v.replace(leaves["/".join(map(str, p))])) for p, v in flat]
+
+    def abstract(key, v):
+        """The parameter as stored, with ShapeDtypeStruct leaves carrying their shardings."""
+        m = v.get_metadata()
+        if stored_q and eligible(key, m.get("fan_in")):
+            q = quantized_shape(key, m, stored_q, meta["quantize"].get("group_size"), v.shape)
+            where = quantized_shardings(q, m, part)
+            return jax.tree.map(lambda a, w: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=w), q, where)
+        return jax.ShapeDtypeStruct(v.shape, dtype, sharding=shd.sharding_for(m["axes"], v.shape, part))
+
+    shapes = {"/".join(map(str, p)): abstract("/".join(map(str, p)), v) for p, v in flat}
+    target = {k: a for key, leaf in shapes.items() for k, a in _flat_leaves(key, leaf).items()}
+    _check_stored(path, params_dir, _nest(target))
+    values = {}
+    if quantize and not stored_q:
+        # One parameter at a time: Orbax restores the subtree asked for.
+        for p, v in flat:
+            key = "/".join(map(str, p))
+            arr = _restore(params_dir, {key: shapes[key]}, path, partial=True)[key]
+            m = v.get_metadata()
+            values[key] = quantize_param(key, arr, m, quantize, group, part) if eligible(key, m.get("fan_in")) else arr
+            del arr
+    else:
+        restored = _restore(params_dir, target, path)
+        for key, leaf in shapes.items():
+            values[key] = (dataclasses.replace(leaf, values=restored[f"{key}/values"], scales=restored[f"{key}/scales"])
+                           if isinstance(leaf, QuantizedWeight) else restored[key])
+    new = [(p, v.replace(values["/".join(map(str, p))])) for p, v in flat]
     model = nnx.merge(graphdef, nnx.from_flat_state(new))
     model.generation_defaults = read_generation_defaults(path)
     return model

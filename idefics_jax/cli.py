@@ -11,7 +11,7 @@ import sys
 def _convert(a):
     from idefics_jax.convert.hf_to_orbax import convert
 
-    convert(a.src, a.dst, dtype=a.dtype)
+    convert(a.src, a.dst, dtype=a.dtype, quantize=a.quantize, group_size=a.group_size)
     print(f"wrote {a.dst}", file=sys.stderr)
 
 
@@ -46,6 +46,7 @@ def _generate(a):
         raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
     if a.longest_edge is not None and a.longest_edge < 1:
         raise ValueError(f"--longest-edge must be a positive number of pixels; got {a.longest_edge}")
+    _check_quantize_options(a)
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
@@ -54,7 +55,8 @@ def _generate(a):
     for v in a.video:  # readable, with frames (PyAV installed)
         probe(v)
     chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge)
+                     longest_edge=a.longest_edge, quantize=a.quantize,
+                     group_size=a.group_size)
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
     for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
@@ -76,8 +78,27 @@ def _version() -> str:
 def _serve(a):
     from idefics_jax.serve.app import serve
 
+    _check_quantize_options(a)
     serve(a.model, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue, dtype=a.dtype,
-          allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels)
+          allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels,
+          quantize=a.quantize, group_size=a.group_size)
+
+
+def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
+    # Checked by the library (one-line errors), not by argparse choices.
+    p.add_argument("--quantize", default=None, metavar="int8|int4",
+                   help=f"{what}: int8 per output channel, int4 in groups along the contraction")
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4 group size (default 128, or the largest power of two below it dividing the width)")
+
+
+def _check_quantize_options(a) -> None:
+    """The format before the model loads; whether a group size divides the widths is checked against the model's
+    config when it loads, before any weight is read."""
+    from idefics_jax.quantize import check_format
+
+    if a.quantize is not None:
+        check_format(a.quantize)
 
 
 def _eval(a):
@@ -104,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards)")
     c.add_argument("dst", help="output directory (must not exist)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    _quantize_options(c, "store the matmul weights quantized")
     c.set_defaults(fn=_convert)
     e = parser("export", help="Orbax checkpoint -> HF safetensors directory")
     e.add_argument("src", help="checkpoint written by `idefics-jax convert`")
@@ -129,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer image tokens)")
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    _quantize_options(g, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     g.set_defaults(fn=_generate)
     s = parser("serve", help="OpenAI-compatible chat server with continuous batching, and a chat page at /")
     s.add_argument("--model", default="tiny-shapes", help="checkpoint or shipped model (default: tiny-shapes)")
@@ -141,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    _quantize_options(s, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     s.set_defaults(fn=_serve)
     v = parser("eval", help="score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, ...)")
     v.add_argument("--model", default="tiny-shapes", help="checkpoint directory or a shipped model's name")

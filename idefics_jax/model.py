@@ -10,9 +10,10 @@ from flax import nnx
 from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 from idefics_jax._connector import PixelShuffleConnector
 from idefics_jax._decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KVCache: public here)
-from idefics_jax._layers import param
+from idefics_jax._layers import matmul, param
 from idefics_jax._perceiver import PerceiverConnector
 from idefics_jax.config import GenerationDefaults
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax._vision import VisionEncoder, patch_mask
 from idefics_jax.sharding import Partitioning, constrain, put
 
@@ -119,7 +120,11 @@ class IdeficsModel(nnx.Module):
 
     def lm_logits(self, h_BTD):
         w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
+        if isinstance(w, QuantizedWeight):
+            # Tied to this step's input: otherwise XLA hoists the head's dequantization out of the decode loop and
+            # every step reads a full-precision copy of it.
+            h_BTD, w = jax.lax.optimization_barrier((h_BTD, w))
+        logits = matmul("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
         return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False):

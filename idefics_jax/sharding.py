@@ -189,6 +189,7 @@ def param_bytes_per_device(model) -> dict:
     """Bytes of parameters each device holds (device -> bytes), from the arrays' actual shards."""
     out: dict = {}
     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        for shard in v[...].addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+        for leaf in jax.tree.leaves(v.get_value()):  # a quantized weight: its codes and scales
+            for shard in leaf.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
     return out

@@ -27,8 +27,9 @@ import pytest
 
 from idefics_jax import _decode, slots
 from idefics_jax.chat import Chat, user_turn
-from idefics_jax.checkpoint import resolve
+from idefics_jax.checkpoint import quantized_format, resolve
 from idefics_jax.generation import generate
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax.serve.engine import Engine, EngineStopped, QueueFull, Request
 from idefics_jax.testing import random_image
 
@@ -91,6 +92,22 @@ def test_engine_greedy_answers_are_generates(lively_chat):
                                      lively_chat.model.generation_defaults.eos_token_ids else "stop")
         lengths.add(len(res.tokens))
     assert len(lengths) >= 4  # the answers really had different lengths
+
+
+def test_engine_serves_a_quantized_model(lively_hf):
+    """An int4 model (quantized while loading) through the engine: the slots run the same quantized layers, so each
+    request's greedy tokens are `generate`'s on that model alone."""
+    chat = Chat.load(lively_hf, quantize="int4")
+    assert quantized_format(chat.model) == "int4"
+    reqs = lively_requests(6, seed=2)  # each prompt once, 2 slots: they free and refill
+    with Engine(chat.model, chat, slots=2, max_len=176, steps=3) as engine:
+        assert isinstance(engine.decoder.lw["q"], QuantizedWeight)  # codes into the decode loop, not a copy
+        results = [h.result(timeout=300) for h in [engine.submit(r, wait=True) for r in reqs]]
+    # Greedy answers are prefixes of longer ones: one `generate` length for all (fewer compiles).
+    longest = max(r.max_tokens for r in reqs)
+    for r, res in zip(reqs, results):
+        assert res.tokens == solo(chat, r.messages, r.images, longest)[:r.max_tokens]
+    assert len({tuple(res.tokens) for res in results}) >= 3  # the prompts got different answers
 
 
 def test_engine_sampling_is_generates(lively_chat):
@@ -529,6 +546,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from idefics_jax.chat import Chat, user_turn
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.generation import generate
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax.serve.engine import Engine, Request
 from idefics_jax.sharding import make_mesh
 from transformers import AutoProcessor

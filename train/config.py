@@ -80,6 +80,10 @@ class TrainConfig:
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute over fp32 master weights
     remat: str = "none"  # "none" or "full" (recompute each layer in the backward pass)
     freeze: tuple[str, ...] = ()  # any of "vision", "connector", "text"
+    # "int8" / "int4": the matmul weights are loaded quantized and stay frozen (QLoRA with lora.rank > 0); the
+    # adapters and whatever else is unfrozen train on top. "" = full precision.
+    quantize: str = ""
+    group_size: int = 0  # int4 group size; 0 = the default (see idefics_jax.quantize)
     log_every: int = 10
     eval_every: int = 0  # 0 = never
     eval_batches: int = 4
@@ -158,6 +162,10 @@ def load(path: str, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"remat: '{cfg.remat}' is not one of none, full")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"compute_dtype: '{cfg.compute_dtype}' is not one of float32, bfloat16")
+    if cfg.quantize not in ("", "int8", "int4"):
+        raise ConfigError(f"quantize: '{cfg.quantize}' is not one of int8, int4 (or empty)")
+    if cfg.group_size < 0 or cfg.group_size % 2:
+        raise ConfigError(f"group_size: {cfg.group_size} is not an even number (or 0 for the default)")
     unknown = set(cfg.freeze) - {"vision", "connector", "text"}
     if unknown:
         raise ConfigError(f"freeze: '{sorted(unknown)[0]}' is not one of vision, connector, text")

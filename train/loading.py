@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from idefics_jax.checkpoint import quantize_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
@@ -61,7 +62,15 @@ def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     """A checkpoint or HF directory; another run's WORKDIR (its newest step); a directory holding only config.json
     (and tokenizer/processor files): random initialisation from `seed`; or a registered built-in ("shapes": the
     tiny-shapes architecture), randomly initialised.
+    With `quantize`, the matmul weights come quantized (QLoRA's frozen base).
     Returns the model and the directory its processor comes from."""
+    model, model_dir = _load_model(cfg, part)
+    if cfg.quantize:  # a checkpoint was quantized while loading; a random or trained model is quantized here
+        model = quantize_model(model, cfg.quantize, cfg.group_size or None)
+    return model, model_dir
+
+
+def _load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     path = model_path(cfg)
     if is_run(path):  # another run: continue from its newest checkpoint
         model, processor_dir = trained_model(path)
@@ -72,7 +81,8 @@ def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
         model = model if part is None else _shard(model, part)
         model.generation_defaults = read_generation_defaults(path)  # eos for evaluation
         return model, path
-    return load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh), path
+    return load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh,
+                           quantize=cfg.quantize or None, group_size=cfg.group_size or None), path
 
 
 def _shard(model, part: shd.Partitioning):
@@ -96,4 +106,5 @@ def trained_model(workdir: str, step: int | None = None):
         raise ValueError(f"{workdir}: no complete checkpoint to export")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
-    return step_lib.merge(parts, step_lib.full_params(parts.frozen, state.trainable, cfg.lora)), model_dir
+    # A quantized base is dequantized under its adapters here (export writes those weights).
+    return step_lib.merge(parts, step_lib.full_params(parts.frozen, state.trainable, cfg.lora, merge=True)), model_dir

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from idefics_jax.quantize import AdaptedWeight, QuantizedWeight
 from idefics_jax.train.config import LoraConfig
 
 
@@ -35,12 +36,18 @@ def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraC
     return out
 
 
-def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig) -> dict[str, jax.Array]:
-    """Parameters with the adapters folded in (differentiable in the adapters)."""
+def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig, merge: bool = False) -> dict[str, jax.Array]:
+    """Parameters with the adapters folded in (differentiable in the adapters). A quantized base weight (QLoRA)
+    keeps its adapter beside it (an `AdaptedWeight`: the layers add the low-rank path, the base stays quantized);
+    `merge` folds it into a dequantized float32 weight instead (export)."""
     scale = cfg.alpha / cfg.rank
     out = dict(params)
     for path, ab in adapters.items():
         w = params[path]
+        if isinstance(w, QuantizedWeight):
+            adapted = AdaptedWeight(w, ab["a"], ab["b"], scale)
+            out[path] = adapted.dequantize() if merge else adapted
+            continue
         delta = jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"]) * scale
         out[path] = w + delta.reshape(w.shape).astype(w.dtype)
     return out

@@ -24,6 +24,7 @@ from flax import nnx
 
 from idefics_jax import sharding as shd
 from idefics_jax.model import matmul_fan_in
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax.train import lora as lora_lib
 from idefics_jax.train.collate import IGNORE_INDEX
 from idefics_jax.train.config import LoraConfig
@@ -62,15 +63,16 @@ def _path(p) -> str:
 
 
 def split(model, freeze: tuple[str, ...] = (), lora: LoraConfig | None = None, key=None) -> Split:
-    """Parameters under a `freeze` prefix ("vision", "connector", "text") stay fixed; with LoRA (rank > 0) every
-    model parameter is fixed and new adapters train instead."""
+    """Parameters under a `freeze` prefix ("vision", "connector", "text") stay fixed, and so do quantized weights
+    (QLoRA); with LoRA (rank > 0) every model parameter is fixed and new adapters train instead."""
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    params = {_path(p): v[...] for p, v in flat}
+    params = {_path(p): v.get_value() for p, v in flat}
     if lora is not None and lora.rank > 0:
         adapters = lora_lib.init(matmul_fan_in(model), params, lora, key if key is not None else jax.random.key(0))
         return Split(graphdef, tuple(flat), adapters, params)
-    frozen = {p: v for p, v in params.items() if any(p == f or p.startswith(f + "/") for f in freeze)}
+    frozen = {p: v for p, v in params.items()
+              if isinstance(v, QuantizedWeight) or any(p == f or p.startswith(f + "/") for f in freeze)}
     return Split(graphdef, tuple(flat), {p: v for p, v in params.items() if p not in frozen}, frozen)
 
 
@@ -92,16 +94,20 @@ def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
 
 
-def full_params(frozen: dict, trainable: dict, lora: LoraConfig | None = None) -> dict:
-    """Every model parameter by path: `trainable` over `frozen`, or with LoRA the adapters merged into `frozen`."""
-    return lora_lib.apply(frozen, trainable, lora) if lora is not None and lora.rank > 0 else {**frozen, **trainable}
+def full_params(frozen: dict, trainable: dict, lora: LoraConfig | None = None, merge: bool = False) -> dict:
+    """Every model parameter by path: `trainable` over `frozen`, or with LoRA the adapters merged into `frozen`
+    (a quantized base keeps its adapter beside it, or with `merge` becomes a dequantized weight: see lora.apply)."""
+    if lora is None or lora.rank <= 0:
+        return {**frozen, **trainable}
+    return lora_lib.apply(frozen, trainable, lora, merge=merge)
 
 
 def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool, lora: LoraConfig | None):
     """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch`."""
     params = full_params(frozen, trainable, lora)
-    if compute_dtype is not None:
-        params = {p: v.astype(compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for p, v in params.items()}
+    if compute_dtype is not None:  # quantized weights compute in the activations' dtype by themselves
+        params = {p: v.astype(compute_dtype) if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
+                  else v for p, v in params.items()}
     logits = merge(s, params).forward(*(batch.get(k) for k in MODEL_INPUTS), remat=remat)
     return cross_entropy(logits, batch["labels"])
 
