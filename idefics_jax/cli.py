@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,34 +22,62 @@ def _export(a):
 
 
 def _train(a):
+    from idefics_jax import distributed
     from idefics_jax.train import config, trainer
 
-    trainer.train(config.load(a.config, a.overrides))
+    cfg = config.load(a.config, a.overrides)
+    distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
+    trainer.train(cfg)
+
+
+def _load_chat(name: str, **kw):
+    """Chat.load, or a training WORKDIR's newest checkpoint (resolved here: generation does not import training)."""
+    from transformers import AutoProcessor
+
+    from idefics_jax.chat import Chat
+    from idefics_jax.train.loading import is_run, trained_model
+
+    if is_run(name):
+        dtype = kw.pop("dtype")
+        model, model_dir = trained_model(name)
+        if dtype is not None:
+            import jax
+            from flax import nnx
+
+            defaults = getattr(model, "generation_defaults", None)
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+            model.generation_defaults = defaults
+        return Chat(model, AutoProcessor.from_pretrained(model_dir), **kw)
+    return Chat.load(name, **kw)
 
 
 def _generate(a):
-    from idefics_jax.chat import Chat
+    from idefics_jax import distributed
 
     if a.temperature is not None and not a.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
-    chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge)
+    distributed.initialize()
+    chat = _load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
+                      longest_edge=a.longest_edge)
+    out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     for piece in chat.stream([{"role": "user", "content": content}], a.image, max_new_tokens=a.max_new_tokens, **kw):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(piece)
+        out.flush()
+    out.write("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-jax", description="Idefics2 / Idefics3 / SmolVLM in JAX.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="HF safetensors directory -> Orbax checkpoint")
-    c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards)")
+    c = sub.add_parser("convert", help="HF safetensors directory or hub id -> Orbax checkpoint")
+    c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards), a hub id "
+                               "(org/name[@revision]) or a preset name (smolvlm-256m)")
     c.add_argument("dst", help="output directory (must not exist)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     c.set_defaults(fn=_convert)
@@ -62,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     g = sub.add_parser("generate", help="answer a prompt about images, streaming the text to stdout")
     g.add_argument("--model", default="tiny-shapes",
-                   help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
+                   help="checkpoint directory (idefics-jax or HF), training WORKDIR, hub id (org/name[@revision]), "
+                        "preset (smolvlm-256m) or shipped model (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -81,7 +111,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, OSError, KeyboardInterrupt) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"idefics-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
         if args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

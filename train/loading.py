@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
@@ -28,10 +29,13 @@ def is_run(path: str) -> bool:
 
 
 def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
-    """A checkpoint or HF directory; or a directory holding only config.json (and tokenizer/processor files):
+    """A checkpoint or HF directory, a hub id or preset name (`convert.hub.resolve_model`); or another run's
+    WORKDIR (its newest checkpoint); or a directory holding only config.json (and tokenizer/processor files):
     random initialisation from `seed`; or "shapes": the tiny-shapes architecture, randomly initialised.
     Returns the model and the directory its processor comes from."""
     path = cfg.model
+    if path != "shapes" and not is_run(path):
+        path = resolve_model(path)  # a hub id or preset name -> its directory in the hub cache
     if path == "shapes":
         from idefics_jax.train import shapes_model
 

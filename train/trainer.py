@@ -43,13 +43,19 @@ def data_source(spec: str, split: str, cfg: TrainConfig):
         from idefics_jax.train import shapes
 
         path = os.path.join(cfg.workdir, f"data-{split}")
-        if not os.path.isdir(path) or not any(os.scandir(path)):
+        # Built by process 0 (the others wait for it); a build a killed run left unfinished is built again.
+        if jax.process_index() == 0 and not tfds_builder.is_built(path):
             seed = cfg.data.shuffle_seed + (0 if split == "train" else 1_000_003)  # held-out images: other seeds
             n = cfg.data.num_records or 1000
             n = n if split == "train" else min(n, EVAL_RECORDS)  # evaluation reads eval_batches batches of them
             sc = cfg.data.shapes
             tfds_builder.build(path, {split: tfds_builder.GeneratedSource(lambda: shapes.records(
-                n, seed, sc.questions_per_image or None, tuple(sc.shapes_per_image), tuple(sc.questions)))})
+                n, seed, sc.questions_per_image or None, tuple(sc.shapes_per_image), tuple(sc.questions)))},
+                replace_incomplete=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"data-{split}")
         spec = path
     directory, _, name = spec.partition(":")
     return tfds_builder.data_source(directory, name or split)
@@ -74,14 +80,41 @@ def flops_per_token(model) -> float:
 
 
 class _Progress:
-    def __init__(self, total: int):
-        self.total, self.tty = total, sys.stderr.isatty()
+    """Process 0 only: a bar on a terminal (stderr); otherwise (nohup, a log file, `--worker=all` over ssh) one
+    line per logged step on stdout, and a summary at the end."""
 
-    def show(self, step: int, loss: float, tps: float):
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.main = jax.process_index() == 0
+        self.tty = sys.stderr.isatty()
+        self.lines = not sys.stdout.isatty()
+
+    def show(self, step: int, loss: float, lr: float, tps: float):
+        if not self.main:
+            return
         if self.tty:
             done = int(30 * step / max(self.total, 1))
             print(f"\r[{'#' * done}{'.' * (30 - done)}] step {step}/{self.total} loss {loss:.4f} {tps:,.0f} tok/s",
                   end="" if step < self.total else "\n", file=sys.stderr, flush=True)
+        if self.lines:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(step - self.start, 1) * (self.total - step)
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.3g} tokens/s {tps:,.0f} eta {_hms(eta)}",
+                  flush=True)
+
+    def summary(self, step: int, last: dict, workdir: str, stopped: str | None):
+        if not self.main:
+            return
+        took = time.perf_counter() - self.t0
+        evals = "".join(f" {k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
+        how = f"stopped by {stopped}" if stopped else "done"
+        print(f"{how}: steps {self.start}->{step} of {self.total} in {_hms(took)}, loss {last.get('loss', float('nan')):.4f}"
+              f"{evals}; checkpoints in {os.path.join(workdir, CHECKPOINTS)}", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -97,11 +130,17 @@ def train(cfg: TrainConfig) -> dict:
                                           grad_accum=cfg.optim.grad_accum)
     schedule = optim.schedule(cfg.optim, cfg.steps)
 
-    collate_cfg = CollateConfig(length_buckets=tuple(cfg.data.length_buckets), max_images=cfg.data.max_images,
+    # data.batch_size is the global batch; each process loads its share (see train.data). Several processes pad
+    # to the longest bucket: the rows of one global array must have one length on every host.
+    hosts = jax.process_count()
+    if cfg.data.batch_size % hosts:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} does not divide over {hosts} processes")
+    buckets = tuple(cfg.data.length_buckets)[-1:] if hosts > 1 else tuple(cfg.data.length_buckets)
+    collate_cfg = CollateConfig(length_buckets=buckets, max_images=cfg.data.max_images,
                                 image_splitting=cfg.data.image_splitting, longest_edge=cfg.data.longest_edge or None)
     collator = Collator.from_pretrained(model_dir, collate_cfg)
     loader = batches(data_source(cfg.data.train, "train", cfg), collator,
-                     LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.data.shuffle_seed))
+                     LoaderConfig(batch_size=cfg.data.batch_size // hosts, seed=cfg.data.shuffle_seed))
     it = iter(loader)
 
     state = step_lib.init_state(parts.trainable, tx)
@@ -117,11 +156,19 @@ def train(cfg: TrainConfig) -> dict:
         state = restored.state
         it.set_state(restored.data)
         print(f"resumed from step {start} in {cfg.workdir}", file=sys.stderr)
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-        json.dump(config_lib.to_dict(cfg), f, indent=2)
+    main_process = jax.process_index() == 0
+    if main_process:
+        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+            json.dump(config_lib.to_dict(cfg), f, indent=2)
 
+    # SIGTERM (a preempted TPU VM) and Ctrl-C both finish the step, save and stop; a second Ctrl-C interrupts.
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.__setitem__("signal", sig))
+
+    def on_signal(sig, frame):
+        stop["signal"] = signal.Signals(sig).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def save(step: int):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state())),
@@ -130,10 +177,10 @@ def train(cfg: TrainConfig) -> dict:
     flops_tok = flops_per_token(model)
     peak = peak_flops(compute or jnp.float32) * jax.device_count()
     del model
-    progress = _Progress(cfg.steps)
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
     last: dict = {}
     step = int(state.step)
+    progress = _Progress(cfg.steps, step)
     t0, tokens_since = time.perf_counter(), 0
     try:
         while step < cfg.steps:
@@ -145,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
                 good = manager.latest_step()
                 raise TrainingError(f"loss is {loss} at step {step}; stopped, last good checkpoint: "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {cfg.workdir}")
-            tokens_since += int(host_batch["attention_mask"].sum())
+            tokens_since += int(host_batch["attention_mask"].sum()) * hosts  # about: this host's share
             if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.perf_counter() - t0
                 tps = tokens_since / dt
@@ -154,20 +201,22 @@ def train(cfg: TrainConfig) -> dict:
                         "skipped_records": sum(it.skipped.values())}
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(evaluate(cfg, parts, state, frozen, collator, part))
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                progress.show(step, loss, tps)
+                if main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                progress.show(step, loss, last["learning_rate"], tps)
                 t0, tokens_since = time.perf_counter(), 0
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
             if stop["signal"] is not None:
                 save(step)
-                print(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved", file=sys.stderr)
                 break
     finally:
         manager.wait_until_finished()
         manager.close()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    progress.summary(step, last, cfg.workdir, stop["signal"])
     return last
 
 
@@ -177,8 +226,8 @@ def evaluate(cfg: TrainConfig, parts, state, frozen, collator, part) -> dict:
         return {}
     loss_fn = step_lib.make_loss(parts, lora=cfg.lora)
     source = data_source(cfg.data.eval, "eval", cfg)
-    it = iter(batches(source, collator, LoaderConfig(batch_size=cfg.data.batch_size, shuffle=False, num_epochs=1,
-                                                     drop_remainder=False)))
+    it = iter(batches(source, collator, LoaderConfig(batch_size=cfg.data.batch_size // jax.process_count(),
+                                                     shuffle=False, num_epochs=1, drop_remainder=False)))
     total = count = 0.0
     for _ in range(cfg.eval_batches):
         try:
@@ -188,6 +237,8 @@ def evaluate(cfg: TrainConfig, parts, state, frozen, collator, part) -> dict:
         t, c = loss_fn(state.trainable, frozen, step_lib.put_batch(b, part))
         total, count = total + float(t), count + float(c)
     n = cfg.eval_batches * cfg.data.batch_size
+    if jax.process_count() > 1:  # greedy decoding runs on one host's arrays: not in a multi-host run
+        return {"eval_loss": total / max(count, 1)}
     return {"eval_loss": total / max(count, 1), "eval_exact_match": exact_match(cfg, parts, state, frozen, collator, source, n)}
 
 
