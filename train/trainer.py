@@ -170,7 +170,12 @@ def train(cfg: TrainConfig) -> dict:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    saved = {"step": start}
+
     def save(step: int):
+        if saved["step"] == step:  # a signal right after a scheduled save
+            return
+        saved["step"] = step
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state())),
                      force=True)
 
