@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
@@ -27,6 +28,14 @@ META_FILE = "idefics_jax.json"  # written last: a directory without it is not a 
 # 16 ways then finds each device's slice made of whole stored chunks, so a process reads its own slices only.
 CHUNK_PARTS = 16
 MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
+
+
+def as_path(path) -> epath.Path:
+    """A checkpoint, workdir or export location as a path object: local (made absolute, as Orbax wants) or a
+    bucket (`gs://...`), both read and written through `etils.epath`, which Orbax uses."""
+    if isinstance(path, epath.Path) or "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 class LoadError(ValueError):
@@ -162,11 +171,10 @@ def resolve(path: str) -> str:
 
 def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
     """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path):
+    meta_path = as_path(path) / META_FILE
+    if not meta_path.exists():
         raise LoadError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = json.loads(meta_path.read_text())
     config = from_hf_file(path)
     if meta.get("tie_word_embeddings") is not None:
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
@@ -180,7 +188,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
         for p, v in flat
     })
     ckptr = ocp.PyTreeCheckpointer()
-    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
+    params_dir = as_path(path) / PARAMS_DIR / STATE_DIR
     try:
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=jax.tree.map(

@@ -115,3 +115,27 @@ def test_presets_name_their_published_checkpoints():
     assert hub.parse_hub_id("org/name@v1.0") == ("org/name", "v1.0")
     for not_an_id in ("./org/name", "/abs/path", "gs://bucket/ckpt", "a/b/c", "name", "../x/y"):
         assert hub.parse_hub_id(not_an_id) is None, not_an_id
+
+
+def test_paths_as_objects(tmp_path, tiny_hf):
+    """Checkpoints and workdirs go through etils.epath (what Orbax uses; it also takes gs://): pathlib and epath
+    objects work wherever a string does."""
+    import pathlib
+
+    from etils import epath
+
+    import idefics_jax
+    from idefics_jax.checkpoint import as_path
+    from idefics_jax.convert.hf_to_orbax import convert
+    from idefics_jax.train.loading import is_run
+
+    assert str(as_path("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
+    assert as_path("rel/dir") == epath.Path(os.path.abspath("rel/dir"))
+    convert(pathlib.Path(tiny_hf), str(tmp_path / "orbax"), progress=False)
+    ref = np.asarray(idefics_jax.load_pretrained(tiny_hf).text.embed[...])
+    for p in (pathlib.Path(tmp_path / "orbax"), epath.Path(tmp_path / "orbax")):
+        np.testing.assert_array_equal(np.asarray(idefics_jax.load_pretrained(p).text.embed[...]), ref)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert is_run(epath.Path(tmp_path / "run")) and is_run(pathlib.Path(tmp_path / "run"))
+    assert not is_run(epath.Path(tmp_path / "orbax"))

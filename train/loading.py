@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from idefics_jax.checkpoint import as_path
 from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
@@ -23,9 +24,11 @@ from idefics_jax.train.config import TrainConfig
 CHECKPOINTS = "checkpoints"
 
 
-def is_run(path: str) -> bool:
-    """Whether `path` is a training WORKDIR (its checkpoints and the config it ran with)."""
-    return os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.exists(os.path.join(path, "config.json"))
+def is_run(path) -> bool:
+    """Whether `path` (local, `gs://`, any path object) is a training WORKDIR (its checkpoints and the config it
+    ran with)."""
+    p = as_path(path)
+    return (p / CHECKPOINTS).is_dir() and (p / "config.json").exists()
 
 
 def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
@@ -33,7 +36,7 @@ def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     WORKDIR (its newest checkpoint); or a directory holding only config.json (and tokenizer/processor files):
     random initialisation from `seed`; or "shapes": the tiny-shapes architecture, randomly initialised.
     Returns the model and the directory its processor comes from."""
-    path = cfg.model
+    path = os.fspath(cfg.model)
     if path != "shapes" and not is_run(path):
         path = resolve_model(path)  # a hub id or preset name -> its directory in the hub cache
     if path == "shapes":
@@ -63,14 +66,13 @@ def _shard(model, part: shd.Partitioning):
 
 def trained_model(workdir: str, step: int | None = None):
     """-> (model, directory of its tokenizer / processor files) for the run in `workdir` (newest step by default)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = config_lib._build(TrainConfig, json.load(f))
-    cfg = config_lib.dataclasses.replace(cfg, workdir=workdir)
+    cfg = config_lib._build(TrainConfig, json.loads((as_path(workdir) / "config.json").read_text()))
+    cfg = config_lib.dataclasses.replace(cfg, workdir=os.fspath(workdir))
     model, model_dir = load_model(cfg, None)
     parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
     tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
     target = step_lib.init_state(parts.trainable, tx)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)))
+    manager = ocp.CheckpointManager(as_path(workdir) / CHECKPOINTS)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"{workdir}: no complete checkpoint to export")

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from idefics_jax.checkpoint import as_path
 from idefics_jax.sharding import RULES, MeshShape
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, step as step_lib
@@ -119,7 +120,7 @@ def _hms(seconds: float) -> str:
 
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
-    os.makedirs(cfg.workdir, exist_ok=True)
+    as_path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     mesh = shd.make_mesh(MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) if jax.device_count() > 1 else None
     part = None if mesh is None else shd.Partitioning(mesh, RULES)
     model, model_dir = load_model(cfg, part)
@@ -146,7 +147,7 @@ def train(cfg: TrainConfig) -> dict:
     state = step_lib.init_state(parts.trainable, tx)
     frozen = parts.frozen
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(cfg.workdir, CHECKPOINTS)),
+        as_path(cfg.workdir) / CHECKPOINTS,  # a local directory or a bucket (gs://)
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True),
     )
     start = manager.latest_step()
@@ -158,8 +159,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"resumed from step {start} in {cfg.workdir}", file=sys.stderr)
     main_process = jax.process_index() == 0
     if main_process:
-        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-            json.dump(config_lib.to_dict(cfg), f, indent=2)
+        (as_path(cfg.workdir) / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
 
     # SIGTERM (a preempted TPU VM) and Ctrl-C both finish the step, save and stop; a second Ctrl-C interrupts.
     stop = {"signal": None}
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
     flops_tok = flops_per_token(model)
     peak = peak_flops(compute or jnp.float32) * jax.device_count()
     del model
-    metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
+    metrics_path = as_path(cfg.workdir) / "metrics.jsonl"
     last: dict = {}
     step = int(state.step)
     progress = _Progress(cfg.steps, step)
@@ -207,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(evaluate(cfg, parts, state, frozen, collator, part))
                 if main_process:
-                    with open(metrics_path, "a") as f:
+                    with metrics_path.open("a") as f:
                         f.write(json.dumps(last) + "\n")
                 progress.show(step, loss, last["learning_rate"], tps)
                 t0, tokens_since = time.perf_counter(), 0
