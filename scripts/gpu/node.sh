@@ -53,7 +53,7 @@ env_=(env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9)
 [[ -n $GPUS ]] && env_+=("CUDA_VISIBLE_DEVICES=$GPUS")
 if [[ -n $LOG ]]; then
   if [[ $DRY_RUN == 1 ]]; then
-    printf '%s | tee %q\n' "$(run "${env_[@]}" idefics-jax "$@")" "$LOG"
+    printf '%s 2>&1 | tee %q\n' "$(run "${env_[@]}" idefics-jax "$@")" "$LOG"
   else
     "${env_[@]}" idefics-jax "$@" 2>&1 | tee "$LOG"
   fi
