@@ -11,6 +11,7 @@ import tempfile
 import numpy as np
 from flax import nnx
 
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
 from idefics_jax.convert.hf_to_orbax import copy_side_files
@@ -38,6 +39,7 @@ def export(src: str, dst: str, progress: bool = True) -> None:
     """Orbax checkpoint (or HF directory) `src` -> HF directory `dst` (safetensors shards of at most 4 GiB, config,
     tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`."""
     check_destination(dst)
+    src = resolve_model(src)
     write_hf(load_pretrained(src), src, dst, progress)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
@@ -27,6 +28,14 @@ META_FILE = "idefics_jax.json"  # written last: a directory without it is not a 
 # 16 ways then finds each device's slice made of whole stored chunks, so a process reads its own slices only.
 CHUNK_PARTS = 16
 MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
+
+
+def as_path(path) -> epath.Path:
+    """A checkpoint, workdir or export location as a path object: local (made absolute, as Orbax wants) or a
+    bucket (`gs://...`), both read and written through `etils.epath`, which Orbax uses."""
+    if isinstance(path, epath.Path) or "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 class CheckpointError(ValueError):
@@ -158,7 +167,7 @@ def resolve(path: str) -> str:
     return path
 
 
-def _check_stored(path: str, params_dir: str, target: dict) -> None:
+def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
     """Checks what the restore will read before it starts: the stored arrays' names and shapes (Orbax's metadata
     file) against the model's, and that the store's index and every array's metadata are there. Reads no array.
 
@@ -167,15 +176,16 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
     "Event loop is closed"). So a checkpoint that does not match or is damaged is refused here, not by a read.
     """
     import tensorstore as ts
-    from etils import epath
 
     def damaged(e: Exception):
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         return CheckpointError(f"{path}: parameters missing or damaged ({detail})")
 
     try:
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
-        keys = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result().list().result()
+        tree = ocp.PyTreeCheckpointHandler().metadata(params_dir).tree
+        # TensorStore takes a kvstore URL: gs://... as it is, a local (absolute) path as file://.
+        base = str(params_dir) if "://" in str(params_dir) else f"file://{params_dir}"
+        keys = ts.KvStore.open({"driver": "ocdbt", "base": base}).result().list().result()
     except (ValueError, KeyError, OSError) as e:
         raise damaged(e) from None
     name = lambda p: "/".join(str(k.key) for k in p)  # noqa: E731
@@ -198,11 +208,10 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
 
 def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsModel:
     """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`)."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path):
+    meta_path = as_path(path) / META_FILE
+    if not meta_path.exists():
         raise CheckpointError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = json.loads(meta_path.read_text())
     config = from_hf_file(path)
     if meta.get("tie_word_embeddings") is not None:
         config = config.replace(tie_word_embeddings=bool(meta["tie_word_embeddings"]))
@@ -217,7 +226,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES) -> IdeficsMode
         for p, v in flat
     })
     ckptr = ocp.PyTreeCheckpointer()
-    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
+    params_dir = as_path(path) / PARAMS_DIR / STATE_DIR
     _check_stored(path, params_dir, target)
     try:
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(

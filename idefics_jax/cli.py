@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,7 +22,7 @@ def _export(a):
 
 
 def _train(a):
-    from idefics_jax import configs
+    from idefics_jax import configs, distributed
 
     if a.list:
         print("\n".join(configs.names()))
@@ -30,11 +31,35 @@ def _train(a):
         raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
     from idefics_jax.train import config, trainer
 
-    trainer.train(config.load(a.config, a.overrides))
+    cfg = config.load(a.config, a.overrides)
+    distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
+    trainer.train(cfg)
+
+
+def _load_chat(name: str, **kw):
+    """Chat.load, or a training WORKDIR's newest checkpoint (resolved here: generation does not import training)."""
+    from transformers import AutoProcessor
+
+    from idefics_jax.chat import Chat
+    from idefics_jax.train.loading import is_run, trained_model
+
+    if is_run(name):
+        dtype = kw.pop("dtype")
+        model, model_dir = trained_model(name)
+        if dtype is not None:
+            import jax
+            from flax import nnx
+
+            defaults = getattr(model, "generation_defaults", None)
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+            model.generation_defaults = defaults
+        return Chat(model, AutoProcessor.from_pretrained(model_dir), **kw)
+    return Chat.load(name, **kw)
 
 
 def _generate(a):
-    from idefics_jax.chat import Chat
+    from idefics_jax import distributed
     from idefics_jax.generation import check_arguments
     from idefics_jax.images import load_image
 
@@ -48,13 +73,15 @@ def _generate(a):
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     check_arguments(max_new_tokens=a.max_new_tokens, **kw)
     images = [load_image(i) for i in a.image]
-    chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge)
+    distributed.initialize()
+    chat = _load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
+                      longest_edge=a.longest_edge)
+    out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
     for piece in chat.stream([{"role": "user", "content": content}], images, max_new_tokens=a.max_new_tokens, **kw):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(piece)
+        out.flush()
+    out.write("\n")
 
 
 def _version() -> str:
@@ -81,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     parser = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
-    c = parser("convert", help="HF safetensors directory -> Orbax checkpoint")
-    c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards)")
+    c = parser("convert", help="HF safetensors directory or hub id -> Orbax checkpoint")
+    c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards), a hub id "
+                               "(org/name[@revision]) or a preset name (smolvlm-256m)")
     c.add_argument("dst", help="output directory (must not exist)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     c.set_defaults(fn=_convert)
@@ -97,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     g = parser("generate", help="answer a prompt about images, streaming the text to stdout")
     g.add_argument("--model", default="tiny-shapes",
-                   help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
+                   help="checkpoint directory (idefics-jax or HF), training WORKDIR, hub id (org/name[@revision]), "
+                        "preset (smolvlm-256m) or shipped model (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -128,7 +157,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, OSError, KeyboardInterrupt) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"idefics-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
         if args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
