@@ -56,7 +56,7 @@ print("RESULT " + json.dumps(out))
 
 
 def _run(tmp_path, env, script=SCRIPT):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    env = {**os.environ, **env}
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -64,13 +64,13 @@ def _run(tmp_path, env, script=SCRIPT):
     return json.loads(line[len("RESULT "):]), r.stderr
 
 
-def test_hub_ids_load_offline_from_the_cache(cache, tmp_path, tiny_hf):
+def test_hub_ids_load_offline_from_the_cache(cache, tmp_path, tiny_hf, program_env):
     import idefics_jax
 
     want = {seed: float(np.asarray(idefics_jax.load_pretrained(p).text.embed[...]).ravel()[:8].sum())
             for seed, p in ((0, tiny_hf), (1, os.path.join(os.path.dirname(cache), "src-v2")))}
     assert want[0] != want[1]
-    out, err = _run(tmp_path, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache})
+    out, err = _run(tmp_path, {**program_env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache})
     assert out["acme/tiny-vlm"] == want[0]  # refs/main
     assert out[f"acme/tiny-vlm@{OTHER}"] == out["acme/tiny-vlm@v2"] == out["chat"] == want[1]  # @revision
     assert out["chat_processor"] == "Idefics3Processor"
@@ -82,11 +82,11 @@ def test_hub_ids_load_offline_from_the_cache(cache, tmp_path, tiny_hf):
     assert "not in the hub cache" in line and "HF_HUB_OFFLINE" in line and cache in line
 
 
-def test_unreachable_hub_is_one_clear_line(tmp_path):
+def test_unreachable_hub_is_one_clear_line(tmp_path, program_env):
     """Online mode, a hub endpoint that refuses connections and an empty cache."""
     script = ("import sys\nfrom idefics_jax import cli\n"
               "print('RESULT', cli.main(['generate', '--model', 'acme/tiny-vlm', '--prompt', 'hi']))\n")
-    out, err = _run(tmp_path, {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "empty"),
+    out, err = _run(tmp_path, {**program_env, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "empty"),
                                "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
                                "HF_HUB_DOWNLOAD_TIMEOUT": "2"}, script)
     assert out == 1

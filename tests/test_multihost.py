@@ -20,9 +20,8 @@ def _losses(work):
         return {m["step"]: m["loss"] for m in map(json.loads, f)}
 
 
-def test_two_processes_train_like_one(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+def test_two_processes_train_like_one(tmp_path, program_env):
+    env = {**os.environ, **program_env}  # one CPU device per process
     cmd = [sys.executable, "-m", "idefics_jax.cli", "train", "configs/tiny.yaml", *ARGS]
     one = subprocess.run(cmd + [f"workdir={tmp_path / 'one'}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -12,11 +12,11 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(name, tmp_path, monkeypatch) -> list[str]:
+def run(name, tmp_path, monkeypatch, env) -> list[str]:
     monkeypatch.setenv("IDEFICS_JAX_MODEL", "tiny-shapes")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    for k, v in env.items():  # the kernel inherits them
+        monkeypatch.setenv(k, v)
     nb = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -24,16 +24,16 @@ def run(name, tmp_path, monkeypatch) -> list[str]:
             if o.get("output_type") == "stream" and o.get("name") == "stdout"]
 
 
-def test_quickstart(tmp_path, monkeypatch):
-    out = "\n".join(run("quickstart", tmp_path, monkeypatch))
+def test_quickstart(tmp_path, monkeypatch, program_env):
+    out = "\n".join(run("quickstart", tmp_path, monkeypatch, program_env))
     assert "install skipped" in out and "CpuDevice" in out and "float32" in out
     assert "square" in out  # the streamed answer about shapes-1.png
     assert "shapes-3.png: What color is the triangle? -> green" in out  # the batch
     assert "prefill:" in out and "decode:" in out and "smolvlm-256m" in out
 
 
-def test_finetune(tmp_path, monkeypatch):
-    out = "\n".join(run("finetune", tmp_path, monkeypatch))
+def test_finetune(tmp_path, monkeypatch, program_env):
+    out = "\n".join(run("finetune", tmp_path, monkeypatch, program_env))
     assert "step 20/20 loss" in out and "exact match on 32 held-out questions: before" in out
     assert "hub push skipped" in out
     work = tmp_path / "finetune-work"

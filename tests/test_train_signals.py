@@ -22,9 +22,9 @@ def _cmd(work):
             "data.batch_size=4", "optim.warmup_steps=1"]
 
 
-def _start(work):
+def _start(work, env):
     return subprocess.Popen(_cmd(work), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            env={**os.environ, **env})
 
 
 def _wait_for(proc, done, what):
@@ -38,17 +38,17 @@ def _steps(work):
     return [json.loads(x)["step"] for x in open(path)] if os.path.exists(path) else []
 
 
-def test_killed_while_building_a_split_resumes_and_ctrl_c_saves(tmp_path, capsys):
+def test_killed_while_building_a_split_resumes_and_ctrl_c_saves(tmp_path, capsys, program_env):
     work = str(tmp_path / "run")
     unfinished = os.path.join(work, "data-eval", "cauldron_records", "incomplete.*")
-    proc = _start(work)
+    proc = _start(work, program_env)
     _wait_for(proc, lambda: glob.glob(unfinished), "the eval split's build")  # first evaluation, step 2
     proc.kill()
     proc.communicate()
     assert glob.glob(unfinished) and not os.path.exists(os.path.join(work, "data-eval", "cauldron_records", "1.0.0"))
     kept = CheckpointManager(os.path.join(work, "checkpoints")).latest_step()  # step 1's async save may be unfinished
 
-    proc = _start(work)  # resumes: rebuilds the unfinished split; then Ctrl-C at step 3
+    proc = _start(work, program_env)  # resumes: rebuilds the unfinished split; then Ctrl-C at step 3
     _wait_for(proc, lambda: 3 in _steps(work), "step 3")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
