@@ -13,6 +13,7 @@ import tempfile
 import ml_dtypes
 import numpy as np
 
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import TensorInfo, read_header, read_tensor
 from idefics_jax.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, check_quantize, finalize_partial,
@@ -133,9 +134,11 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True,
     metadata records the format, so it loads quantized by itself.
 
     Written to a temporary directory next to `dst` and renamed when complete, so a failure leaves nothing loadable.
+    `src` may also name a preset's published checkpoint or a hub id (`idefics_jax.convert.hub.resolve_model`).
     """
     if os.path.exists(dst):
         raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
+    src = resolve_model(src)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
     check_side_files(src)

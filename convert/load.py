@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 
 from idefics_jax import sharding as shd
-from idefics_jax.checkpoint import (PARAMS_DIR, CheckpointError, check_quantize, load_orbax, model_from_arrays,
-                                    resolve, shipped_models)
+from idefics_jax.checkpoint import PARAMS_DIR, CheckpointError, check_quantize, load_orbax, model_from_arrays
 from idefics_jax.convert.hf_to_orbax import HFCheckpoint
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.hf_config import read_generation_defaults
 from idefics_jax.model import IdeficsModel
 
 
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
                     group_size: int | None = None) -> IdeficsModel:
-    """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, or a model
-    shipped with the package by name ("tiny-shapes").
+    """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, a model shipped
+    with the package by name ("tiny-shapes"), a preset's published checkpoint ("smolvlm-256m") or a hub id
+    ("HuggingFaceTB/SmolVLM-256M-Instruct", "org/name@revision"); see `idefics_jax.convert.hub.resolve_model`.
 
     dtype: parameter (and compute) dtype; None keeps the stored one. mesh: restore straight into arrays sharded
     over it by the logical-axis `rules`. quantize: "int8" (per output channel) or "int4" (groups of `group_size`
@@ -23,10 +24,13 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES, quanti
     the matmul weights while loading, one tensor at a time; a checkpoint written by `convert --quantize` loads
     quantized without it.
     """
-    path = resolve(path)
+    path = resolve_model(path)
     if not os.path.isdir(path):
-        shipped = ", ".join(shipped_models())
-        raise CheckpointError(f"{path}: not a directory (nor a shipped model: {shipped})")
+        raise CheckpointError(f"{path}: not a directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, PARAMS_DIR)):
+        raise CheckpointError(f"{path}: a training run's WORKDIR; load it with "
+                              "idefics_jax.train.loading.trained_model (or `idefics-jax generate --model WORKDIR`), "
+                              "or `idefics-jax export` it first")
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         return load_orbax(path, dtype, mesh, rules, quantize, group_size)
     if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):

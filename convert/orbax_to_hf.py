@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.checkpoint import quantized_format
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
 from idefics_jax.convert.hf_to_orbax import copy_side_files
@@ -46,6 +47,7 @@ def export(src: str, dst: str, progress: bool = True) -> None:
     tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`. Quantized weights are written
     dequantized (HF checkpoints hold full-precision weights), with a notice."""
     check_destination(dst)
+    src = resolve_model(src)
     model = load_pretrained(src)
     fmt = quantized_format(model)
     if fmt:

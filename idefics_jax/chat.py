@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from idefics_jax.checkpoint import resolve
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.generation import generate, generate_stream
 from idefics_jax.images import load_image
@@ -66,11 +66,12 @@ class Chat:
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
              longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None,
              quantize: str | None = None, group_size: int | None = None) -> "Chat":
-        """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one) or of
-        a shipped model ("tiny-shapes"); `quantize` / `group_size` as in `load_pretrained`."""
+        """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one), a
+        shipped model ("tiny-shapes"), a preset ("smolvlm-256m") or a hub id ("org/name[@revision]");
+        `quantize` / `group_size` as in `load_pretrained`."""
         from transformers import AutoProcessor
 
-        path = resolve(path)
+        path = resolve_model(path)
         model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size)
         return cls(model, AutoProcessor.from_pretrained(path), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge, max_frames=max_frames, fps=fps)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
@@ -30,6 +31,14 @@ META_FILE = "idefics_jax.json"  # written last: a directory without it is not a 
 # 16 ways then finds each device's slice made of whole stored chunks, so a process reads its own slices only.
 CHUNK_PARTS = 16
 MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
+
+
+def as_path(path) -> epath.Path:
+    """A checkpoint, workdir or export location as a path object: local (made absolute, as Orbax wants) or a
+    bucket (`gs://...`), both read and written through `etils.epath`, which Orbax uses."""
+    if isinstance(path, epath.Path) or "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 class CheckpointError(ValueError):
@@ -230,7 +239,7 @@ def resolve(path: str) -> str:
     return path
 
 
-def _check_stored(path: str, params_dir: str, target: dict) -> None:
+def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
     """Checks what the restore will read before it starts: the stored arrays' names and shapes (Orbax's metadata
     file) against the model's, and that the store's index and every array's metadata are there. Reads no array.
 
@@ -239,7 +248,6 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
     "Event loop is closed"). So a checkpoint that does not match or is damaged is refused here, not by a read.
     """
     import tensorstore as ts
-    from etils import epath
 
     def damaged(e: Exception):
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -251,7 +259,9 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
     # metadata record. Orbax's metadata() below opens the arrays on its asyncio loop, so it must not be the read
     # that finds the damage.
     try:
-        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result()
+        # TensorStore takes a kvstore URL: gs://... as it is, a local (absolute) path as file://.
+        base = str(params_dir) if "://" in str(params_dir) else f"file://{params_dir}"
+        store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
         keys = store.list().result()
         # Orbax names each array's store after its path with dots.
         present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}
@@ -263,7 +273,7 @@ def _check_stored(path: str, params_dir: str, target: dict) -> None:
             raise CheckpointError(f"{path}: parameters missing or damaged ({absent[0]} is not in the store)")
         for read in [store.read(k) for k in keys if k.endswith(b"/zarr.json")]:
             read.result()
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
+        tree = ocp.PyTreeCheckpointHandler().metadata(as_path(params_dir)).tree
     except (ValueError, KeyError, OSError) as e:
         raise damaged(e) from None
     stored = {name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -307,11 +317,10 @@ def _get(tree: dict, path: str):
 def read_meta(path: str) -> dict:
     """The checkpoint's own metadata (META_FILE): dtype, tied head, and `quantize` ({"format", "group_size"}) when
     its weights are stored quantized."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path):
+    meta_path = as_path(path) / META_FILE
+    if not meta_path.exists():
         raise CheckpointError(f"{path}: incomplete checkpoint ({META_FILE} missing; was the conversion interrupted?)")
-    with open(meta_path) as f:
-        return json.load(f)
+    return json.loads(meta_path.read_text())
 
 
 def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
@@ -336,7 +345,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str 
     part = shd.partitioning(mesh, rules)
     graphdef, state = nnx.split(abstract_model(config, stored, part))
     flat = nnx.to_flat_state(state)
-    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR, STATE_DIR))
+    params_dir = as_path(path) / PARAMS_DIR / STATE_DIR
 
     def abstract(key, v):
         """The parameter as stored, with ShapeDtypeStruct leaves carrying their shardings."""

@@ -23,7 +23,7 @@ def _export(a):
 
 
 def _train(a):
-    from idefics_jax import configs
+    from idefics_jax import configs, distributed
 
     if a.list:
         print("\n".join(configs.names()))
@@ -32,11 +32,42 @@ def _train(a):
         raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
     from idefics_jax.train import config, trainer
 
-    trainer.train(config.load(a.config, a.overrides))
+    cfg = config.load(a.config, a.overrides)
+    distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
+    trainer.train(cfg)
+
+
+def _load_chat(name: str, **kw):
+    """Chat.load, or a training WORKDIR's newest checkpoint (resolved here: generation does not import training)."""
+    from transformers import AutoProcessor
+
+    from idefics_jax.chat import Chat
+    from idefics_jax.train.loading import is_run, trained_model
+
+    if is_run(name):
+        dtype = kw.pop("dtype")
+        model, model_dir = trained_model(name)
+        if dtype is not None:
+            import jax
+            from flax import nnx
+
+            defaults = getattr(model, "generation_defaults", None)
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+            model.generation_defaults = defaults
+        quantize, group = kw.pop("quantize", None), kw.pop("group_size", None)
+        if quantize:
+            from idefics_jax.checkpoint import quantize_model
+
+            defaults = getattr(model, "generation_defaults", None)
+            model = quantize_model(model, quantize, group)
+            model.generation_defaults = defaults
+        return Chat(model, AutoProcessor.from_pretrained(model_dir), **kw)
+    return Chat.load(name, **kw)
 
 
 def _generate(a):
-    from idefics_jax.chat import Chat
+    from idefics_jax import distributed
     from idefics_jax.generation import check_arguments
     from idefics_jax.images import load_image
     from idefics_jax.video import probe
@@ -54,16 +85,17 @@ def _generate(a):
     images = [load_image(i) for i in a.image]
     for v in a.video:  # readable, with frames (PyAV installed)
         probe(v)
-    chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge, quantize=a.quantize,
-                     group_size=a.group_size)
+    distributed.initialize()
+    chat = _load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
+                      longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size)
+    out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
     for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
                              max_new_tokens=a.max_new_tokens, **kw):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(piece)
+        out.flush()
+    out.write("\n")
 
 
 def _version() -> str:
@@ -121,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     parser = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
-    c = parser("convert", help="HF safetensors directory -> Orbax checkpoint")
-    c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards)")
+    c = parser("convert", help="HF safetensors directory or hub id -> Orbax checkpoint")
+    c.add_argument("src", help="HF model directory (config.json + model.safetensors or shards), a hub id "
+                               "(org/name[@revision]) or a preset name (smolvlm-256m)")
     c.add_argument("dst", help="output directory (must not exist)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     _quantize_options(c, "store the matmul weights quantized")
@@ -138,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     g = parser("generate", help="answer a prompt about images, streaming the text to stdout")
     g.add_argument("--model", default="tiny-shapes",
-                   help="checkpoint directory (idefics-jax or HF) or a shipped model's name (default: tiny-shapes)")
+                   help="checkpoint directory (idefics-jax or HF), training WORKDIR, hub id (org/name[@revision]), "
+                        "preset (smolvlm-256m) or shipped model (default: tiny-shapes)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
     g.add_argument("--video", action="append", default=[], metavar="FILE",
                    help="video file (SmolVLM2: sampled frames; repeatable)")
@@ -186,7 +220,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, OSError, KeyboardInterrupt) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"idefics-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
         if args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -176,6 +176,16 @@ def put(x, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
     return jax.make_array_from_callback(x.shape, part.sharding(axes, x.shape), lambda index: x[index])
 
 
+def put_process_local(x, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
+    """This process's rows of a global array split over processes along axis 0 (each host its own data): the
+    global array has process_count times the rows, laid out by `axes`. One process: `put`."""
+    if part is None or jax.process_count() == 1:
+        return put(x, axes, part)
+    x = np.asarray(x)
+    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(part.sharding(axes, shape), x, shape)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a (possibly multi-process) global array as numpy, on every process."""
     if getattr(x, "is_fully_addressable", True):

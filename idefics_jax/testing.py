@@ -106,3 +106,33 @@ def random_image(rng: np.random.Generator, height: int, width: int):
     from PIL import Image
 
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def write_hub_cache(cache_dir: str, repo_id: str, snapshots: dict[str, str], refs: dict[str, str]) -> str:
+    """Lays out model directories as `huggingface_hub` caches a download, so loading by hub id can be tested offline:
+    `cache_dir/models--org--name/` with `blobs/` (files named by their hash: sha256 for weights, which the hub
+    stores in LFS, the git blob sha1 for the rest), `snapshots/<commit>/` (relative symlinks into blobs/) and
+    `refs/<branch or tag>` (a commit). `snapshots` maps a 40-hex commit to a directory; returns the repo folder."""
+    import hashlib
+
+    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    for commit, src in snapshots.items():
+        for root, _, files in os.walk(src):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), src)
+                data = open(os.path.join(root, name), "rb").read()
+                lfs = name.endswith(".safetensors")
+                digest = (hashlib.sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)).hexdigest()
+                blob = os.path.join(repo, "blobs", digest)
+                if not os.path.exists(blob):
+                    with open(blob, "wb") as f:
+                        f.write(data)
+                link = os.path.join(repo, "snapshots", commit, rel)
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    for ref, commit in refs.items():
+        os.makedirs(os.path.dirname(os.path.join(repo, "refs", ref)), exist_ok=True)
+        with open(os.path.join(repo, "refs", ref), "w") as f:
+            f.write(commit)  # no newline, as huggingface_hub writes it
+    return repo

@@ -134,7 +134,10 @@ def main(argv=None) -> int:
         tx = optax.adamw(1e-4, weight_decay=0.1, eps=1e-6)
         parts = train.split(model)
         state = train.init_state(parts.trainable, tx)
-        batch = train.put_batch(inputs["train"], model.partitioning)
+        # Each process feeds its own rows of the global batch (as the trainer's data loader does).
+        rows = len(inputs["train"]["input_ids"]) // jax.process_count()
+        mine = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in inputs["train"].items()}
+        batch = train.put_batch(mine, model.partitioning)
         state, metrics = train.make_train_step(parts, tx)(state, parts.frozen, batch)
         out[f"{mesh_arg}/loss"] = shd.to_host(metrics["loss"])
         for name, v in state.trainable.items():

@@ -123,3 +123,14 @@ def assert_same_hf_weights(path_a: str, path_b: str) -> None:
     assert set(a) == set(b)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture(scope="session")
+def program_env(tmp_path_factory) -> dict:
+    """Environment for the programs that tests start as users do (training runs, the CLI, notebook kernels): the
+    CPU, one device, XLA's quick CPU backend, and one persistent compilation cache for the session. A start-up
+    compiles the model's initialisation and the train step (tens of seconds here); the next program with the same
+    shapes loads them instead. The cache changes no result: it stores the executables a compile would produce."""
+    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla-cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}

@@ -172,7 +172,13 @@ def test_order_is_a_function_of_the_seed():
     a, b, c = one_epoch(50, cfg(7), 1, 2), one_epoch(50, cfg(7), 1, 2), one_epoch(50, cfg(8), 1, 2)
     assert a == b
     assert a != c
-    assert a[:25] != a[25:] and sorted(a[:25]) == sorted(a[25:])  # reshuffled each epoch, same shard
+    other = one_epoch(50, cfg(7), 0, 2)
+    for e in (0, 1):  # each epoch reshuffled; the two hosts' shares of it are disjoint and cover the data
+        assert sorted(a[25 * e:25 * (e + 1)] + other[25 * e:25 * (e + 1)]) == list(range(50))
+    assert a[:25] != a[25:]
+    # The hosts' items interleave into the one stream a single process reads.
+    single = one_epoch(50, cfg(7), 0, 1)
+    assert [x for pair in zip(other, a) for x in pair] == single
     assert one_epoch(10, data.LoaderConfig(batch_size=1, shuffle=False, num_epochs=1), 0, 1) == list(range(10))
     with pytest.raises(ValueError, match="gets no records"):
         one_epoch(2, cfg(0), 2, 3)

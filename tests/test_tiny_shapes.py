@@ -22,8 +22,8 @@ def test_shipped_by_name_and_small():
     model = idefics_jax.load_pretrained("tiny-shapes")
     assert model.config.model_type == "idefics3"
     assert model.generation_defaults.eos_token_ids  # answers end by themselves
-    shipped = "tiny-shapez: not a directory \\(nor a shipped model: tiny-shapes"
-    with pytest.raises(idefics_jax.CheckpointError, match=shipped):
+    with pytest.raises(idefics_jax.CheckpointError,
+                       match="tiny-shapez: no such directory, and not a shipped model, a preset \\(tiny-shapes"):
         idefics_jax.load_pretrained("tiny-shapez")
 
 

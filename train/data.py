@@ -1,7 +1,9 @@
 """Training batches: a built dataset read with `tfds.data_source`, shuffled, sharded and batched with grain.
 
-Order is a pure function of (seed, process_index, process_count): host p reads records p, p + count, ... of the
-split, in an order reshuffled every epoch from the seed. Records are decoded and encoded in threads; batches are
+Order is a pure function of (seed, process_index, process_count): the split is shuffled from the seed (anew each
+epoch) into one stream, and host p reads items p, p + count, ... of that stream. With a per-host batch of
+global_batch / count, the hosts' batches of a step together hold the very records one process would batch at that
+step (`tests/test_multihost.py` checks the losses). Records are decoded and encoded in threads; batches are
 assembled in order. A record the collator cannot use is skipped and counted (`BatchIterator.skipped`), and the
 counts are part of the iterator state, which `get_state` / `set_state` save and restore exactly (grain's
 `grain.checkpoint.CheckpointSave` / `CheckpointRestore` put it in an Orbax checkpoint, one file per process).
@@ -66,21 +68,23 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def record_dataset(source: Sequence, config: LoaderConfig, *, process_index: int | None = None,
                    process_count: int | None = None) -> grain.MapDataset:
-    """This host's raw records: its shard of `source`, shuffled from the seed (anew each epoch), repeated.
+    """This host's raw records: its stride of `source` shuffled from the seed (anew each epoch) and repeated.
 
-    Shards are strided (host p takes records p, p + count, ...), so their sizes differ by at most one record.
+    Host p takes items p, p + count, ... of the one shuffled stream, so in each epoch the hosts' shares are
+    disjoint, cover the split and differ in size by at most one record.
 
     process_index / process_count default to jax's; pass them to build another host's view (tests do).
     """
     p, n = _processes(process_index, process_count)
     if len(source) == 0:
         raise ValueError("the dataset has no records")
-    ds = grain.MapDataset.source(source)[p::n]
-    if len(ds) == 0:
+    if p >= len(source):
         raise ValueError(f"host {p} of {n} gets no records: the dataset has only {len(source)}")
+    ds = grain.MapDataset.source(source)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)  # seeds each epoch with seed + epoch
-    return ds.repeat(config.num_epochs)
+    ds = ds.repeat(config.num_epochs)
+    return ds if n == 1 else ds[p::n]
 
 
 def encode_or_skip(collator: Collator, raw: Any) -> Example | Skipped:

@@ -6,6 +6,8 @@ evaluations are comparable and compile once.
 
 from __future__ import annotations
 
+import jax
+
 from idefics_jax.chat import Chat, user_turn
 from idefics_jax.train import sources, step as step_lib
 from idefics_jax.train.collate import Collator
@@ -25,13 +27,17 @@ class Evaluator:
         self.records = [from_example(self.source[i]) for i in range(n)]
 
     def __call__(self, state, frozen) -> dict:
+        if jax.process_count() > 1:  # greedy decoding runs on one host's arrays: not in a multi-host run
+            return {"eval_loss": self.loss(state, frozen)}
         return {"eval_loss": self.loss(state, frozen), "eval_exact_match": self.exact_match(state, frozen)}
 
     def loss(self, state, frozen) -> float:
         """Mean token loss over the first `eval_batches` batches (the same ones each time)."""
         cfg = self.cfg
-        it = iter(batches(self.source, self.collator, LoaderConfig(batch_size=cfg.data.batch_size, shuffle=False,
-                                                                    num_epochs=1, drop_remainder=False)))
+        # data.batch_size is the global batch: each process reads its share (see train.data).
+        rows = cfg.data.batch_size // jax.process_count()
+        it = iter(batches(self.source, self.collator, LoaderConfig(batch_size=rows, shuffle=False, num_epochs=1,
+                                                                    drop_remainder=False)))
         total = count = 0.0
         for _ in range(cfg.eval_batches):
             try:

@@ -14,6 +14,8 @@ from flax import nnx
 
 from idefics_jax import sharding as shd
 from idefics_jax.checkpoint import quantize_model
+from idefics_jax.checkpoint import as_path
+from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
@@ -24,9 +26,11 @@ from idefics_jax.train.config import TrainConfig
 CHECKPOINTS = "checkpoints"
 
 
-def is_run(path: str) -> bool:
-    """Whether `path` is a training WORKDIR (its checkpoints and the config it ran with)."""
-    return os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.exists(os.path.join(path, "config.json"))
+def is_run(path) -> bool:
+    """Whether `path` (local, `gs://`, any path object) is a training WORKDIR (its checkpoints and the config it
+    ran with)."""
+    p = as_path(path)
+    return (p / CHECKPOINTS).is_dir() and (p / "config.json").exists()
 
 
 def _shapes_base(cfg: TrainConfig) -> str:
@@ -53,15 +57,19 @@ register("shapes", _shapes_base)
 
 
 def model_path(cfg: TrainConfig) -> str:
-    """The directory `cfg.model` names: itself, or a registered built-in's weightless directory."""
+    """The directory `cfg.model` names: a registered built-in's weightless directory, another run's WORKDIR, or
+    what `convert.hub.resolve_model` makes of it (a directory, a shipped model, a preset's or hub id's snapshot in
+    the hub cache)."""
     write_base = _BUILTIN.get(cfg.model)
-    return write_base(cfg) if write_base is not None else cfg.model
+    if write_base is not None:
+        return write_base(cfg)
+    return cfg.model if is_run(cfg.model) else resolve_model(cfg.model)
 
 
 def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
-    """A checkpoint or HF directory; another run's WORKDIR (its newest step); a directory holding only config.json
-    (and tokenizer/processor files): random initialisation from `seed`; or a registered built-in ("shapes": the
-    tiny-shapes architecture), randomly initialised.
+    """A checkpoint or HF directory, a hub id or preset name; another run's WORKDIR (its newest step); a directory
+    holding only config.json (and tokenizer/processor files): random initialisation from `seed`; or a registered
+    built-in ("shapes": the tiny-shapes architecture), randomly initialised.
     With `quantize`, the matmul weights come quantized (QLoRA's frozen base).
     Returns the model and the directory its processor comes from."""
     model, model_dir = _load_model(cfg, part)
@@ -94,13 +102,13 @@ def _shard(model, part: shd.Partitioning):
 
 def trained_model(workdir: str, step: int | None = None):
     """-> (model, directory of its tokenizer / processor files) for the run in `workdir` (newest step by default)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = dataclasses.replace(config_lib.from_dict(json.load(f)), workdir=workdir)
+    cfg = dataclasses.replace(config_lib.from_dict(json.loads((as_path(workdir) / "config.json").read_text())),
+                              workdir=os.fspath(workdir))
     model, model_dir = load_model(cfg, None)
     parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
     tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
     target = step_lib.init_state(parts.trainable, tx)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)))
+    manager = ocp.CheckpointManager(as_path(workdir) / CHECKPOINTS)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"{workdir}: no complete checkpoint to export")

@@ -44,12 +44,21 @@ def tfds_directory(spec: str, split: str) -> Sequence:
 
 
 def generated(cfg: TrainConfig, split: str, records: Callable[[], object]) -> Sequence:
-    """Records of a generator, written once into WORKDIR/data-SPLIT (a resumed run reads the same ones)."""
+    """Records of a generator, written once into WORKDIR/data-SPLIT (a resumed run reads the same ones).
+
+    Built by process 0 while the others wait; a build that a killed run left unfinished is built again.
+    """
+    import jax
+
     from idefics_jax.train import tfds_builder
 
     path = os.path.join(cfg.workdir, f"data-{split}")
-    if not os.path.isdir(path) or not any(os.scandir(path)):
-        tfds_builder.build(path, {split: tfds_builder.GeneratedSource(records)})
+    if jax.process_index() == 0 and not tfds_builder.is_built(path):
+        tfds_builder.build(path, {split: tfds_builder.GeneratedSource(records)}, replace_incomplete=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"data-{split}")
     return tfds_builder.data_source(path, split)
 
 

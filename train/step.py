@@ -155,5 +155,7 @@ def make_loss(s: Split, *, compute_dtype=None, lora: LoraConfig | None = None) -
 
 
 def put_batch(batch: dict, part: shd.Partitioning | None) -> dict:
-    """A host batch, the same on every process, as global arrays split over the batch axes of the mesh."""
-    return {k: shd.put(v, ("batch",) + (None,) * (np.ndim(v) - 1), part) for k, v in batch.items() if v is not None}
+    """This host's batch as its rows of global arrays split over the batch axes of the mesh (several processes:
+    each contributes its own rows, see `train.data`)."""
+    return {k: shd.put_process_local(v, ("batch",) + (None,) * (np.ndim(v) - 1), part)
+            for k, v in batch.items() if v is not None}

@@ -16,10 +16,14 @@ skipped and counted by the collator. Malformed rows are skipped at build time an
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import shutil
+import sys
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -161,16 +165,39 @@ class BuildReport:
     skipped: dict[str, dict[str, int]]  # split -> reason -> count
 
 
-def build(data_dir: str, splits: Mapping[str, Source], *, check_images: bool = True) -> BuildReport:
+def is_built(data_dir: str) -> bool:
+    """Whether `data_dir` holds a finished build (TFDS writes dataset_info.json last, then renames the folder)."""
+    return os.path.exists(os.path.join(data_dir, NAME, VERSION, "dataset_info.json"))
+
+
+def build(data_dir: str, splits: Mapping[str, Source], *, check_images: bool = True,
+          replace_incomplete: bool = False) -> BuildReport:
     """Writes the splits as array_record under `data_dir`. Refuses a data_dir that already holds this dataset.
 
-    check_images: decode every image once, so undecodable ones are dropped here rather than at each epoch.
+    TFDS builds into `NAME/incomplete.*` and renames it to `NAME/VERSION` when complete, so a killed build leaves
+    no dataset that reads. replace_incomplete: remove such leftovers (and a version folder without its
+    dataset_info.json) first; otherwise they are refused. check_images: decode every image once, so undecodable
+    ones are dropped here rather than at each epoch.
     """
-    if os.path.exists(os.path.join(data_dir, NAME, VERSION)):
+    if is_built(data_dir):
         raise FileExistsError(f"{data_dir}: already holds a built {NAME} dataset; choose another data_dir")
+    root = os.path.join(data_dir, NAME)
+    leftovers = [os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                 if d.startswith("incomplete.") or d == VERSION]
+    if leftovers and not replace_incomplete:
+        raise FileExistsError(f"{data_dir}: holds an unfinished build ({os.path.basename(leftovers[0])}); remove "
+                              "it or pass replace_incomplete=True")
+    for d in leftovers:
+        shutil.rmtree(d)
     builder = CauldronRecords(splits=splits, check_images=check_images, data_dir=data_dir,
                               file_format="array_record")
-    builder.download_and_prepare()
+    # TFDS prints "Downloading and preparing dataset" on stdout (nothing is downloaded): keep stdout for the
+    # program's own lines, and its progress bars for a terminal.
+    if not sys.stderr.isatty():
+        tfds.display_progress_bar(False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
+    log.info("built %s in %s", ", ".join(splits), data_dir)
     info = builder.info
     return BuildReport(
         path=os.fspath(builder.data_dir),
@@ -184,7 +211,7 @@ def data_source(data_dir: str, split: str):
 
     Raises FileNotFoundError for a data_dir without a built dataset, ValueError for an empty or unknown split.
     """
-    if not os.path.exists(os.path.join(data_dir, NAME, VERSION, "dataset_info.json")):
+    if not is_built(data_dir):
         raise FileNotFoundError(f"{data_dir}: no built {NAME} dataset (run train.tfds_builder.build first)")
     try:
         src = tfds.data_source(NAME, split=split, data_dir=data_dir, download=False)

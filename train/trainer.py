@@ -3,14 +3,13 @@
 The loop, its checkpoints and its signals; the model comes from `loading`, the records from `sources`, held-out
 metrics from `evaluate`. Writes WORKDIR/metrics.jsonl (one JSON object per logged step), Orbax checkpoints in
 WORKDIR/checkpoints (trainable parameters, optimizer state, data-iterator state), and resumes from the newest
-complete one when started again. SIGTERM saves a checkpoint and stops.
+complete one when started again. SIGTERM and Ctrl-C save a checkpoint and stop.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
+from idefics_jax.checkpoint import as_path
 from idefics_jax.progress import Progress
 from idefics_jax.sharding import RULES, MeshShape
 from idefics_jax.train import config as config_lib
@@ -54,9 +54,41 @@ def flops_per_token(model) -> float:
     return 6 * sum(v[...].size for _, v in nnx.to_flat_state(nnx.state(model)))
 
 
+class _StepLog:
+    """Process 0 only, when stdout is not a terminal (nohup, a log file, `--worker=all` over ssh): one line per
+    logged step on stdout; and on every process 0 a summary at the end. The terminal bar is `Progress`'s."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.main = jax.process_index() == 0
+        self.lines = self.main and not sys.stdout.isatty()
+
+    def show(self, step: int, loss: float, lr: float, tps: float):
+        if self.lines:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(step - self.start, 1) * (self.total - step)
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.3g} tokens/s {tps:,.0f} eta {_hms(eta)}",
+                  flush=True)
+
+    def summary(self, step: int, last: dict, workdir: str, stopped: str | None):
+        if not self.main:
+            return
+        took = time.perf_counter() - self.t0
+        evals = "".join(f" {k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
+        how = f"stopped by {stopped}" if stopped else "done"
+        print(f"{how}: steps {self.start}->{step} of {self.total} in {_hms(took)}, "
+              f"loss {last.get('loss', float('nan')):.4f}{evals}; checkpoints in {as_path(workdir) / CHECKPOINTS}",
+              flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
-    os.makedirs(cfg.workdir, exist_ok=True)
+    as_path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     mesh = shd.make_mesh(MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) if jax.device_count() > 1 else None
     part = None if mesh is None else shd.Partitioning(mesh, RULES)
     model, model_dir = load_model(cfg, part)
@@ -67,18 +99,24 @@ def train(cfg: TrainConfig) -> dict:
                                           grad_accum=cfg.optim.grad_accum)
     schedule = optim.schedule(cfg.optim, cfg.steps)
 
-    collate_cfg = CollateConfig(length_buckets=tuple(cfg.data.length_buckets), max_images=cfg.data.max_images,
+    # data.batch_size is the global batch; each process loads its share (see train.data). Several processes pad
+    # to the longest bucket: the rows of one global array must have one length on every host.
+    hosts = jax.process_count()
+    if cfg.data.batch_size % hosts:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} does not divide over {hosts} processes")
+    buckets = tuple(cfg.data.length_buckets)[-1:] if hosts > 1 else tuple(cfg.data.length_buckets)
+    collate_cfg = CollateConfig(length_buckets=buckets, max_images=cfg.data.max_images,
                                 image_splitting=cfg.data.image_splitting, longest_edge=cfg.data.longest_edge or None)
     collator = Collator.from_pretrained(model_dir, collate_cfg)
     loader = batches(sources.source(cfg.data.train, "train", cfg), collator,
-                     LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.data.shuffle_seed))
+                     LoaderConfig(batch_size=cfg.data.batch_size // hosts, seed=cfg.data.shuffle_seed))
     it = iter(loader)
     evaluator = Evaluator(cfg, parts, collator, part) if cfg.eval_every and cfg.data.eval else None
 
     state = step_lib.init_state(parts.trainable, tx)
     frozen = parts.frozen
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(cfg.workdir, CHECKPOINTS)),
+        as_path(cfg.workdir) / CHECKPOINTS,  # a local directory or a bucket (gs://)
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True),
     )
     start = manager.latest_step()
@@ -88,23 +126,38 @@ def train(cfg: TrainConfig) -> dict:
         state = restored.state
         it.set_state(restored.data)
         print(f"resumed from step {start} in {cfg.workdir}", file=sys.stderr)
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-        json.dump(config_lib.to_dict(cfg), f, indent=2)
+    main_process = jax.process_index() == 0
+    if main_process:
+        (as_path(cfg.workdir) / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
 
+    # SIGTERM (a preempted TPU VM) and Ctrl-C both finish the step, save and stop; a second Ctrl-C interrupts.
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.__setitem__("signal", sig))
+
+    def on_signal(sig, frame):
+        stop["signal"] = signal.Signals(sig).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    saved = {"step": start}
 
     def save(step: int):
+        if saved["step"] == step:  # a signal right after a scheduled save
+            return
+        saved["step"] = step
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(it.get_state())), force=True)
 
     flops_tok = flops_per_token(model)
     peak = peak_flops(compute or jnp.float32) * jax.device_count()
     del model
-    progress = Progress("training", cfg.steps, unit="steps", rate=False)
-    metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
+    # Process 0 only: the bar (a terminal) or a line every few seconds on stderr; one line per logged step on a
+    # stdout that is not a terminal (_StepLog).
+    progress = Progress("training", cfg.steps, unit="steps", rate=False, enabled=main_process)
+    metrics_path = as_path(cfg.workdir) / "metrics.jsonl"
     last: dict = {}
     step = int(state.step)
+    log = _StepLog(cfg.steps, step)
     t0, tokens_since = time.perf_counter(), 0
     try:
         while step < cfg.steps:
@@ -116,7 +169,7 @@ def train(cfg: TrainConfig) -> dict:
                 good = manager.latest_step()
                 raise TrainingError(f"loss is {loss} at step {step}; stopped, last good checkpoint: "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {cfg.workdir}")
-            tokens_since += int(host_batch["attention_mask"].sum())
+            tokens_since += int(host_batch["attention_mask"].sum()) * hosts  # about: this host's share
             if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.perf_counter() - t0
                 tps = tokens_since / dt
@@ -125,22 +178,24 @@ def train(cfg: TrainConfig) -> dict:
                         "skipped_records": sum(it.skipped.values())}
                 if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(evaluator(state, frozen))
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                if main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(last) + "\n")
                 progress.set(step, f"loss {loss:.4f}, {tps:,.0f} tok/s")
+                log.show(step, loss, last["learning_rate"], tps)
                 t0, tokens_since = time.perf_counter(), 0
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
             if stop["signal"] is not None:
                 save(step)
-                progress.close()
-                print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved", file=sys.stderr)
                 break
     finally:
         progress.close()
         manager.wait_until_finished()
         manager.close()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.summary(step, last, cfg.workdir, stop["signal"])
     return last
 
 
