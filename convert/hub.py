@@ -24,6 +24,9 @@ PUBLISHED = {
     "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
     "smolvlm-2.2b": "HuggingFaceTB/SmolVLM-Instruct",
+    "smolvlm2-256m": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+    "smolvlm2-500m": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+    "smolvlm2-2.2b": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
 }
 
 # What a model needs: config and generation config, weights, tokenizer, processor, chat template. Not the
