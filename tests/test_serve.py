@@ -439,7 +439,8 @@ def cdp(ws_url):
     """A minimal Chrome DevTools Protocol client: call(method, **params) -> result."""
     import websocket
 
-    ws = websocket.create_connection(ws_url, timeout=60)
+    # No Origin header: Chromium (111+) refuses DevTools connections from an origin it was not told to allow.
+    ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
     counter = iter(range(1, 10**6))
 
     def call(method, **params):
