@@ -82,6 +82,19 @@ def test_lora_trains_adapters_only_and_frozen_parts_stay(tiny_hf, batch):
         np.testing.assert_array_equal(np.asarray(v), frozen_before[k], err_msg=k)
 
 
+def test_step_compiles_once_over_three_steps(tiny_hf, batch):
+    """The first state is committed like the step's outputs, so steps 2 and 3 reuse step 1's executable."""
+    parts = step_lib.split(idefics_jax.load_pretrained(tiny_hf))
+    tx = optax.adamw(1e-3)
+    step = step_lib.make_train_step(parts, tx)
+    state = step_lib.init_state(parts.trainable, tx)
+    with jax.log_compiles(True):
+        for _ in range(3):
+            state, m = step(state, parts.frozen, step_lib.put_batch(batch, None))
+            float(m["grad_norm"])
+    assert step._cache_size() == 1
+
+
 def test_frozen_vision_stays_bit_identical(tiny_hf, batch):
     model = idefics_jax.load_pretrained(tiny_hf)
     parts = step_lib.split(model, freeze=("vision", "connector"))

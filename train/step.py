@@ -87,8 +87,15 @@ class TrainState:
 
 
 def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
+    """The first state, committed to devices as the step's outputs are: an uncommitted leaf (a fresh scalar, a
+    parameter never placed) makes the second step's arguments differ from the first's, and the step compiles
+    twice."""
+    leaves = jax.tree.leaves(trainable)
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)), None)
+    home = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else jax.devices()[0]
     # Under jit the moments are created like the parameters, so they share their shardings.
-    return TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, home), state)
 
 
 def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool, lora: LoraConfig | None):
@@ -129,7 +136,7 @@ def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / n, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total / n, "tokens": count, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0,))
