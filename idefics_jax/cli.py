@@ -36,7 +36,8 @@ def _generate(a):
     content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
-    kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+              attention=a.attention)
     for piece in chat.stream([{"role": "user", "content": content}], a.image, max_new_tokens=a.max_new_tokens, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer image tokens)")
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    g.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
+                   help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
     g.set_defaults(fn=_generate)
     return p
 
