@@ -77,14 +77,30 @@ def attention_swiglu_spec(D: int, N: int, K: int, H: int, F: int) -> dict:
     }
 
 
-def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool = False):
+REMAT = ("none", "full", "matmuls")
+
+
+def checkpointed(fn: Callable, remat: bool | str) -> Callable:
+    """`fn` with its activations recomputed in the backward pass: remat "full" (or True) keeps only its inputs;
+    "matmuls" also keeps the matmul outputs (recomputes norms, activations, softmax); "none" (or False) keeps
+    everything."""
+    if remat in (False, None, "none"):
+        return fn
+    if remat in (True, "full"):
+        return jax.checkpoint(fn)
+    if remat == "matmuls":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat '{remat}' is not one of {', '.join(REMAT)}")
+
+
+def scan_layers(fn: Callable, carry, weights: dict | list[dict], xs=None, remat: bool | str = False):
     """Runs `fn(carry, w, x) -> (carry, y)` over the stacked layers in `weights` (and per-layer `xs`).
 
     For generation on the CPU (see `_generate.layer_weights`), `weights` may also be a list with one entry per
     layer (no layer axis), run one after the other; `xs` then holds lists with one entry per layer, and so do the
     `ys` returned. Weights given as uint16 are bf16 bit patterns, turned back into bf16 inside the loop body.
     """
-    body = jax.checkpoint(fn) if remat else fn
+    body = checkpointed(fn, remat)
 
     def step(c, wx):
         w, x = wx

@@ -128,9 +128,12 @@ class IdeficsModel(nnx.Module):
             feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat, attention=attention)
         return merge_image_features(x, input_ids_BT, feats, real, self.config.image_token_id)
 
+    def lm_weight(self):
+        """The vocabulary projection (D, V): lm_head, or the embedding table when they are tied."""
+        return self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
     def lm_logits(self, h_BTD):
-        w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_weight()).astype(jnp.float32)
         return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False,

@@ -93,8 +93,8 @@ def train(cfg: TrainConfig) -> dict:
     compute = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
     parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
     tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
-    train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat != "none", lora=cfg.lora,
-                                          grad_accum=cfg.optim.grad_accum)
+    train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat, lora=cfg.lora,
+                                          grad_accum=cfg.optim.grad_accum, attention=cfg.attention or None)
     schedule = optim.schedule(cfg.optim, cfg.steps)
 
     collate_cfg = CollateConfig(length_buckets=tuple(cfg.data.length_buckets), max_images=cfg.data.max_images,
