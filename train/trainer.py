@@ -101,7 +101,8 @@ def train(cfg: TrainConfig) -> dict:
                                 image_splitting=cfg.data.image_splitting, longest_edge=cfg.data.longest_edge or None)
     collator = Collator.from_pretrained(model_dir, collate_cfg)
     loader = batches(data_source(cfg.data.train, "train", cfg), collator,
-                     LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.data.shuffle_seed))
+                     LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.data.shuffle_seed,
+                                  packing=cfg.data.packing))
     it = iter(loader)
 
     state = step_lib.init_state(parts.trainable, tx)
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
     last: dict = {}
     step = int(state.step)
-    t0, tokens_since = time.perf_counter(), 0
+    t0, tokens_since, slots_since = time.perf_counter(), 0, 0
     try:
         while step < cfg.steps:
             host_batch = next(it)
@@ -146,18 +147,20 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"loss is {loss} at step {step}; stopped, last good checkpoint: "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {cfg.workdir}")
             tokens_since += int(host_batch["attention_mask"].sum())
+            slots_since += host_batch["attention_mask"].size
             if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.perf_counter() - t0
                 tps = tokens_since / dt
                 last = {"step": step, "loss": loss, "learning_rate": float(schedule(step - 1)),
                         "tokens_per_second": tps, "mfu": tps * flops_tok / peak, "grad_norm": float(m["grad_norm"]),
+                        "real_tokens_per_second": tps, "real_token_fraction": tokens_since / max(slots_since, 1),
                         "skipped_records": sum(it.skipped.values())}
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(evaluate(cfg, parts, state, frozen, collator, part))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
                 progress.show(step, loss, tps)
-                t0, tokens_since = time.perf_counter(), 0
+                t0, tokens_since, slots_since = time.perf_counter(), 0, 0
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
             if stop["signal"] is not None:
