@@ -21,7 +21,9 @@ def _export(a):
 
 
 def _train(a):
-    from idefics_jax.train import config, trainer
+    from idefics_jax.train import config, heap, trainer
+
+    heap.reexec_with_tunables(sys.argv)  # XLA:CPU reuses freed memory instead of faulting it in each step
 
     trainer.train(config.load(a.config, a.overrides))
 
