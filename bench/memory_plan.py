@@ -35,7 +35,15 @@ from idefics_jax.checkpoint import abstract_model  # noqa: E402
 from idefics_jax.model import KVCache  # noqa: E402
 from idefics_jax.model import positions_from_mask  # noqa: E402
 from idefics_jax.presets import IDEFICS3_8B_LLAMA3  # noqa: E402
+from idefics_jax.train import lora as lora_lib  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
+from idefics_jax.train.config import LoraConfig  # noqa: E402
+
+import optax  # noqa: E402
+
+# The backend the programs are compiled with. "pallas" (TPU splash attention) cannot lower for CPU devices, so
+# the plan uses the XLA path; the doc says what the kernel changes on a TPU.
+ATTENTION = "xla"
 
 GiB = 2**30
 CONFIG = IDEFICS3_8B_LLAMA3
@@ -65,6 +73,7 @@ class Workload:
     tokens: int  # prompt / training sequence length, image tokens included
     images: int  # image tiles per sample (2x2 split + the global image = 5)
     cache_slots: int = 0  # KV cache length for inference (prompt + generated)
+    lora: int = 0  # LoRA rank (adapters on the decoder's attention); 0: full fine-tuning
 
     @property
     def training(self) -> bool:
@@ -76,6 +85,9 @@ def workloads(devices: int) -> tuple[Workload, ...]:
         # Full fine-tuning, AdamW, remat per layer, one sample per device.
         Workload("fine-tune, fp32 params + AdamW", cfg.FSDP, jnp.float32, devices, 2048, 5),
         Workload("fine-tune, bf16 params + AdamW", cfg.FSDP, jnp.bfloat16, devices, 2048, 5),
+        Workload("fine-tune, bf16 params + AdamW, 8192 tokens", cfg.FSDP, jnp.bfloat16, devices, 8192, 5),
+        Workload("LoRA r16, bf16, 2048 tokens", cfg.FSDP, jnp.bfloat16, devices, 2048, 5, lora=16),
+        Workload("LoRA r16, bf16, 8192 tokens", cfg.FSDP, jnp.bfloat16, devices, 8192, 5, lora=16),
         # Serving batch 8: prefill of a 2048-token prompt into a 4096-slot cache.
         Workload("inference, bf16, batch 8", cfg.FSDP_TP, jnp.bfloat16, 8, 2048, 5, cache_slots=4096),
     )
@@ -120,21 +132,42 @@ def compile_program(w: Workload, devices) -> dict:
     out = {"mesh": dict(zip(cfg.MESH_AXES, part.mesh.devices.shape))}
     t0 = time.time()
     if w.training:
-        optimizer = nnx.eval_shape(lambda m: train.make_optimizer(m, 1e-5, weight_decay=0.1), model)
-        graphdef, state = nnx.split((model, optimizer))
+        graphdef, state = nnx.split(model)
         state = _with_shardings(state, part)
-        params, opt_state = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param), nnx.state(nnx.merge(graphdef, state)[1])
-        out["params"], out["optimizer"] = _per_device_bytes(params), _per_device_bytes(opt_state)
+        flat = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
+        rep = NamedSharding(part.mesh, PartitionSpec())
+        if w.lora:
+            fan_in = {"/".join(map(str, p)): v.get_metadata().get("fan_in") for p, v in nnx.to_flat_state(state)}
+            lcfg = LoraConfig(rank=w.lora)
+            shapes = jax.eval_shape(lambda f: lora_lib.init(fan_in, f, lcfg, jax.random.key(0)), flat)
+            # Adapters are small: replicated (their base weights stay sharded).
+            trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
+            frozen = flat
+        else:
+            lcfg, trainable, frozen = None, flat, {}
+        split = train.Split(graphdef, tuple(nnx.to_flat_state(state)), {}, {})
+        tx = optax.adamw(1e-5, weight_decay=0.1)
+        opt = jax.eval_shape(tx.init, trainable)
+        # The moments are laid out like what they follow; the step count is replicated.
+        opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), opt)
+        opt = (opt[0]._replace(mu=trainable, nu=trainable),) + tuple(opt[1:])
+        out["params"] = _per_device_bytes(flat) + (_per_device_bytes(trainable) if w.lora else 0)
+        out["optimizer"] = _per_device_bytes(opt)
         batch = _batch(w, part, labels=True)
 
-        def fn(state, batch):
-            m, o = nnx.merge(graphdef, state)
-            loss = train.step(m, o, batch, remat=True)
-            return loss, nnx.state((m, o))
+        def fn(trainable, opt, frozen, batch):
+            def loss(t):
+                total, count = train._loss(split, t, frozen, batch, compute_dtype=None, remat="full", lora=lcfg,
+                                           attention=ATTENTION)
+                return total / count
 
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        jitted = jax.jit(fn, donate_argnums=0, out_shardings=(NamedSharding(part.mesh, PartitionSpec()), shardings))
-        lowered = jitted.lower(state, batch)
+            value, grads = jax.value_and_grad(loss)(trainable)
+            updates, opt = tx.update(grads, opt, trainable)
+            return value, optax.apply_updates(trainable, updates), opt
+
+        shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt))
+        jitted = jax.jit(fn, donate_argnums=(0, 1), out_shardings=(rep, *shardings))
+        lowered = jitted.lower(trainable, opt, frozen, batch)
     else:
         graphdef, state = nnx.split(model)
         state = _with_shardings(state, part)
@@ -196,10 +229,13 @@ def hand_estimate(w: Workload, mesh: dict) -> dict:
     mlp = B * T * 3 * F / tp * 4
     vision = imgs * S_img * (v.hidden_size + v.intermediate_size / tp) * 4 * 2
     if w.training:
-        est["optimizer"] = 2 * est["params"]  # AdamW mu and nu in the parameter dtype
+        # AdamW mu and nu in the parameter dtype, and the gradients; LoRA adapters are negligible.
+        est["optimizer"] = 0 if w.lora else 2 * est["params"]
+        grads = 0 if w.lora else est["params"]
         saved = L * B * T * D * b + v.num_layers * imgs * S_img * v.hidden_size * b
         one_layer = 2 * layer + 3 * B * N * T * T * 4 + 2 * mlp + vision
-        est["activations"] = est["params"] + vocab + saved + one_layer + 2 * B * T * V * 4
+        # The loss holds one chunk's fp32 scores (and their gradient), never the whole (B, T, V) logits.
+        est["activations"] = grads + vocab + saved + one_layer + 2 * min(B * T, train.LOSS_CHUNK) * V * 4
     else:
         est["optimizer"] = 0
         S = w.cache_slots
@@ -246,11 +282,24 @@ activations column is the compiled program's temporaries (activations, gradients
 arguments + outputs - donated + temporaries. "Fits": *yes* when the compiled peak is under 90% of the device's
 HBM, *by hand only* when only the hand estimate is (see the CPU caveat below), *no* when neither is.
 
-Workloads: fine-tuning is one AdamW step (`train/step.py`) with remat per layer, one sample per device of 2048
-tokens with 5 image tiles (a 2x2 split plus the global image, 364 px, 845 image tokens), mesh preset `FSDP`.
+Workloads: fine-tuning is one AdamW step (`train/step.py`'s loss) with remat per layer, one sample per device of
+2048 (or 8192) tokens with 5 image tiles (a 2x2 split plus the global image, 364 px, 845 image tokens), mesh preset `FSDP`.
 Inference is the prefill of a batch of 8 such prompts into a KV cache of 4096 slots per sample (2048 prompt +
 2048 new tokens), bf16, mesh preset `FSDP_TP` (tensor 4, the rest FSDP). A v4-8 or v5p-8 is 4 chips, which
-jax sees as 4 devices (megacore).
+jax sees as 4 devices (megacore). LoRA: rank-16 adapters on the decoder's q, k, v, o, everything else frozen.
+
+## What changed (issue 16)
+
+- **The loss no longer holds the logits.** Cross-entropy runs over the vocabulary 512 tokens at a time, each
+  chunk's gradient taken at once (`train.step.chunked_cross_entropy`, a custom VJP): instead of the fp32
+  (B, T, 128259) logits held about three times (3 GiB per 2048-token sample), one chunk's scores (0.25 GiB).
+  Full bf16 fine-tuning at 2048 tokens went from 20.5 GiB to the compiled peak below.
+- **Attention has one entry point with fused backends** (`_layers.attend`): on TPUs the default is the splash
+  attention Pallas kernel, which never materialises the (heads, T, T) scores. This plan is compiled for CPU
+  devices, where a Pallas TPU kernel cannot be lowered, so its programs use the XLA einsum path and still
+  hold the fp32 scores of the layer being recomputed: 32 heads x T^2 x 4 bytes, 0.5 GiB per sample at 2048
+  tokens and **8 GiB at 8192** (several copies for the softmax and its gradient). Those are the temporaries
+  that make the 8192-token rows fail here; on a TPU with the splash kernel they are blocks of 512 x 512.
 
 {table(results)}
 ## Reading it
@@ -261,9 +310,9 @@ jax sees as 4 devices (megacore).
 - **Optimizer**: AdamW keeps two moments in the parameter dtype: twice the parameters.
 - **KV cache**: 2 x 32 layers x 8 kv heads x 128 x 2 bytes = 128 KiB per token; split over the batch (`fsdp`)
   and the kv heads (`tensor`).
-- **Activations**: what dominates is the vocabulary and the attention: the fp32 logits over 128,259 tokens
-  (1 GiB per 2048-token sample, held about 3 times for the loss and its gradient), the embedding table and
-  lm_head gathered whole for their matmuls (and their gradients), and the fp32 attention logits of the layer
+- **Activations**: what dominates is the vocabulary and the attention: one 512-token chunk of fp32 scores over
+  128,259 tokens in the loss, the embedding table and lm_head gathered whole for their matmuls (and their
+  gradients), and (on this CPU compile, XLA attention) the fp32 attention logits of the layer
   being recomputed (32 heads x 2048^2 x 4 bytes = 0.5 GiB per sample, a few copies). The prefill here attends
   over all 4096 cache slots (2x the work and memory of attending over the prompt alone).
 - **The CPU compiler is not the TPU or GPU one**: it computes bf16 matmuls in fp32, so bf16 programs carry fp32
@@ -275,9 +324,12 @@ jax sees as 4 devices (megacore).
 
 - **Full fine-tuning in fp32** (31.5 GiB of parameters, 63 GiB of moments) needs about 25 GiB per device on 8
   devices and 40 GiB on 4: an 8x H100 or a v5p-8, not a v5e-8 (16 GiB) nor a v4-8 (32 GiB).
-- **bf16 parameters and moments** halve the state. On a v4-8 it fits by the hand estimate (the CPU compile
-  inflates bf16 temporaries); on a v5e-8 the state alone is 6 GiB of 16 and the activations do not fit at 2048
-  tokens: shorten the sequence, or train LoRA adapters (the fine-tuning issue adds them).
+- **bf16 parameters and moments** halve the state (6 GiB of 16 on a v5e-8). At 2048 tokens the compiled
+  peak no longer holds any logits; what remains over budget on this CPU compile is the bf16-as-fp32 copies of
+  gathered weights and gradients (see the caveat) and the XLA attention scores; the hand estimate fits.
+- **LoRA** keeps the 16 GiB of bf16 weights sharded and trains 0.1 GiB of adapters: at 2048 tokens it fits a
+  v5e-8 compiled; at 8192 tokens the XLA attention scores (8 GiB per layer recomputed, see above) exceed it on
+  this CPU compile, and the splash kernel (the TPU default) removes exactly that term.
 - **Inference** fits everywhere; the largest terms are the vocabulary-sized matrices and the attention logits
   of the prefill, which shrink with a smaller prefill chunk or batch.
 
@@ -288,10 +340,12 @@ Regenerate with `python bench/memory_plan.py --out docs/memory-plan.md`.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the whole memory plan (markdown) to this file")
+    ap.add_argument("--platforms", default="", help="comma-separated platform names to keep (default: all)")
     a = ap.parse_args(argv)
     compiled: dict = {}
     results = []
-    for p in PLATFORMS:
+    keep = [x.strip() for x in a.platforms.split(",") if x.strip()]
+    for p in [p for p in PLATFORMS if not keep or p.name in keep]:
         for w in workloads(p.devices):
             key = (p.devices, w)
             if key not in compiled:  # the same program on the same number of devices compiles once

@@ -146,7 +146,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) one")
     p.add_argument("--text-layers", type=int, default=None)
     p.add_argument("--vision-layers", type=int, default=None)
-    p.add_argument("--remat", default="none", choices=["none", "full", "matmuls"])
+    p.add_argument("--remat", default="full", choices=["none", "full", "matmuls"])
     p.add_argument("--attention", default=None, choices=["xla", "cudnn", "pallas"])
     p.add_argument("--sides", default="jax,torch")
     p.add_argument("--system-malloc", action="store_true",

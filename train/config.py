@@ -78,7 +78,7 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute over fp32 master weights
-    remat: str = "none"  # "none", "full" (recompute each layer in the backward pass) or "matmuls" (keep matmuls)
+    remat: str = "full"  # "none", "full" (recompute each layer in the backward pass) or "matmuls" (keep matmuls)
     attention: str = ""  # "xla", "cudnn" or "pallas"; "" = the platform's (pallas on TPU, cudnn on GPU, xla on CPU)
     freeze: tuple[str, ...] = ()  # any of "vision", "connector", "text"
     log_every: int = 10
