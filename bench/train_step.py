@@ -74,7 +74,6 @@ def _peak_rss_gib() -> float:
 
 
 def side_jax(a) -> dict:
-    import jax
     import optax
 
     import idefics_jax
