@@ -28,15 +28,19 @@ def _train(a):
         return
     if a.config is None:
         raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
-    from idefics_jax.train import config, trainer
+    from idefics_jax.train import config, heap, trainer
 
-    trainer.train(config.load(a.config, a.overrides))
+    cfg = config.load(a.config, a.overrides)  # a bad config fails before the restart
+    if a.program:  # the idefics-jax command itself, not main(argv) called in a Python process
+        heap.reexec_with_tunables()  # XLA:CPU reuses freed memory instead of faulting it in each step
+    trainer.train(cfg)
 
 
 def _generate(a):
     from idefics_jax.chat import Chat
     from idefics_jax.generation import check_arguments
     from idefics_jax.images import load_image
+    from idefics_jax.model import check_attention
 
     # Every argument is checked before the model loads (seconds), images included.
     if a.temperature is not None and not a.temperature >= 0:
@@ -47,11 +51,13 @@ def _generate(a):
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     check_arguments(max_new_tokens=a.max_new_tokens, **kw)
+    check_attention(a.attention)
     images = [load_image(i) for i in a.image]
     chat = Chat.load(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
                      longest_edge=a.longest_edge)
     content = [{"type": "image"} for _ in a.image] + [{"type": "text", "text": a.prompt}]
-    for piece in chat.stream([{"role": "user", "content": content}], images, max_new_tokens=a.max_new_tokens, **kw):
+    for piece in chat.stream([{"role": "user", "content": content}], images, max_new_tokens=a.max_new_tokens,
+                             attention=a.attention, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -69,7 +75,8 @@ def _serve(a):
     from idefics_jax.serve.app import serve
 
     serve(a.model, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue, dtype=a.dtype,
-          allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels)
+          allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels,
+          attention=a.attention)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer image tokens)")
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    g.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
+                   help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
     g.set_defaults(fn=_generate)
     s = parser("serve", help="OpenAI-compatible chat server with continuous batching, and a chat page at /")
     s.add_argument("--model", default="tiny-shapes", help="checkpoint or shipped model (default: tiny-shapes)")
@@ -120,12 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    s.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
+                   help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
     s.set_defaults(fn=_serve)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.program = argv is None  # the process's own command line: `train` may restart the process
     try:
         args.fn(args)
     except (ValueError, OSError, KeyboardInterrupt) as e:

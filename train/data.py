@@ -18,7 +18,7 @@ import collections
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 
@@ -37,6 +37,9 @@ class LoaderConfig:
     drop_remainder: bool = True  # False: the last partial batch is filled with empty rows (attention 0)
     num_threads: int = 4  # threads decoding images and running the processor
     prefetch: int = 16  # encoded records read ahead (each holds its float32 sub-images)
+    # Several records per row, up to the longest length bucket (`Collator.collate_packed`): rows are filled
+    # first-fit in reading order until a record fits in no row; that record starts the next batch.
+    packing: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -102,18 +105,18 @@ def batches(source: Sequence, collator: Collator, config: LoaderConfig, *, proce
     patience = 2 * shard_len - 1
     encoded = shard.map(functools.partial(encode_or_skip, collator)).to_iter_dataset(
         grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
-    return Batches(encoded, collator.collate, config, patience=patience)
+    return Batches(encoded, collator, config, patience=patience)
 
 
 class Batches(grain.IterDataset):
     """Groups encoded records into batches of `config.batch_size`, skipping and counting Skipped ones."""
 
-    def __init__(self, parent: grain.IterDataset, collate: Callable, config: LoaderConfig, patience: int):
+    def __init__(self, parent: grain.IterDataset, collator: Collator, config: LoaderConfig, patience: int):
         super().__init__(parent)
-        self._collate, self._config, self._patience = collate, config, patience
+        self._collator, self._config, self._patience = collator, config, patience
 
     def __iter__(self) -> "BatchIterator":
-        return BatchIterator(self._parent.__iter__(), self._collate, self._config, self._patience)
+        return BatchIterator(self._parent.__iter__(), self._collator, self._config, self._patience)
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -121,9 +124,12 @@ class BatchIterator(grain.DatasetIterator):
 
     LOGGED_PER_REASON = 5  # the first few skip messages of each reason are logged; all are counted
 
-    def __init__(self, parent: grain.DatasetIterator, collate: Callable, config: LoaderConfig, patience: int):
+    def __init__(self, parent: grain.DatasetIterator, collator: Collator, config: LoaderConfig, patience: int):
         super().__init__(parent)
-        self._collate, self._config = collate, config
+        self._collator, self._config = collator, config
+        # Packing: a record read but left for the next batch, and the state from before it was read (saved
+        # in its place, so that a restored iterator reads it again).
+        self._pending: tuple[Example, dict] | None = None
         # Consecutive skips that span a whole epoch mean nothing usable is left: stop instead of spinning.
         self._patience = patience
         self._skipped: collections.Counter = collections.Counter()
@@ -135,24 +141,61 @@ class BatchIterator(grain.DatasetIterator):
         """Records skipped so far on this host, by reason."""
         return dict(self._skipped)
 
-    def __next__(self) -> dict:
-        examples: list[Example] = []
-        while len(examples) < self._config.batch_size:
+    def _read(self) -> Example:
+        """The next usable record (skips counted); StopIteration at the end."""
+        while True:
             try:
                 item = next(self._parent)
             except StopIteration:
                 if not self._good and self._skipped:
                     raise ValueError(f"no usable records: all {self._run} were skipped ({self._counts()})") from None
-                if not examples or self._config.drop_remainder:
-                    raise
-                break
+                raise
             if isinstance(item, Skipped):
                 self._count(item)
                 continue
             self._run = 0
             self._good += 1
-            examples.append(item)
-        return self._collate(examples, self._config.batch_size)
+            return item
+
+    def __next__(self) -> dict:
+        if self._config.packing:
+            return self._next_packed()
+        examples: list[Example] = []
+        while len(examples) < self._config.batch_size:
+            try:
+                examples.append(self._read())
+            except StopIteration:
+                if not examples or self._config.drop_remainder:
+                    raise
+                break
+        return self._collator.collate(examples, self._config.batch_size)
+
+    def _next_packed(self) -> dict:
+        rows: list[list[Example]] = []
+        if self._pending is not None:
+            rows.append([self._pending[0]])
+            self._pending = None
+        while True:
+            before = self._own_state()
+            try:
+                e = self._read()
+            except StopIteration:
+                if not rows or (self._config.drop_remainder and len(rows) < self._config.batch_size):
+                    raise
+                break
+            row = next((r for r in rows if self._collator.fits(r, e)), None)
+            if row is not None:
+                row.append(e)
+            elif len(rows) < self._config.batch_size:
+                rows.append([e])
+            else:
+                self._pending = (e, before)
+                break
+        return self._collator.collate_packed(rows, self._config.batch_size)
+
+    def _own_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "skipped": dict(self._skipped), "run": self._run,
+                "good": self._good}
 
     def _count(self, item: Skipped) -> None:
         self._skipped[item.reason] += 1
@@ -166,11 +209,11 @@ class BatchIterator(grain.DatasetIterator):
         return ", ".join(f"{k}: {v}" for k, v in sorted(self._skipped.items()))
 
     def get_state(self) -> dict:
-        return {"parent": self._parent.get_state(), "skipped": dict(self._skipped), "run": self._run,
-                "good": self._good}
+        return self._pending[1] if self._pending is not None else self._own_state()
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._skipped = collections.Counter(state["skipped"])
         self._run = int(state["run"])
         self._good = int(state["good"])
+        self._pending = None
