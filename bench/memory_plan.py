@@ -222,8 +222,8 @@ def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
 
     Activation terms (B samples per device, T tokens, S cache slots, L layers, N heads per device):
     training (remat per layer): gradients (like the parameters) + two vocabulary-sized matrices live at once
-    (lm_head gathered whole and its gradient, later the embedding table's gradient: the vocabulary, 128259,
-    divides by no mesh axis) + one layer input saved per layer + one layer recomputed (its weights gathered
+    (lm_head gathered whole and its gradient: the vocabulary, 128259, divides by no mesh axis; the embedding
+    table stays width-sharded) + one layer input saved per layer + one layer recomputed (its weights gathered
     twice over, fp32 attention logits B*N*T*T 3 times, MLP) + fp32 logits B*T*V twice (logits, gradient).
     Prefill: the embedding table and lm_head gathered whole + fp32 attention logits B*N*T*S 3 times + one
     layer's weights and MLP.
@@ -315,6 +315,17 @@ jax sees as 4 devices (megacore). LoRA: rank-16 adapters on the decoder's q, k, 
   hold the fp32 scores of the layer being recomputed: 32 heads x T^2 x 4 bytes, 0.5 GiB per sample at 2048
   tokens and **8 GiB at 8192** (several copies for the softmax and its gradient). Those are the temporaries
   that make the 8192-token rows fail here; on a TPU with the splash kernel they are blocks of 512 x 512.
+- **The token embedding stays sharded.** It used to gather the 128,259 x 4096 table whole on every device
+  before the lookup, and its gradient was a scatter-add into a whole table too (in fp32 on this CPU compile):
+  3.7 GiB of temporaries at once. Now each device looks up its eighth of the width for every token id and the
+  rows move to their batch shard; the gradient lands in the device's own slice. Full bf16 fine-tuning at 2048
+  tokens: 17.6 GiB compiled before this change, the row below after.
+- **What is left over budget in that row is mostly the CPU compiler** (buffer assignment of the compiled
+  program): XLA:CPU computes bf16 dots and elementwise ops in fp32, and it converts *whole stacked* bf16
+  arrays to fp32 outside the layer loops: the 32-layer MLP weights and their gradients (0.9 GiB each per
+  device, about 5 GiB live at the peak) and the saved layer inputs (1 GiB). The program before optimisation
+  holds them in bf16, as a TPU does. The XLA attention scores (0.5 GiB, a few copies) are the other term the
+  splash kernel removes.
 
 {table(results)}
 ## Reading it
@@ -340,8 +351,9 @@ jax sees as 4 devices (megacore). LoRA: rank-16 adapters on the decoder's q, k, 
 - **Full fine-tuning in fp32** (31.5 GiB of parameters, 63 GiB of moments) needs about 25 GiB per device on 8
   devices and 40 GiB on 4: an 8x H100 or a v5p-8, not a v5e-8 (16 GiB) nor a v4-8 (32 GiB).
 - **bf16 parameters and moments** halve the state (6 GiB of 16 on a v5e-8). At 2048 tokens the compiled
-  peak no longer holds any logits; what remains over budget on this CPU compile is the bf16-as-fp32 copies of
-  gathered weights and gradients (see the caveat) and the XLA attention scores; the hand estimate fits.
+  peak holds no logits and no whole embedding table; what remains over budget on this CPU compile is its fp32
+  copies of whole stacked bf16 weights and gradients (see above and the caveat) and the XLA attention scores;
+  the hand estimate fits.
 - **LoRA** keeps the 16 GiB of bf16 weights sharded and trains 0.1 GiB of adapters: at 2048 tokens it fits a
   v5e-8 compiled; at 8192 tokens the XLA attention scores (8 GiB per layer recomputed, see above) exceed it on
   this CPU compile, and the splash kernel (the TPU default) removes exactly that term.

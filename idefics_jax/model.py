@@ -112,10 +112,15 @@ class IdeficsModel(nnx.Module):
         one_image_at_a_time: run the vision tower on one image after another (`lax.map`); on the CPU all images at
         once materialise every layer's attention scores for all of them (GBs at batch 8) and run slower.
         """
-        # Gathered whole along the width first (as FSDP gathers every weight when used): a lookup from a
-        # width-sharded table comes out width-sharded, and going from there to batch-sharded costs a full copy.
-        table = constrain(self.text.embed[...], ("vocab", None), self.partitioning)
-        x = jnp.take(table, input_ids_BT, axis=0)
+        # Looked up in the width-sharded table with every token id (the ids are small): each device takes its
+        # slice of the width for all tokens, and the rows then move to their batch shard (B*T*D values). Gathering
+        # the table whole instead holds all of it on every device, and in training its gradient too: a
+        # scatter-add into the whole table (3 GiB per device for Idefics3-8B in bf16 on the CPU compile,
+        # docs/memory-plan.md), where the width-sharded one is an eighth.
+        part = self.partitioning
+        ids = constrain(input_ids_BT, (None, None), part)
+        x = constrain(jnp.take(self.text.embed[...], ids, axis=0), (None, None, "embed"), part)
+        x = constrain(x, ("batch", None, None), part)
         if pixel_values is None:
             return x
         if one_image_at_a_time:
