@@ -36,6 +36,7 @@ class DataConfig:
     longest_edge: int = 0  # 0 = the processor's own
     max_images: int = 4
     packing: bool = False  # several records per row up to the longest bucket (segment ids keep them apart)
+    pack_window: float = 3.0  # packing: batches' worth of tokens read ahead to fill the rows from
     shuffle_seed: int = 0
     num_records: int = 0  # for generated data ("shapes"): how many records to write
     shapes: ShapesConfig = ShapesConfig()

@@ -72,7 +72,7 @@ def train(cfg: TrainConfig) -> dict:
     collator = Collator.from_pretrained(model_dir, collate_cfg)
     loader = batches(sources.source(cfg.data.train, "train", cfg), collator,
                      LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.data.shuffle_seed,
-                                  packing=cfg.data.packing))
+                                  packing=cfg.data.packing, pack_window=cfg.data.pack_window))
     it = iter(loader)
     evaluator = Evaluator(cfg, parts, collator, part) if cfg.eval_every and cfg.data.eval else None
 
