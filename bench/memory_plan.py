@@ -39,9 +39,14 @@ from idefics_jax.config import ModelConfig  # noqa: E402
 from idefics_jax.model import KVCache, positions_from_mask  # noqa: E402
 from idefics_jax.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
 from idefics_jax.quantize import eligible  # noqa: E402
+from idefics_jax.train import lora as lora_lib  # noqa: E402
 from idefics_jax.train import optim  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
 from idefics_jax.train.config import LoraConfig, OptimConfig  # noqa: E402
+
+# The backend the programs are compiled with. "pallas" (TPU splash attention) cannot lower for CPU devices, so
+# the plan uses the XLA path; the doc says what the kernel changes on a TPU.
+ATTENTION = "xla"
 
 GiB = 2**30
 
@@ -71,6 +76,7 @@ class Workload:
     images: int  # image tiles per sample (2x2 split + the global image = 5)
     cache_slots: int = 0  # KV cache length for inference (prompt + generated)
     quantize: str = ""  # "int8" / "int4": matmul weights quantized (QLoRA when training)
+    lora: int = 0  # LoRA rank (adapters on the decoder's attention); 0: full fine-tuning
 
     @property
     def training(self) -> bool:
@@ -84,6 +90,7 @@ SMOKE_PLATFORMS = (Platform("8 simulated devices", 8, 16),)
 def smoke_workloads(devices: int) -> tuple[Workload, ...]:
     return (
         Workload("fine-tune, fp32 params + AdamW", shd.FSDP, jnp.float32, devices, 64, 1),
+        Workload("LoRA r4, bf16", shd.FSDP, jnp.bfloat16, devices, 64, 1, lora=4),
         Workload("inference, bf16, batch 8", shd.FSDP_TP, jnp.bfloat16, 8, 64, 1, cache_slots=128),
     )
 
@@ -93,6 +100,9 @@ def workloads(devices: int) -> tuple[Workload, ...]:
         # Full fine-tuning, AdamW, remat per layer, one sample per device.
         Workload("fine-tune, fp32 params + AdamW", shd.FSDP, jnp.float32, devices, 2048, 5),
         Workload("fine-tune, bf16 params + AdamW", shd.FSDP, jnp.bfloat16, devices, 2048, 5),
+        Workload("fine-tune, bf16 params + AdamW, 8192 tokens", shd.FSDP, jnp.bfloat16, devices, 8192, 5),
+        Workload("LoRA r16, bf16, 2048 tokens", shd.FSDP, jnp.bfloat16, devices, 2048, 5, lora=16),
+        Workload("LoRA r16, bf16, 8192 tokens", shd.FSDP, jnp.bfloat16, devices, 8192, 5, lora=16),
         # Serving batch 8: prefill of a 2048-token prompt into a 4096-slot cache.
         Workload("inference, bf16, batch 8", shd.FSDP_TP, jnp.bfloat16, 8, 2048, 5, cache_slots=4096),
     )
@@ -140,23 +150,32 @@ def _replicated(part: shd.Partitioning):
     return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(part.mesh, PartitionSpec()))
 
 
-def _train_state(model, part: shd.Partitioning):
-    """The training step's pieces for the abstract `model`: its split, the optimizer, and an abstract TrainState
-    whose parameters and AdamW moments carry the shardings the parameters' logical axes give."""
+def _train_state(model, part: shd.Partitioning, lora_rank: int = 0):
+    """The training step's pieces for the abstract `model`: its split, the optimizer, an abstract TrainState
+    whose parameters and AdamW moments carry the shardings the parameters' logical axes give, the frozen
+    parameters and the LoRA config (with `lora_rank`: rank-r adapters train, replicated, over the frozen
+    sharded weights; else everything trains)."""
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    # `train.split(model)` with abstract leaves (it reads values): everything trains.
-    trainable = {"/".join(map(str, p)): jax.ShapeDtypeStruct(
+    # `train.split(model)` with abstract leaves (it reads values).
+    params = {"/".join(map(str, p)): jax.ShapeDtypeStruct(
         v.get_value().shape, v.get_value().dtype, sharding=part.sharding(v.get_metadata()["axes"], v.get_value().shape))
         for p, v in flat}
-    s = train.Split(graphdef, tuple(flat), trainable, {})
+    if lora_rank:
+        lcfg = LoraConfig(rank=lora_rank)
+        fan_in = {"/".join(map(str, p)): v.get_metadata().get("fan_in") for p, v in flat}
+        shapes = jax.eval_shape(lambda f: lora_lib.init(fan_in, f, lcfg, jax.random.key(0)), params)
+        trainable, frozen = jax.tree.map(_replicated(part), shapes), params  # adapters are small
+    else:
+        lcfg, trainable, frozen = None, params, {}
+    s = train.Split(graphdef, tuple(flat), trainable, frozen)
     tx = optim.make(OptimConfig(learning_rate=1e-5, weight_decay=0.1), 1000, s.fan_in, trainable)
     # The moments are laid out like their parameters (as `train.init_state` makes them under jit).
     opt_state = optax.tree_map_params(
         tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
         jax.eval_shape(tx.init, trainable), trainable, transform_non_params=_replicated(part))
     step = _replicated(part)(jax.ShapeDtypeStruct((), jnp.int32))
-    return s, tx, train.TrainState(step, trainable, opt_state)
+    return s, tx, train.TrainState(step, trainable, opt_state), frozen, lcfg
 
 
 def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
@@ -166,10 +185,12 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
     out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape))}
     t0 = time.time()
     if w.training:
-        s, tx, state = _train_state(model, part)
-        out["params"], out["optimizer"] = _per_device_bytes(state.trainable), _per_device_bytes(state.opt_state)
+        s, tx, state, frozen, lcfg = _train_state(model, part, w.lora)
+        out["params"] = _per_device_bytes(frozen) + _per_device_bytes(state.trainable)
+        out["optimizer"] = _per_device_bytes(state.opt_state)
         batch = _batch(w, part, labels=True, config=config)
-        lowered = train.make_train_step(s, tx, remat=True).lower(state, {}, batch)
+        step = train.make_train_step(s, tx, remat="full", lora=lcfg, attention=ATTENTION)
+        lowered = step.lower(state, frozen, batch)
     else:
         graphdef, state = nnx.split(model)
         state = _with_shardings(state, part, w.quantize)
@@ -215,8 +236,8 @@ def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
 
     Activation terms (B samples per device, T tokens, S cache slots, L layers, N heads per device):
     training (remat per layer): gradients (like the parameters) + two vocabulary-sized matrices live at once
-    (lm_head gathered whole and its gradient, later the embedding table's gradient: the vocabulary, 128259,
-    divides by no mesh axis) + one layer input saved per layer + one layer recomputed (its weights gathered
+    (lm_head gathered whole and its gradient: the vocabulary, 128259, divides by no mesh axis; the embedding
+    table stays width-sharded) + one layer input saved per layer + one layer recomputed (its weights gathered
     twice over, fp32 attention logits B*N*T*T 3 times, MLP) + fp32 logits B*T*V twice (logits, gradient).
     Prefill: the embedding table and lm_head gathered whole + fp32 attention logits B*N*T*S 3 times + one
     layer's weights and MLP.
@@ -235,10 +256,13 @@ def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
     mlp = B * T * 3 * F / tp * 4
     vision = imgs * S_img * (v.hidden_size + v.intermediate_size / tp) * 4 * 2
     if w.training:
-        est["optimizer"] = 2 * est["params"]  # AdamW mu and nu in the parameter dtype
+        # AdamW mu and nu in the parameter dtype, and the gradients; LoRA adapters are negligible.
+        est["optimizer"] = 0 if w.lora else 2 * est["params"]
+        grads = 0 if w.lora else est["params"]
         saved = L * B * T * D * b + v.num_layers * imgs * S_img * v.hidden_size * b
         one_layer = 2 * layer + 3 * B * N * T * T * 4 + 2 * mlp + vision
-        est["activations"] = est["params"] + vocab + saved + one_layer + 2 * B * T * V * 4
+        # The loss holds one chunk's fp32 scores (and their gradient), never the whole (B, T, V) logits.
+        est["activations"] = grads + vocab + saved + one_layer + 2 * min(B * T, train.LOSS_CHUNK) * V * 4
     else:
         est["optimizer"] = 0
         S = w.cache_slots
@@ -286,11 +310,36 @@ activations column is the compiled program's temporaries (activations, gradients
 arguments + outputs - donated + temporaries. "Fits": *yes* when the compiled peak is under 90% of the device's
 HBM, *by hand only* when only the hand estimate is (see the CPU caveat below), *no* when neither is.
 
-Workloads: fine-tuning is one AdamW step (`train/step.py`) with remat per layer, one sample per device of 2048
-tokens with 5 image tiles (a 2x2 split plus the global image, 364 px, 845 image tokens), mesh preset `FSDP`.
+Workloads: fine-tuning is one AdamW step (`train/step.py`'s loss) with remat per layer, one sample per device of
+2048 (or 8192) tokens with 5 image tiles (a 2x2 split plus the global image, 364 px, 845 image tokens), mesh
+preset `FSDP`.
 Inference is the prefill of a batch of 8 such prompts into a KV cache of 4096 slots per sample (2048 prompt +
 2048 new tokens), bf16, mesh preset `FSDP_TP` (tensor 4, the rest FSDP). A v4-8 or v5p-8 is 4 chips, which
-jax sees as 4 devices (megacore).
+jax sees as 4 devices (megacore). LoRA: rank-16 adapters on the decoder's q, k, v, o, everything else frozen.
+
+## What changed (issue 16)
+
+- **The loss no longer holds the logits.** Cross-entropy runs over the vocabulary 512 tokens at a time, each
+  chunk's gradient taken at once (`train.step.chunked_cross_entropy`, a custom VJP): instead of the fp32
+  (B, T, 128259) logits held about three times (3 GiB per 2048-token sample), one chunk's scores (0.25 GiB).
+  Full bf16 fine-tuning at 2048 tokens went from 20.5 GiB to the compiled peak below.
+- **Attention has one entry point with fused backends** (`_layers.attend`): on TPUs the default is the splash
+  attention Pallas kernel, which never materialises the (heads, T, T) scores. This plan is compiled for CPU
+  devices, where a Pallas TPU kernel cannot be lowered, so its programs use the XLA einsum path and still
+  hold the fp32 scores of the layer being recomputed: 32 heads x T^2 x 4 bytes, 0.5 GiB per sample at 2048
+  tokens and **8 GiB at 8192** (several copies for the softmax and its gradient). Those are the temporaries
+  that make the 8192-token rows fail here; on a TPU with the splash kernel they are blocks of 512 x 512.
+- **The token embedding stays sharded.** It used to gather the 128,259 x 4096 table whole on every device
+  before the lookup, and its gradient was a scatter-add into a whole table too (in fp32 on this CPU compile):
+  3.7 GiB of temporaries at once. Now each device looks up its eighth of the width for every token id and the
+  rows move to their batch shard; the gradient lands in the device's own slice. Full bf16 fine-tuning at 2048
+  tokens: 17.6 GiB compiled before this change, the row below after.
+- **What is left over budget in that row is mostly the CPU compiler** (buffer assignment of the compiled
+  program): XLA:CPU computes bf16 dots and elementwise ops in fp32, and it converts *whole stacked* bf16
+  arrays to fp32 outside the layer loops: the 32-layer MLP weights and their gradients (0.9 GiB each per
+  device, about 5 GiB live at the peak) and the saved layer inputs (1 GiB). The program before optimisation
+  holds them in bf16, as a TPU does. The XLA attention scores (0.5 GiB, a few copies) are the other term the
+  splash kernel removes.
 
 {table(results)}
 ## Reading it
@@ -301,9 +350,9 @@ jax sees as 4 devices (megacore).
 - **Optimizer**: AdamW keeps two moments in the parameter dtype: twice the parameters.
 - **KV cache**: 2 x 32 layers x 8 kv heads x 128 x 2 bytes = 128 KiB per token; split over the batch (`fsdp`)
   and the kv heads (`tensor`).
-- **Activations**: what dominates is the vocabulary and the attention: the fp32 logits over 128,259 tokens
-  (1 GiB per 2048-token sample, held about 3 times for the loss and its gradient), the embedding table and
-  lm_head gathered whole for their matmuls (and their gradients), and the fp32 attention logits of the layer
+- **Activations**: what dominates is the vocabulary and the attention: one 512-token chunk of fp32 scores over
+  128,259 tokens in the loss, the embedding table and lm_head gathered whole for their matmuls (and their
+  gradients), and (on this CPU compile, XLA attention) the fp32 attention logits of the layer
   being recomputed (32 heads x 2048^2 x 4 bytes = 0.5 GiB per sample, a few copies). The prefill here attends
   over all 4096 cache slots (2x the work and memory of attending over the prompt alone).
 - **The CPU compiler is not the TPU or GPU one**: it computes bf16 matmuls in fp32, so bf16 programs carry fp32
@@ -315,9 +364,13 @@ jax sees as 4 devices (megacore).
 
 - **Full fine-tuning in fp32** (31.5 GiB of parameters, 63 GiB of moments) needs about 25 GiB per device on 8
   devices and 40 GiB on 4: an 8x H100 or a v5p-8, not a v5e-8 (16 GiB) nor a v4-8 (32 GiB).
-- **bf16 parameters and moments** halve the state. On a v4-8 it fits by the hand estimate (the CPU compile
-  inflates bf16 temporaries); on a v5e-8 the state alone is 6 GiB of 16 and the activations do not fit at 2048
-  tokens: shorten the sequence, or train LoRA adapters (the fine-tuning issue adds them).
+- **bf16 parameters and moments** halve the state (6 GiB of 16 on a v5e-8). At 2048 tokens the compiled
+  peak holds no logits and no whole embedding table; what remains over budget on this CPU compile is its fp32
+  copies of whole stacked bf16 weights and gradients (see above and the caveat) and the XLA attention scores;
+  the hand estimate fits.
+- **LoRA** keeps the 16 GiB of bf16 weights sharded and trains 0.1 GiB of adapters: at 2048 tokens it fits a
+  v5e-8 compiled; at 8192 tokens the XLA attention scores (8 GiB per layer recomputed, see above) exceed it on
+  this CPU compile, and the splash kernel (the TPU default) removes exactly that term.
 - **Inference** fits everywhere; the largest terms are the vocabulary-sized matrices and the attention logits
   of the prefill, which shrink with a smaller prefill chunk or batch.
 
@@ -444,6 +497,7 @@ def main(argv=None) -> int:
                     "programs, the quantized ones too)")
     ap.add_argument("--quantized", action="store_true", help="only the quantized rows (issue 15): rewrites their "
                     "section of --out")
+    ap.add_argument("--platforms", default="", help="comma-separated platform names to keep (default: all)")
     a = ap.parse_args(argv)
     if a.smoke and a.out:
         ap.error("--smoke measures the tiny model, not Idefics3-8B: no --out")
@@ -453,7 +507,8 @@ def main(argv=None) -> int:
         return quantized_main(a.out, config, a.smoke)
     compiled: dict = {}
     results = []
-    for p in platforms:
+    keep = [x.strip() for x in a.platforms.split(",") if x.strip()]
+    for p in [p for p in platforms if not keep or p.name in keep]:
         for w in loads(p.devices):
             key = (p.devices, w)
             if key not in compiled:  # the same program on the same number of devices compiles once

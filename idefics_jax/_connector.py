@@ -24,6 +24,7 @@ class PixelShuffleConnector(nnx.Module):
         d_in = c.vision.hidden_size * self.scale_factor**2
         self.proj = param(rngs, (d_in, c.text.hidden_size), ("mlp", "embed"), dtype=dtype, fan_in=1)
 
-    def __call__(self, x_ISD, mask_IS=None):
-        """Vision states (I, S, Dv) -> image tokens (I, S/s^2, D). The patch mask is not used here."""
+    def __call__(self, x_ISD, mask_IS=None, attention: str | None = None):
+        """Vision states (I, S, Dv) -> image tokens (I, S/s^2, D). The patch mask and the attention backend are
+        not used here (no attention)."""
         return matmul("ISF,FD->ISD", pixel_shuffle(x_ISD, self.scale_factor), self.proj[...])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax._cpu import per_layer
-from idefics_jax.model import IdeficsModel, KVCache, causal_mask, positions_from_mask
+from idefics_jax.model import IdeficsModel, KVCache, Mask, positions_from_mask
 from idefics_jax.sampling import SamplingParams, choose_tokens, is_eos
 
 
@@ -30,18 +30,18 @@ class DecodeState:
     start: jax.Array  # int32 scalar: slot of the first new token
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots", "cpu"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots", "cpu", "attention"))
 def prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots,
-             cpu):
+            cpu, attention=None):
     model: IdeficsModel = nnx.merge(graphdef, params)
     c = model.config.text
     B, T = ids_BT.shape
-    x = model.embed(ids_BT, pixel_values, pixel_mask, one_image_at_a_time=cpu)
+    x = model.embed(ids_BT, pixel_values, pixel_mask, one_image_at_a_time=cpu, attention=attention)
     # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below. Prefill is
     # compute-bound: it scans the stacked weights (as bits when bf16), whatever groups decoding uses.
     cache = KVCache.zeros(c, B, T, model.dtype, model.partitioning)
-    h, cache = model.text(x, positions_from_mask(mask_BT), causal_mask(mask_BT, c.sliding_window), cache, 0,
-                          layer_weights=None if isinstance(lw, list) else lw)
+    h, cache = model.text(x, positions_from_mask(mask_BT), Mask.decoder(mask_BT, c.sliding_window), cache, 0,
+                          layer_weights=None if isinstance(lw, list) else lw, attention=attention)
     grow = ((0, 0), (0, 0), (0, slots - T), (0, 0), (0, 0))
     cache = per_layer(KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow)), lw)
     first = choose_tokens(model.lm_logits(h[:, -1:])[:, 0], 0, cfg, sp)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.config import TextConfig
-from idefics_jax._layers import (Stacked, apply_rope, attend, attention_swiglu_spec, matmul, ones, param, rms_norm,
-                                 rope_inv_freq, scan_layers)
+from idefics_jax._layers import (Mask, Stacked, apply_rope, attend, attention_swiglu_spec, matmul, ones, param,
+                                 rms_norm, rope_inv_freq, scan_layers)
 from idefics_jax.sharding import Partitioning, constrain
 
 _ONES = jax.nn.initializers.ones
@@ -58,12 +58,13 @@ class Decoder(nnx.Module):
         self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (c.hidden_size,), ("embed",), dtype)
 
-    def __call__(self, x_BTD, pos_BT, mask_BTS, cache: KVCache | None = None, cache_index=None, remat: bool = False,
-                 layer_weights=None):
+    def __call__(self, x_BTD, pos_BT, mask: Mask | jax.Array, cache: KVCache | None = None, cache_index=None,
+                 remat: bool = False, layer_weights=None, attention: str | None = None):
         """Runs all layers on embeddings (B, T, D).
 
-        Without a cache, keys are the T tokens themselves and `mask_BTS` is (B, T, T). With a cache, the new keys
-        and values are written at slots [cache_index, cache_index + T) and `mask_BTS` covers all S slots.
+        Without a cache, keys are the T tokens themselves and `mask` a `Mask` (or (B, T, T) bool). With a cache,
+        the new keys and values are written at slots [cache_index, cache_index + T) and `mask` covers all S slots
+        (a (B, T, S) bool array unless S == T). `attention`: the backend (see `attend`).
         `layer_weights` replaces this module's stacked weights by views of them (see `scan_layers`).
         Returns the final-normed hidden states (B, T, D) and the updated cache (or None).
         """
@@ -84,8 +85,8 @@ class Decoder(nnx.Module):
                 k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), *kv_heads)
                 v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), *kv_heads)
                 kv = (k, v)
-            o = attend(q, k, v, mask_BTS)
-            o = matmul("BTNH,NHD->BTD", o, w["o"])
+            o = attend(q, k, v, mask, attention)
+            o = matmul("BTNH,NHD->BTD", o, w["o"])  # one (N*H)-wide contraction (see matmul)
             x = shard(x + o, "batch", None, None)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             h = jax.nn.silu(matmul("BTD,DF->BTF", h, w["gate"])) * matmul("BTD,DF->BTF", h, w["up"])

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.config import ModelConfig, PerceiverConfig
-from idefics_jax._layers import Stacked, attend, attention_swiglu_spec, matmul, ones, param, rms_norm, scan_layers
+from idefics_jax._layers import (Mask, Stacked, attend, attention_swiglu_spec, matmul, ones, param, rms_norm,
+                                 scan_layers)
 
 _ONES = jax.nn.initializers.ones
 
@@ -39,7 +40,7 @@ class PerceiverConnector(nnx.Module):
         self.layers = Stacked(p.depth, _layer_spec(p, D), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (D,), ("embed",), dtype)
 
-    def __call__(self, x_ISD, mask_IS):
+    def __call__(self, x_ISD, mask_IS, attention: str | None = None):
         p = self.config
         eps = p.rms_norm_eps
         context = _swiglu(x_ISD, self.gate[...], self.up[...], self.down[...])
@@ -48,7 +49,7 @@ class PerceiverConnector(nnx.Module):
         latents = jnp.broadcast_to(self.latents[...].astype(context.dtype), (I, T, D))
         # The latents are keys too (attention runs over [context; latents]), so they are never masked.
         keys_valid = jnp.concatenate([mask_IS.astype(bool), jnp.ones((I, T), bool)], axis=1)
-        mask_ITS = jnp.broadcast_to(keys_valid[:, None, :], (I, T, S + T))
+        mask = Mask.keys(keys_valid, T)
 
         def layer(lat_ITD, w, _):
             lat_normed = rms_norm(lat_ITD, w["latents_norm"], eps)
@@ -58,7 +59,7 @@ class PerceiverConnector(nnx.Module):
             q = matmul("ITD,DNH->ITNH", lat_normed, w["q"])
             k = matmul("ISD,DKH->ISKH", kv_in, w["k"])
             v = matmul("ISD,DKH->ISKH", kv_in, w["v"])
-            lat_ITD = lat_ITD + matmul("ITNH,NHD->ITD", attend(q, k, v, mask_ITS), w["o"])
+            lat_ITD = lat_ITD + matmul("ITNH,NHD->ITD", attend(q, k, v, mask, attention), w["o"])
             h = rms_norm(lat_ITD, w["mlp_norm"], eps)
             return lat_ITD + _swiglu(h, w["gate"], w["up"], w["down"]), None
 

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import VisionConfig
-from idefics_jax._layers import Stacked, attend, layer_norm, matmul, normal, ones, param, scan_layers, zeros
+from idefics_jax._layers import Mask, Stacked, attend, layer_norm, matmul, normal, ones, param, scan_layers, zeros
 from idefics_jax.sharding import Partitioning, constrain
 
 _ONES, _ZEROS = jax.nn.initializers.ones, jax.nn.initializers.zeros
@@ -31,17 +31,16 @@ def _layer_spec(c: VisionConfig) -> dict:
     }
 
 
-def _layer(eps: float, part: Partitioning | None):
+def _layer(eps: float, part: Partitioning | None, attention: str | None):
     # Images over data/fsdp (they are the batch here), heads and MLP width over tensor.
     shard = lambda x, *axes: constrain(x, axes, part)  # noqa: E731
 
-    def fn(x_ISD, w, key_mask_IS):
+    def fn(x_ISD, w, mask: Mask):
         h = layer_norm(x_ISD, w["ln1_scale"], w["ln1_bias"], eps)
         q = shard(matmul("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
         k = shard(matmul("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
         v = shard(matmul("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
-        I, S = key_mask_IS.shape
-        a = attend(q, k, v, jnp.broadcast_to(key_mask_IS[:, None, :], (I, S, S)))
+        a = attend(q, k, v, mask, attention)
         x_ISD = shard(x_ISD + matmul("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
         h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
         h = jax.nn.gelu(matmul("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
@@ -94,7 +93,7 @@ class VisionEncoder(nnx.Module):
         self.post_ln_scale = ones(rngs, (D,), ("embed",), dtype)
         self.post_ln_bias = zeros(rngs, (D,), ("embed",), dtype)
 
-    def __call__(self, pixels_ICHW, mask_IPP, remat: bool = False):
+    def __call__(self, pixels_ICHW, mask_IPP, remat: bool = False, attention: str | None = None):
         """pixels (I, C, H, W) normalised; mask (I, H/p, W/p) valid patches -> hidden states (I, S, D)."""
         c = self.config
         p = c.patch_size
@@ -106,7 +105,7 @@ class VisionEncoder(nnx.Module):
         pos_embed = constrain(self.pos_embed[...], (None, None), self.partitioning)  # whole, as for the text embeddings
         x = x + jnp.take(pos_embed, position_ids(mask_IPP, c.patches_per_side), axis=0)
         x = constrain(x, ("batch", None, None), self.partitioning)
-        key_mask = mask_IPP.reshape(I, -1)
-        layer = _layer(c.layer_norm_eps, self.partitioning)
+        key_mask = Mask.keys(mask_IPP.reshape(I, -1), Ph * Pw)
+        layer = _layer(c.layer_norm_eps, self.partitioning, attention)
         x, _ = scan_layers(lambda x, w, _: (layer(x, w, key_mask), None), x, self.layers.weights(), remat=remat)
         return layer_norm(x, self.post_ln_scale[...], self.post_ln_bias[...], c.layer_norm_eps)

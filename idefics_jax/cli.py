@@ -30,9 +30,11 @@ def _train(a):
         return
     if a.config is None:
         raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
-    from idefics_jax.train import config, trainer
+    from idefics_jax.train import config, heap, trainer
 
-    cfg = config.load(a.config, a.overrides)
+    cfg = config.load(a.config, a.overrides)  # a bad config fails before the restart
+    if a.program:  # the idefics-jax command itself, not main(argv) called in a Python process
+        heap.reexec_with_tunables()  # XLA:CPU reuses freed memory instead of faulting it in each step
     distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
     trainer.train(cfg)
 
@@ -71,6 +73,7 @@ def _generate(a):
     from idefics_jax.generation import check_arguments
     from idefics_jax.images import load_image
     from idefics_jax.video import probe
+    from idefics_jax.model import check_attention
 
     # Every argument is checked before the model loads (seconds), images included.
     if a.temperature is not None and not a.temperature >= 0:
@@ -82,6 +85,7 @@ def _generate(a):
     sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
     kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     check_arguments(max_new_tokens=a.max_new_tokens, **kw)
+    check_attention(a.attention)
     images = [load_image(i) for i in a.image]
     for v in a.video:  # readable, with frames (PyAV installed)
         probe(v)
@@ -92,7 +96,7 @@ def _generate(a):
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
     for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
-                             max_new_tokens=a.max_new_tokens, **kw):
+                             max_new_tokens=a.max_new_tokens, attention=a.attention, **kw):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -113,7 +117,7 @@ def _serve(a):
     _check_quantize_options(a)
     serve(a.model, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue, dtype=a.dtype,
           allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels,
-          quantize=a.quantize, group_size=a.group_size)
+          quantize=a.quantize, group_size=a.group_size, attention=a.attention)
 
 
 def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     _quantize_options(g, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
+    g.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
+                   help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
     g.set_defaults(fn=_generate)
     s = parser("serve", help="OpenAI-compatible chat server with continuous batching, and a chat page at /")
     s.add_argument("--model", default="tiny-shapes", help="checkpoint or shipped model (default: tiny-shapes)")
@@ -199,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     _quantize_options(s, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
+    s.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
+                   help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
     s.set_defaults(fn=_serve)
     v = parser("eval", help="score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, ...)")
     v.add_argument("--model", default="tiny-shapes", help="checkpoint directory or a shipped model's name")
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.program = argv is None  # the process's own command line: `train` may restart the process
     try:
         args.fn(args)
     except KeyboardInterrupt:

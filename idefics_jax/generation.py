@@ -21,7 +21,7 @@ from flax import nnx
 
 from idefics_jax._cpu import layer_weights, on_cpu
 from idefics_jax._decode import decode, prefill
-from idefics_jax.model import IdeficsModel, check_inputs
+from idefics_jax.model import IdeficsModel, check_attention, check_inputs
 from idefics_jax.sampling import SamplingConfig, SamplingParams
 
 
@@ -85,9 +85,11 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
                     pixel_attention_mask=None, *, max_new_tokens: int, min_new_tokens: int = 0,
                     do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-                    pad_token_id: int | None = None, seed: int = 0, chunk_size: int = 1) -> Iterator[np.ndarray]:
+                    pad_token_id: int | None = None, seed: int = 0, chunk_size: int = 1,
+                    attention: str | None = None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields the new tokens as they come: arrays (B, n) of up to `chunk_size` steps each
     (rows already finished hold `pad_token_id`). The tokens are those `generate` returns, sampling included."""
+    check_attention(attention)
     ids = np.asarray(input_ids)
     check_inputs(model.config, ids, attention_mask, pixel_values, pixel_attention_mask)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
@@ -119,7 +121,7 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     lw = layer_weights(model)
     cpu = on_cpu(jax.tree.leaves(params))
     state = prefill(graphdef, params, lw, ids_b, mask_b, pixel_values, pixel_attention_mask, sp, cfg=cfg,
-                     slots=slots, cpu=cpu)
+                     slots=slots, cpu=cpu, attention=attention)
     produced = 0
     while True:
         # Copies (np.array), not views: `state` is donated to the next call.
@@ -135,7 +137,7 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
 def generate(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
              max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, seed: int = 0) -> np.ndarray:
+             pad_token_id: int | None = None, seed: int = 0, attention: str | None = None) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens after the prompt, as transformers' `generate` does.
 
     Takes the processor's numpy outputs unchanged (left-padded batches; any number of images per sample).
@@ -143,10 +145,13 @@ def generate(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=N
     Stops when every row has produced an eos token (`eos_token_id`: one id or several; default the checkpoint's
     generation config) or after `max_new_tokens`. Returns (B, T_prompt + n) with the prompt in front; rows that
     finished early are padded with `pad_token_id` (default the generation config's, else the first eos id).
+    `attention`: the prompt's attention backend ("xla", "cudnn", "pallas"; default the platform's, see
+    `_layers.attend`); single-token decode steps always use "xla".
     """
     chunks = list(generate_stream(
         model, input_ids, attention_mask, pixel_values, pixel_attention_mask, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, chunk_size=max_new_tokens))
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, chunk_size=max_new_tokens,
+        attention=attention))
     ids = np.asarray(input_ids)
     return np.concatenate([ids, *(c.astype(ids.dtype) for c in chunks)], axis=1)

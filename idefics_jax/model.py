@@ -10,7 +10,8 @@ from flax import nnx
 from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 from idefics_jax._connector import PixelShuffleConnector
 from idefics_jax._decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KVCache: public here)
-from idefics_jax._layers import matmul, param
+from idefics_jax._layers import BACKENDS as ATTENTION_BACKENDS, Mask, matmul, param  # noqa: F401 (public here)
+from idefics_jax._layers import check_backend as check_attention  # noqa: F401 (public here)
 from idefics_jax._perceiver import PerceiverConnector
 from idefics_jax.config import GenerationDefaults
 from idefics_jax.quantize import QuantizedWeight
@@ -51,6 +52,14 @@ def positions_from_mask(attention_mask_BT):
     return jnp.where(attention_mask_BT == 0, 1, pos)
 
 
+def positions_from_segments(segment_ids_BT):
+    """Position ids of packed rows: counting from 0 again at the start of each segment (record)."""
+    t = jnp.arange(segment_ids_BT.shape[1])[None]
+    first = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                             segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(first, t, 0), axis=1)
+
+
 class IdeficsModel(nnx.Module):
     """Idefics2 / Idefics3 / SmolVLM for conditional generation.
 
@@ -78,7 +87,8 @@ class IdeficsModel(nnx.Module):
     def dtype(self):
         return self.text.embed.dtype
 
-    def image_features(self, pixel_values_BICHW, pixel_mask_BIHW=None, remat: bool = False):
+    def image_features(self, pixel_values_BICHW, pixel_mask_BIHW=None, remat: bool = False,
+                       attention: str | None = None):
         """-> features (B*I, image_seq_len, D) for every image slot, and which slots are real images (B*I,)."""
         B, I, C, H, W = pixel_values_BICHW.shape
         pixels = constrain(pixel_values_BICHW.reshape(B * I, C, H, W), ("batch", None, None, None), self.partitioning)
@@ -91,35 +101,45 @@ class IdeficsModel(nnx.Module):
         pmask = patch_mask(pixel_mask, v.patch_size, v.patch_valid_if_all_pixels)
         # Padding images run with a full mask so that no NaN can reach a gradient; their rows are never read.
         pmask = pmask | ~real[:, None, None]
-        hidden = self.vision(pixels, pmask, remat=remat)
-        feats = constrain(self.connector(hidden, pmask.reshape(B * I, -1)), ("batch", None, None), self.partitioning)
+        hidden = self.vision(pixels, pmask, remat=remat, attention=attention)
+        feats = self.connector(hidden, pmask.reshape(B * I, -1), attention=attention)
+        feats = constrain(feats, ("batch", None, None), self.partitioning)
         return feats, real
 
     def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: bool = False,
-              one_image_at_a_time: bool = False):
+              one_image_at_a_time: bool = False, attention: str | None = None):
         """Token embeddings (B, T, D) with the images' features written over the image tokens.
 
         one_image_at_a_time: run the vision tower on one image after another (`lax.map`); on the CPU all images at
         once materialise every layer's attention scores for all of them (GBs at batch 8) and run slower.
         """
-        # Gathered whole along the width first (as FSDP gathers every weight when used): a lookup from a
-        # width-sharded table comes out width-sharded, and going from there to batch-sharded costs a full copy.
-        table = constrain(self.text.embed[...], ("vocab", None), self.partitioning)
-        x = jnp.take(table, input_ids_BT, axis=0)
+        # Looked up in the width-sharded table with every token id (the ids are small): each device takes its
+        # slice of the width for all tokens, and the rows then move to their batch shard (B*T*D values). Gathering
+        # the table whole instead holds all of it on every device, and in training its gradient too: a
+        # scatter-add into the whole table (3 GiB per device for Idefics3-8B in bf16 on the CPU compile,
+        # docs/memory-plan.md), where the width-sharded one is an eighth.
+        part = self.partitioning
+        ids = constrain(input_ids_BT, (None, None), part)
+        x = constrain(jnp.take(self.text.embed[...], ids, axis=0), (None, None, "embed"), part)
+        x = constrain(x, ("batch", None, None), part)
         if pixel_values is None:
             return x
         if one_image_at_a_time:
             B, I = pixel_values.shape[:2]
             single = lambda a: None if a is None else a.reshape(B * I, 1, 1, *a.shape[2:])  # noqa: E731
-            feats = jax.lax.map(lambda pair: self.image_features(*pair, remat=remat)[0][0],
+            feats = jax.lax.map(lambda pair: self.image_features(*pair, remat=remat, attention=attention)[0][0],
                                 (single(pixel_values), single(pixel_attention_mask)))
             real = real_images(pixel_values)
         else:
-            feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat)
+            feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat, attention=attention)
         return merge_image_features(x, input_ids_BT, feats, real, self.config.image_token_id)
 
+    def lm_weight(self):
+        """The vocabulary projection (D, V): lm_head, or the embedding table when they are tied."""
+        return self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
     def lm_logits(self, h_BTD):
-        w = self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        w = self.lm_weight()
         if isinstance(w, QuantizedWeight):
             # Tied to this step's input: otherwise XLA hoists the head's dequantization out of the decode loop and
             # every step reads a full-precision copy of it.
@@ -127,14 +147,30 @@ class IdeficsModel(nnx.Module):
         logits = matmul("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
         return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False,
+                attention: str | None = None, segment_ids=None):
         """Traceable forward pass (use inside your own jit / grad). Shapes as in `__call__`."""
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        x = self.embed(input_ids, pixel_values, pixel_attention_mask, remat=remat)
-        mask = causal_mask(attention_mask, self.config.text.sliding_window)
-        h, _ = self.text(x, positions_from_mask(attention_mask), mask, remat=remat)
-        return self.lm_logits(h)
+        return self.lm_logits(self.hidden(input_ids, attention_mask, pixel_values, pixel_attention_mask, remat,
+                                          attention, segment_ids))
+
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False,
+               attention: str | None = None, segment_ids=None):
+        """The decoder's final-normed hidden states (B, T, D): `forward` without the vocabulary projection.
+
+        remat: recompute each layer in the backward pass (False, True / "full", or "matmuls": keep the matmul
+        outputs, recompute the rest). attention: the backend (`_layers.attend`; None: the platform's).
+        segment_ids (B, T) int: packed rows, one id per record (0: padding): attention stays within a record
+        and positions restart at each; replaces `attention_mask`.
+        """
+        if segment_ids is not None:
+            segments, positions = segment_ids, positions_from_segments(segment_ids)
+        else:
+            segments = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+            positions = positions_from_mask(segments)
+        x = self.embed(input_ids, pixel_values, pixel_attention_mask, remat=remat, attention=attention)
+        mask = Mask.decoder(segments, self.config.text.sliding_window)
+        h, _ = self.text(x, positions, mask, remat=remat, attention=attention)
+        return h
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None):
         """input_ids (B, T) int; attention_mask (B, T) 1 = token; pixel_values (B, I, C, H, W) float with all-zero

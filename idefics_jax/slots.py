@@ -8,6 +8,8 @@ free slot's row in the columns that end just before the current one; from then o
 A request fits when its bucketed prompt plus its new tokens span at most S columns: a row's older columns belong
 to earlier requests and are masked out. Attention sees the same keys as in `generate` (in another column order),
 so greedy tokens are `generate`'s; sampled ones are too, drawn per slot from `fold_in(key(seed), step)`.
+Attention is the package's one entry point (`_layers.attend`): the prompt runs with the `attention` backend given
+(default the platform's), the one-token decode steps with per-slot column masks on its "xla" path.
 
     dec = SlotDecoder(model, slots=8, max_len=512)
     pre = dec.prefill(input_ids, attention_mask, pixel_values, pixel_attention_mask, max_new_tokens=64)
@@ -31,7 +33,7 @@ from flax import nnx
 from idefics_jax._cpu import layer_weights, on_cpu, per_layer
 from idefics_jax._decode import prefill as _prefill
 from idefics_jax.generation import _check_prompt, _eos_ids, bucket, check_arguments
-from idefics_jax.model import IdeficsModel, KVCache, check_inputs, positions_from_mask
+from idefics_jax.model import IdeficsModel, KVCache, check_attention, check_inputs, positions_from_mask
 from idefics_jax.sampling import SamplingConfig, SamplingParams, choose_tokens, is_eos
 
 _GREEDY = SamplingConfig()
@@ -166,14 +168,16 @@ def _decode(graphdef, params, lw, state: SlotState, stop_on_finish, pad, eos_E, 
 
 class SlotDecoder:
     """`slots` requests decoding together in one preallocated cache of `max_len` columns per slot (see the
-    module docstring). Not thread-safe: one thread drives it."""
+    module docstring). Not thread-safe: one thread drives it. `attention`: the prompts' attention backend
+    ("xla", "cudnn", "pallas"; None: the platform's), as `generate`'s."""
 
-    def __init__(self, model: IdeficsModel, *, slots: int, max_len: int, eos_token_id=None, pad_token_id=None):
+    def __init__(self, model: IdeficsModel, *, slots: int, max_len: int, eos_token_id=None, pad_token_id=None,
+                 attention: str | None = None):
         if not (isinstance(slots, int) and slots >= 1):
             raise ValueError(f"slots must be a positive integer; got {slots!r}")
         if not (isinstance(max_len, int) and max_len >= 2):
             raise ValueError(f"max_len must be an integer >= 2; got {max_len!r}")
-        self.model, self.slots, self.max_len = model, slots, max_len
+        self.model, self.slots, self.max_len, self.attention = model, slots, max_len, check_attention(attention)
         self.graphdef, self.params = nnx.split(model)
         self.lw = layer_weights(model)
         self.cpu = on_cpu(jax.tree.leaves(self.params))
@@ -232,7 +236,7 @@ class SlotDecoder:
         # One column more than the prompt: where `prefill` writes the first token (the cache's extra column is
         # not inserted).
         st = _prefill(self.graphdef, self.params, self.lw, ids_b, mask_b, pv, pm, sp, cfg=cfg, slots=Tb + 1,
-                      cpu=self.cpu)
+                      cpu=self.cpu, attention=self.attention)
         first = int(np.asarray(st.tokens_BS)[0, Tb])
         done = (bool(np.asarray(st.done_B)[0]) and not ignore_eos) or max_new_tokens == 1
         return Prefilled(st.cache, mask_b[0], first, done, max_new_tokens, float(temperature if sample else 0.0),

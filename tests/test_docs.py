@@ -76,8 +76,10 @@ SMALLEST = {
     "eval_tiny_shapes.py": (["--images", "2"], "transformers agrees on"),
     "generate.py": (["--smoke", "--workdir", "{tmp}"], "jax / best hf"),
     "memory_plan.py": (["--smoke"], "| 8 simulated devices (8 × 16 GiB) | fine-tune, fp32 params + AdamW | (1, 8, 1)"),
+    "packing.py": (["--smoke"], "packed / bucketed real tokens/s:"),
     "quantize.py": (["speed", "--smoke", "--workdir", "{tmp}"], "logits rel err"),
     "serve.py": (["--smoke"], "requests, answers"),
+    "train_step.py": (["--smoke"], "ours / torch speed:"),
     "train_smolvlm_cpu.py": (["--preset", "tiny", "--steps", "2", "--batch", "1", "--workdir", "{tmp}"],
                              "steady state:"),
 }

@@ -123,6 +123,32 @@ def test_engine_sampling_is_generates(lively_chat):
         assert res.tokens == want
 
 
+def test_engine_prompts_use_the_attention_backend_given(lively_chat, monkeypatch):
+    """`Engine(attention=...)` reaches the package's one attention entry point for the prompt (a structured Mask
+    to the backend named), and the answers stay `generate`'s; an unknown backend is refused up front."""
+    from idefics_jax import _decoder
+
+    seen = set()
+
+    def spy(q, k, v, mask, backend=None):
+        seen.add((type(mask).__name__, backend))
+        return attend(q, k, v, mask, backend)
+
+    attend = _decoder.attend
+    monkeypatch.setattr(_decoder, "attend", spy)
+    reqs = lively_requests(2, seed=2)
+    with Engine(lively_chat.model, lively_chat, slots=2, max_len=96, attention="cudnn") as engine:
+        results = [h.result(timeout=300) for h in [engine.submit(r) for r in reqs]]
+    assert ("Mask", "cudnn") in seen  # the prompt, as a structured mask
+    # One-token decode steps (if traced here: their jit may be cached) pass dense column masks, backend unset.
+    assert all(b is None for kind, b in seen if kind != "Mask")
+    monkeypatch.setattr(_decoder, "attend", attend)
+    for r, res in zip(reqs, results):
+        assert res.tokens == solo(lively_chat, r.messages, r.images, r.max_tokens)
+    with pytest.raises(ValueError, match="attention backend 'flash'"):
+        Engine(lively_chat.model, lively_chat, slots=1, max_len=96, attention="flash")
+
+
 def test_engine_steady_state_does_not_recompile(lively_chat):
     """Once a prompt bucket has been seen, more requests of that bucket (any slot, any length, any sampling
     values) compile nothing: prefill, insert and decode keep their jit cache sizes."""

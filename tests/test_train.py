@@ -61,6 +61,29 @@ def test_loss_and_gradients_match_transformers(tiny_hf, batch):
     print(f"loss {float(ours):.6f} vs {out.loss.item():.6f}; worst gradient rel err {worst:.1e}")
 
 
+def test_chunked_loss_equals_full_logits_loss_and_gradients():
+    """The loss over token chunks (custom VJP, no (B, T, V) logits) against optax over the whole logits."""
+    kh, kw, kl = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(kh, (3, 50, 16), jnp.float32)
+    w = jax.random.normal(kw, (16, 97), jnp.float32) * 0.3
+    labels = jax.random.randint(kl, (3, 50), 0, 97).at[:, :7].set(-100).at[2, 30:].set(-100)
+
+    def full(h, w):
+        t, c = step_lib.cross_entropy(jnp.einsum("BTD,DV->BTV", h, w), labels)
+        return t / c
+
+    def chunked(h, w):
+        t, c = step_lib.chunked_cross_entropy(h, w, labels, chunk=32)  # 147 tokens: 5 chunks, the last padded
+        return t / c
+
+    (a, ga), (b, gb) = (jax.value_and_grad(f, argnums=(0, 1))(h, w) for f in (full, chunked))
+    assert abs(float(a) - float(b)) <= 1e-6 * abs(float(a))
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6 * float(jnp.abs(x).max()))
+    jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(h, w))
+    assert "3,50,97" not in jaxpr.replace(" ", "") and "150,97" not in jaxpr.replace(" ", "")
+
+
 def test_lora_trains_adapters_only_and_frozen_parts_stay(tiny_hf, batch):
     model = idefics_jax.load_pretrained(tiny_hf)
     lora = config_lib.LoraConfig(rank=4, alpha=8.0)
@@ -80,6 +103,19 @@ def test_lora_trains_adapters_only_and_frozen_parts_stay(tiny_hf, batch):
         assert not np.array_equal(before[k]["b"], np.asarray(state.trainable[k]["b"]))
     for k, v in parts.frozen.items():
         np.testing.assert_array_equal(np.asarray(v), frozen_before[k], err_msg=k)
+
+
+def test_step_compiles_once_over_three_steps(tiny_hf, batch):
+    """The first state is committed like the step's outputs, so steps 2 and 3 reuse step 1's executable."""
+    parts = step_lib.split(idefics_jax.load_pretrained(tiny_hf))
+    tx = optax.adamw(1e-3)
+    step = step_lib.make_train_step(parts, tx)
+    state = step_lib.init_state(parts.trainable, tx)
+    with jax.log_compiles(True):
+        for _ in range(3):
+            state, m = step(state, parts.frozen, step_lib.put_batch(batch, None))
+            float(m["grad_norm"])
+    assert step._cache_size() == 1
 
 
 def test_frozen_vision_stays_bit_identical(tiny_hf, batch):

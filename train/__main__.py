@@ -1,5 +1,9 @@
 import sys
 
-from idefics_jax.train.trainer import main
+from idefics_jax.train.heap import reexec_with_tunables
+
+reexec_with_tunables()  # before anything allocates: see train/heap.py
+
+from idefics_jax.train.trainer import main  # noqa: E402
 
 sys.exit(main())

@@ -273,11 +273,14 @@ class Collator:
         Returns input_ids, attention_mask, labels (B, T) int32; pixel_values (B, N, C, S, S) float32 with all-zero
         padding images; pixel_attention_mask (B, N, S, S) bool.
         """
+        return self._pad(examples, batch_size, _bucket(max((len(e.pixel_values) for e in examples), default=0),
+                                                       self.image_buckets))
+
+    def _pad(self, examples: Sequence[Example], batch_size: int | None, N: int) -> dict[str, np.ndarray]:
         B = batch_size or len(examples)
         if not examples or B < len(examples):
             raise ValueError(f"cannot collate {len(examples)} examples into a batch of {B}")
         T = _bucket(max(len(e.input_ids) for e in examples), self.config.length_buckets)
-        N = _bucket(max(len(e.pixel_values) for e in examples), self.image_buckets)
         S = self.image_size
         input_ids = np.full((B, T), self.pad_id, np.int32)
         attention_mask = np.zeros((B, T), np.int32)
@@ -294,3 +297,36 @@ class Collator:
             pixel_mask[b, :i, :h, :w] = e.pixel_attention_mask
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                 "pixel_attention_mask": pixel_mask, "labels": labels}
+
+    @property
+    def packed_image_buckets(self) -> tuple[int, ...]:
+        """Sub-image slots of a packed row: powers of two up to the most image tokens a row can hold."""
+        top = max(1, self.config.max_length // self.image_seq_len)
+        return tuple(sorted({b for b in (2**i for i in range(top.bit_length())) if b < top} | {top}))
+
+    def fits(self, row: Sequence[Example], e: Example) -> bool:
+        """Whether `e` still fits into a packed row holding `row`."""
+        return sum(len(x.input_ids) for x in row) + len(e.input_ids) <= self.config.max_length
+
+    def collate_packed(self, rows: Sequence[Sequence[Example]], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Packs each row's examples one after another (on the right: padding), as `collate` pads one example.
+
+        Adds segment_ids (B, T) int32: k for the tokens of the row's k-th example, 0 for padding; the model keeps
+        attention within a segment and restarts positions at each. Each row's images follow its examples'
+        order, as their image tokens do. The first token of each example carries no label (it would be scored
+        against the previous example's last logits).
+        """
+        merged = []
+        for row in rows:
+            ids = np.concatenate([e.input_ids for e in row])
+            labels = np.concatenate([np.concatenate([[IGNORE_INDEX], e.labels[1:]]) for e in row]).astype(np.int32)
+            merged.append(Example(ids, labels, np.concatenate([e.pixel_values for e in row]),
+                                  np.concatenate([e.pixel_attention_mask for e in row])))
+        N = _bucket(max(len(e.pixel_values) for e in merged), self.packed_image_buckets)
+        out = self._pad(merged, batch_size, N)
+        segments = np.zeros_like(out["input_ids"])
+        for b, row in enumerate(rows):
+            lengths = [len(e.input_ids) for e in row]
+            segments[b, : sum(lengths)] = np.repeat(np.arange(1, len(row) + 1), lengths)
+        out["segment_ids"] = segments
+        return out

@@ -35,6 +35,8 @@ class DataConfig:
     image_splitting: bool = True
     longest_edge: int = 0  # 0 = the processor's own
     max_images: int = 4
+    packing: bool = False  # several records per row up to the longest bucket (segment ids keep them apart)
+    pack_window: float = 3.0  # packing: batches' worth of tokens read ahead to fill the rows from
     shuffle_seed: int = 0
     num_records: int = 0  # for generated data ("shapes"): how many records to write
     shapes: ShapesConfig = ShapesConfig()
@@ -78,7 +80,8 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute over fp32 master weights
-    remat: str = "none"  # "none" or "full" (recompute each layer in the backward pass)
+    remat: str = "full"  # "none", "full" (recompute each layer in the backward pass) or "matmuls" (keep matmuls)
+    attention: str = ""  # "xla", "cudnn" or "pallas"; "" = the platform's (pallas on TPU, cudnn on GPU, xla on CPU)
     freeze: tuple[str, ...] = ()  # any of "vision", "connector", "text"
     # "int8" / "int4": the matmul weights are loaded quantized and stay frozen (QLoRA with lora.rank > 0); the
     # adapters and whatever else is unfrozen train on top. "" = full precision.
@@ -158,8 +161,10 @@ def load(path: str, overrides: list[str] = ()) -> TrainConfig:
         k, v = o.split("=", 1)
         _set(d, k.strip(), v.strip())
     cfg = _build(TrainConfig, d)
-    if cfg.remat not in ("none", "full"):
-        raise ConfigError(f"remat: '{cfg.remat}' is not one of none, full")
+    if cfg.remat not in ("none", "full", "matmuls"):
+        raise ConfigError(f"remat: '{cfg.remat}' is not one of none, full, matmuls")
+    if cfg.attention not in ("", "xla", "cudnn", "pallas"):
+        raise ConfigError(f"attention: '{cfg.attention}' is not one of xla, cudnn, pallas (or empty: the platform's)")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"compute_dtype: '{cfg.compute_dtype}' is not one of float32, bfloat16")
     if cfg.quantize not in ("", "int8", "int4"):

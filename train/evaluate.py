@@ -22,7 +22,7 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, parts: step_lib.Split, collator: Collator, part):
         self.cfg, self.parts, self.collator, self.part = cfg, parts, collator, part
         self.source = sources.source(cfg.data.eval, "eval", cfg)
-        self.loss_fn = step_lib.make_loss(parts, lora=cfg.lora)
+        self.loss_fn = step_lib.make_loss(parts, lora=cfg.lora, attention=cfg.attention or None)
         n = min(cfg.eval_batches * cfg.data.batch_size, len(self.source))
         self.records = [from_example(self.source[i]) for i in range(n)]
 
@@ -61,6 +61,6 @@ class Evaluator:
             conversations.append((user_turn(r.texts[0].user, len(images)), images))
         answers = chat.answers(conversations, max_new_tokens=cfg.eval_generate_tokens,
                                batch_size=cfg.data.batch_size, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id)
+                               pad_token_id=tok.pad_token_id, attention=cfg.attention or None)
         right = sum(a == r.texts[0].assistant.strip() for a, r in zip(answers, self.records))
         return right / max(len(self.records), 1)

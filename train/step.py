@@ -14,6 +14,7 @@ constrains its activations, and the compiler inserts the collectives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -24,12 +25,13 @@ from flax import nnx
 
 from idefics_jax import sharding as shd
 from idefics_jax.model import matmul_fan_in
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax.quantize import AdaptedWeight, QuantizedWeight
 from idefics_jax.train import lora as lora_lib
 from idefics_jax.train.collate import IGNORE_INDEX
 from idefics_jax.train.config import LoraConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+LOSS_CHUNK = 512  # tokens whose vocabulary scores exist at once in the loss
 
 
 def cross_entropy(logits_BTV, labels_BT):
@@ -41,6 +43,56 @@ def cross_entropy(logits_BTV, labels_BT):
     valid = labels != IGNORE_INDEX
     nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def chunked_cross_entropy(h_BTD, w_DV, labels_BT, chunk: int = LOSS_CHUNK):
+    """`cross_entropy(h @ w, labels)` without the (B, T, V) logits: the tokens go through the vocabulary
+    projection `chunk` at a time, and each chunk's gradient (softmax minus one-hot, through w) is taken there and
+    then, so no chunk's scores outlive it. Scores in fp32.
+    """
+    h, labels = h_BTD[:, :-1], labels_BT[:, 1:]
+    n = h.shape[0] * h.shape[1]
+    pad = -n % chunk if n > chunk else 0
+    h = jnp.pad(h.reshape(n, -1), ((0, pad), (0, 0)))
+    labels = jnp.pad(labels.reshape(n), (0, pad), constant_values=IGNORE_INDEX)
+    count = jnp.sum(labels != IGNORE_INDEX)
+    return _ce_sum(h, w_DV, labels, min(chunk, n)), count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ce_sum(h_ND, w_DV, labels_N, chunk):
+    return _ce_fwd(h_ND, w_DV, labels_N, chunk)[0]
+
+
+def _ce_fwd(h_ND, w_DV, labels_N, chunk):
+    N, D = h_ND.shape
+
+    def body(dw_DV, xs):
+        h_CD, y_C = xs
+        logits = jnp.einsum("CD,DV->CV", h_CD, w_DV, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        valid = y_C != IGNORE_INDEX
+        y = jnp.where(valid, y_C, 0)
+        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        nll = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+        # d nll / d logits = softmax - one-hot, on the scored tokens only.
+        d = jnp.exp(logits - lse[:, None]) * valid[:, None]
+        d = d.at[jnp.arange(y.shape[0]), y].add(-valid.astype(d.dtype))
+        dh_CD = jnp.einsum("CV,DV->CD", d.astype(w_DV.dtype), w_DV, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.einsum("CD,CV->DV", h_CD, d.astype(h_CD.dtype), preferred_element_type=jnp.float32)
+        return dw_DV, (nll, dh_CD)
+
+    xs = (h_ND.reshape(N // chunk, chunk, D), labels_N.reshape(N // chunk, chunk))
+    dw, (nll, dh) = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
+    return jnp.sum(nll), (dh.reshape(N, D).astype(h_ND.dtype), dw.astype(w_DV.dtype))
+
+
+def _ce_bwd(chunk, res, g):
+    dh, dw = res
+    return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None
+
+
+_ce_sum.defvjp(_ce_fwd, _ce_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +142,15 @@ class TrainState:
 
 
 def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
+    """The first state, committed to devices as the step's outputs are: an uncommitted leaf (a fresh scalar, a
+    parameter never placed) makes the second step's arguments differ from the first's, and the step compiles
+    twice."""
+    leaves = jax.tree.leaves(trainable)
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)), None)
+    home = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else jax.devices()[0]
     # Under jit the moments are created like the parameters, so they share their shardings.
-    return TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, home), state)
 
 
 def full_params(frozen: dict, trainable: dict, lora: LoraConfig | None = None, merge: bool = False) -> dict:
@@ -102,26 +161,35 @@ def full_params(frozen: dict, trainable: dict, lora: LoraConfig | None = None, m
     return lora_lib.apply(frozen, trainable, lora, merge=merge)
 
 
-def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool, lora: LoraConfig | None):
-    """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch`."""
+def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool | str, lora: LoraConfig | None,
+          attention: str | None = None):
+    """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch` (a batch with
+    `segment_ids` holds packed rows)."""
     params = full_params(frozen, trainable, lora)
     if compute_dtype is not None:  # quantized weights compute in the activations' dtype by themselves
         params = {p: v.astype(compute_dtype) if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
                   else v for p, v in params.items()}
-    logits = merge(s, params).forward(*(batch.get(k) for k in MODEL_INPUTS), remat=remat)
-    return cross_entropy(logits, batch["labels"])
+    model = merge(s, params)
+    h = model.hidden(*(batch.get(k) for k in MODEL_INPUTS), remat=remat, attention=attention,
+                     segment_ids=batch.get("segment_ids"))
+    w = model.lm_weight()
+    if isinstance(w, (QuantizedWeight, AdaptedWeight)):  # QLoRA's frozen head: the loss's chunks need it dense
+        w = w.dequantize(h.dtype)
+    return chunked_cross_entropy(h, w, batch["labels"])
 
 
-def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype=None, remat: bool = False,
-                    lora: LoraConfig | None = None, grad_accum: int = 1) -> Callable:
+def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype=None, remat: bool | str = False,
+                    lora: LoraConfig | None = None, grad_accum: int = 1, attention: str | None = None) -> Callable:
     """-> jitted `step(state, frozen, batch) -> (state, metrics)`; the old state is donated.
 
     compute_dtype: cast every parameter to it inside the step (bf16 compute over fp32 master weights).
     grad_accum: the batch is cut into this many micro-batches, run one after another, and their gradients summed
     before the single update; the loss is the mean over all scored tokens of the whole batch.
+    remat: "none", "full" or "matmuls" (see `_layers.checkpointed`). attention: the backend (`_layers.attend`).
     """
     def total_loss(trainable, frozen, batch):
-        return _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype, remat=remat, lora=lora)
+        return _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype, remat=remat, lora=lora,
+                     attention=attention)
 
     grad_fn = jax.value_and_grad(total_loss, has_aux=True)
 
@@ -142,16 +210,17 @@ def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / n, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total / n, "tokens": count, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0,))
 
 
-def make_loss(s: Split, *, compute_dtype=None, lora: LoraConfig | None = None) -> Callable:
+def make_loss(s: Split, *, compute_dtype=None, lora: LoraConfig | None = None,
+              attention: str | None = None) -> Callable:
     """-> jitted `loss(trainable, frozen, batch) -> (summed loss, scored tokens)`, for evaluation."""
     return jax.jit(lambda trainable, frozen, batch: _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype,
-                                                          remat=False, lora=lora))
+                                                          remat=False, lora=lora, attention=attention))
 
 
 def put_batch(batch: dict, part: shd.Partitioning | None) -> dict:

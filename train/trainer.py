@@ -36,9 +36,9 @@ class TrainingError(ValueError):
     """The run cannot go on (a non-finite loss, say); the message says why and what was kept."""
 
 
-def peak_flops(dtype) -> float:
-    """Measured matmul throughput of the first device: the denominator of the MFU estimate on any backend."""
-    n = 1024
+def peak_flops(dtype, n: int = 1024) -> float:
+    """Measured matmul throughput of the first device (n x n matmuls): the denominator of the MFU estimate on any
+    backend."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -95,8 +95,8 @@ def train(cfg: TrainConfig) -> dict:
     compute = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
     parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
     tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
-    train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat != "none", lora=cfg.lora,
-                                          grad_accum=cfg.optim.grad_accum)
+    train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat, lora=cfg.lora,
+                                          grad_accum=cfg.optim.grad_accum, attention=cfg.attention or None)
     schedule = optim.schedule(cfg.optim, cfg.steps)
 
     # data.batch_size is the global batch; each process loads its share (see train.data). Several processes pad
@@ -109,7 +109,8 @@ def train(cfg: TrainConfig) -> dict:
                                 image_splitting=cfg.data.image_splitting, longest_edge=cfg.data.longest_edge or None)
     collator = Collator.from_pretrained(model_dir, collate_cfg)
     loader = batches(sources.source(cfg.data.train, "train", cfg), collator,
-                     LoaderConfig(batch_size=cfg.data.batch_size // hosts, seed=cfg.data.shuffle_seed))
+                     LoaderConfig(batch_size=cfg.data.batch_size // hosts, seed=cfg.data.shuffle_seed,
+                                  packing=cfg.data.packing, pack_window=cfg.data.pack_window))
     it = iter(loader)
     evaluator = Evaluator(cfg, parts, collator, part) if cfg.eval_every and cfg.data.eval else None
 
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
     last: dict = {}
     step = int(state.step)
     log = _StepLog(cfg.steps, step)
-    t0, tokens_since = time.perf_counter(), 0
+    t0, tokens_since, slots_since = time.perf_counter(), 0, 0
     try:
         while step < cfg.steps:
             host_batch = next(it)
@@ -170,11 +171,13 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"loss is {loss} at step {step}; stopped, last good checkpoint: "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {cfg.workdir}")
             tokens_since += int(host_batch["attention_mask"].sum()) * hosts  # about: this host's share
+            slots_since += host_batch["attention_mask"].size * hosts
             if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.perf_counter() - t0
                 tps = tokens_since / dt
                 last = {"step": step, "loss": loss, "learning_rate": float(schedule(step - 1)),
                         "tokens_per_second": tps, "mfu": tps * flops_tok / peak, "grad_norm": float(m["grad_norm"]),
+                        "real_tokens_per_second": tps, "real_token_fraction": tokens_since / max(slots_since, 1),
                         "skipped_records": sum(it.skipped.values())}
                 if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(evaluator(state, frozen))
@@ -183,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
                         f.write(json.dumps(last) + "\n")
                 progress.set(step, f"loss {loss:.4f}, {tps:,.0f} tok/s")
                 log.show(step, loss, last["learning_rate"], tps)
-                t0, tokens_since = time.perf_counter(), 0
+                t0, tokens_since, slots_since = time.perf_counter(), 0, 0
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
             if stop["signal"] is not None:

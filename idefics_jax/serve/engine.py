@@ -139,10 +139,11 @@ class Engine:
     """Continuous batching of chat requests over `slots` decode slots with `max_len` cache positions each (prompt
     bucket + max_tokens must fit; default: the model's positions, at most 2048). `steps` decode steps run per round
     between admissions (1: a freed slot is refilled at once, more: less host work per token). `max_queue`
-    bounds the waiting requests. See the module docstring."""
+    bounds the waiting requests. `attention`: the prompts' attention backend (`SlotDecoder`). See the module
+    docstring."""
 
     def __init__(self, model: IdeficsModel, processor_or_chat, *, slots: int = 8, max_len: int | None = None,
-                 steps: int = 4, max_queue: int = 64):
+                 steps: int = 4, max_queue: int = 64, attention: str | None = None):
         self.chat = processor_or_chat if isinstance(processor_or_chat, Chat) else Chat(model, processor_or_chat)
         self.model = model
         if max_len is None:
@@ -151,7 +152,7 @@ class Engine:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if not _positive_int(max_queue):
             raise ValueError(f"max_queue must be a positive integer; got {max_queue!r}")
-        self.decoder = SlotDecoder(model, slots=slots, max_len=max_len)
+        self.decoder = SlotDecoder(model, slots=slots, max_len=max_len, attention=attention)
         self.slots, self.max_len, self.steps, self.max_queue = slots, max_len, steps, max_queue
         self._cv = threading.Condition()
         self._waiting: collections.deque[tuple[Handle, dict]] = collections.deque()
