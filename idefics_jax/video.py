@@ -57,7 +57,7 @@ def _av():
     try:
         import av
     except ImportError:
-        raise ValueError("reading video files needs PyAV: pip install av (or the video extra)") from None
+        raise ValueError("reading video files needs PyAV (a dependency of idefics-jax): pip install av") from None
     return av
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from idefics_jax.checkpoint import CheckpointError
 from idefics_jax.train import loading, records, sources
 from idefics_jax.train.config import DataConfig, TrainConfig
 
@@ -47,4 +48,7 @@ def test_model_specs(tmp_path):
     assert base == os.path.join(cfg.workdir, "base")
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= set(os.listdir(base))
     other = str(tmp_path / "some-checkpoint")
+    with pytest.raises(CheckpointError, match="some-checkpoint: no such directory"):  # at once, in one line
+        loading.model_path(dataclasses.replace(cfg, model=other))
+    os.makedirs(other)
     assert loading.model_path(dataclasses.replace(cfg, model=other)) == other
