@@ -194,14 +194,16 @@ def test_loss_falls_and_metrics_are_written(tmp_path, shapes_data):
     assert sum(not np.array_equal(np.asarray(init[k][...]), np.asarray(got[k][...])) for k in init) > len(init) // 2
 
 
-def test_kill_and_resume_gives_the_same_losses(tmp_path, shapes_data):
+def test_kill_and_resume_gives_the_same_losses(tmp_path, shapes_data, program_env):
     """SIGTERM after step k: the run saves, exits, and when started again reaches the uninterrupted losses."""
     steps = 12
     straight = str(tmp_path / "straight")
     trainer.train(config_lib.load("configs/tiny.yaml", _overrides(straight, shapes_data, steps)))
     resumed = str(tmp_path / "resumed")
+    # Later starts load the first one's compiled step from the cache; same XLA flags as the run in this process.
+    env = {**os.environ, **{k: v for k, v in program_env.items() if k != "XLA_FLAGS"}}
     cmd = [sys.executable, "-m", "train", "configs/tiny.yaml", *_overrides(resumed, shapes_data, steps)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     metrics = os.path.join(resumed, "metrics.jsonl")
     while proc.poll() is None:
         if os.path.exists(metrics) and len(open(metrics).readlines()) >= 5:
@@ -210,7 +212,7 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, shapes_data):
     assert proc.wait() == 0
     stopped_at = max(_losses(resumed))
     assert stopped_at < steps, "the run finished before it could be stopped"
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from step {stopped_at}" in r.stderr
     a, b = _losses(straight), _losses(resumed)

@@ -47,15 +47,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_data, ca
     trained_model(work)  # the kept checkpoint restores
 
 
-def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data):
+def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data, program_env):
     steps = 10
     straight = str(tmp_path / "straight")
     trainer.train(config_lib.load("configs/tiny.yaml", _args(straight, shapes_data, steps, "save_every=1")))
     work = str(tmp_path / "killed")
+    # Later starts load the first one's compiled step from the cache; same XLA flags as the run in this process.
+    env = {**os.environ, **{k: v for k, v in program_env.items() if k != "XLA_FLAGS"}}
     cmd = [sys.executable, "-m", "train", "configs/tiny.yaml", *_args(work, shapes_data, steps, "save_every=1")]
     kills = 0
     for delay in (0.05, 0.13, 0.31):  # saving every step, so kills land in and between saves
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         metrics = os.path.join(work, "metrics.jsonl")
         start = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
         while proc.poll() is None and (not os.path.exists(metrics) or len(open(metrics).readlines()) <= start + 1):
@@ -66,7 +68,7 @@ def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data):
             kills += 1
         proc.wait()
     assert kills
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _losses(straight), _losses(work)  # a re-run step overwrites its earlier line in this dict
     assert sorted(b) == list(range(1, steps + 1))
