@@ -47,22 +47,20 @@ def _load_chat(name: str, **kw):
     from idefics_jax.train.loading import is_run, trained_model
 
     if is_run(name):
-        dtype = kw.pop("dtype")
+        dtype, quantize, group = kw.pop("dtype"), kw.pop("quantize", None), kw.pop("group_size", None)
         model, model_dir = trained_model(name)
+        defaults = getattr(model, "generation_defaults", None)  # a rebuilt model below does not carry them
         if dtype is not None:
             import jax
             from flax import nnx
 
-            defaults = getattr(model, "generation_defaults", None)
             graphdef, state = nnx.split(model)
             model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
-            model.generation_defaults = defaults
-        quantize, group = kw.pop("quantize", None), kw.pop("group_size", None)
         if quantize:
             from idefics_jax.checkpoint import quantize_model
 
-            defaults = getattr(model, "generation_defaults", None)
             model = quantize_model(model, quantize, group)
+        if dtype is not None or quantize:
             model.generation_defaults = defaults
         return Chat(model, AutoProcessor.from_pretrained(model_dir), **kw)
     return Chat.load(name, **kw)
