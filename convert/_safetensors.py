@@ -1,7 +1,8 @@
 """Reading and writing safetensors files one tensor at a time.
 
 The reader uses plain reads, not mmap: a mapped file's pages count toward the converter's resident memory,
-and for a 16 GB checkpoint that would be a second copy of the model.
+and for a 16 GB checkpoint that would be a second copy of the model. Files in a bucket (`gs://...`) are read with
+ranged reads through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from idefics_jax.checkpoint import CheckpointError
+from idefics_jax.paths import as_path, is_remote
 
 
 DTYPES = {
@@ -39,8 +41,8 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     """Parses one file's header and checks that every tensor lies inside the file."""
     name = os.path.basename(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = as_path(path).stat().length if is_remote(path) else os.path.getsize(path)
+        with _open(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{name}: file too short to be safetensors ({size} bytes)")
@@ -73,10 +75,17 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
+def _open(path: str):
+    return as_path(path).open("rb") if is_remote(path) else open(path, "rb")
+
+
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    with open(info.file, "rb") as f:
+    with _open(info.file) as f:
         f.seek(info.start)
-        arr = np.fromfile(f, dtype=info.dtype, count=int(np.prod(info.shape, dtype=np.int64)))
+        if is_remote(info.file):  # a stream without a file descriptor: one read, into writable memory
+            arr = np.frombuffer(bytearray(f.read(info.nbytes)), dtype=info.dtype)
+        else:
+            arr = np.fromfile(f, dtype=info.dtype, count=int(np.prod(info.shape, dtype=np.int64)))
     if arr.nbytes != info.nbytes:
         raise CheckpointError(f"{os.path.basename(info.file)}: truncated while reading a tensor")
     return arr.reshape(info.shape)

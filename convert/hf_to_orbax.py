@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +19,7 @@ from idefics_jax.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, chec
                                     param_metadata, param_shapes, quantize_param, save_partial)
 from idefics_jax.config import ModelConfig
 from idefics_jax.hf_config import from_hf_file
+from idefics_jax.paths import as_path, building, check_new
 from idefics_jax.progress import Progress, bytes_progress
 from idefics_jax.quantize import eligible, leaf_axes
 
@@ -33,25 +33,25 @@ def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def hf_tensors(src: str) -> dict[str, TensorInfo]:
-    """Every tensor of an HF checkpoint, from `model.safetensors` or the shards its index names."""
-    index = os.path.join(src, "model.safetensors.index.json")
-    if os.path.exists(index):
+    """Every tensor of an HF checkpoint (a local directory or a bucket's), from `model.safetensors` or the shards
+    its index names."""
+    index = as_path(src) / "model.safetensors.index.json"
+    if index.exists():
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index}: malformed index (no weight_map)") from None
         out: dict[str, TensorInfo] = {}
         for name in files:
-            shard = os.path.join(src, name)
-            if not os.path.exists(shard):
+            shard = as_path(src) / name
+            if not shard.exists():
                 raise CheckpointError(f"{name}: missing shard named in model.safetensors.index.json")
-            out.update(read_header(shard))
+            out.update(read_header(os.fspath(shard)))
         return out
-    single = os.path.join(src, "model.safetensors")
-    if os.path.exists(single):
-        return read_header(single)
+    single = as_path(src) / "model.safetensors"
+    if single.exists():
+        return read_header(os.fspath(single))
     raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -112,17 +112,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 def check_side_files(src: str) -> None:
     """The output must run on its own, so the tokenizer has to come along."""
-    if not any(os.path.exists(os.path.join(src, f)) for f in TOKENIZER_FILES):
+    if not any((as_path(src) / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{src}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); "
                               "the converted checkpoint could not run on its own")
 
 
+def is_weights(name: str) -> bool:
+    return name.endswith(".safetensors") or name == "model.safetensors.index.json"
+
+
 def copy_side_files(src: str, dst: str) -> None:
-    """Tokenizer, processor, chat template and generation config: everything but the weights."""
-    for name in os.listdir(src):
-        full = os.path.join(src, name)
-        if os.path.isfile(full) and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
-            shutil.copy2(full, os.path.join(dst, name))
+    """Tokenizer, processor, chat template and generation config of `src` (local or a bucket) into local `dst`:
+    every file but the weights."""
+    for f in as_path(src).iterdir():
+        if not is_weights(f.name) and not f.is_dir():
+            with f.open("rb") as r, open(os.path.join(dst, f.name), "wb") as w:
+                shutil.copyfileobj(r, w)
 
 
 def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True, quantize: str | None = None,
@@ -133,51 +138,49 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True,
     int4), each one quantized as it is read: the full-precision model never exists in memory. The checkpoint's
     metadata records the format, so it loads quantized by itself.
 
-    Written to a temporary directory next to `dst` and renamed when complete, so a failure leaves nothing loadable.
-    `src` may also name a preset's published checkpoint or a hub id (`idefics_jax.convert.hub.resolve_model`).
+    Built in a temporary directory and published when complete (`idefics_jax.paths.building`): renamed to a local
+    `dst`; uploaded to a bucket (`gs://...`) with the metadata file, which loading requires, last. A failure
+    leaves nothing loadable. `src` may also name a preset's published checkpoint or a hub id
+    (`idefics_jax.convert.hub.resolve_model`), or a directory in a bucket.
     """
-    if os.path.exists(dst):
-        raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
+    check_new(dst)
     src = resolve_model(src)
-    if not os.path.isdir(src):
+    if not as_path(src).is_dir():
         raise CheckpointError(f"{src}: not a directory")
     check_side_files(src)
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
     ckpt = HFCheckpoint(src, dtype)
     if quantize is not None:
         check_quantize(ckpt.config, quantize, group_size)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    tmp = None
     try:
-        copy_side_files(src, tmp)
-        bar = bytes_progress("converting", ckpt.nbytes, progress)
-        params = os.path.join(tmp, PARAMS_DIR)
-        # One parameter at a time: build it, write it, free it. Peak memory is the largest parameter, not the model.
-        metas = param_metadata(ckpt.config)
-        for path in ckpt.shapes:
-            array, m = ckpt.array(path, bar), metas[path]
-            if quantize and eligible(path, m.get("fan_in")):
-                q = quantize_param(path, array, m, quantize, group_size)
-                va, sa = leaf_axes(m["axes"], m["fan_in"], quantize)
-                save_partial(params, f"{path}/values", np.asarray(q.values), va)
-                save_partial(params, f"{path}/scales", np.asarray(q.scales), sa)
-            else:
-                save_partial(params, path, array, m["axes"])
-            del array
-        finalize_partial(params)
-        dtype_name = "bfloat16" if ckpt.dtype == DTYPES["bfloat16"] else "float32"
-        meta = {"format": 1, "dtype": dtype_name, "tie_word_embeddings": ckpt.config.tie_word_embeddings}
-        if quantize:
-            meta["quantize"] = {"format": quantize, "group_size": group_size}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f)
-        os.rename(tmp, dst)
+        with building(dst, META_FILE, progress) as tmp:
+            copy_side_files(src, tmp)
+            bar = bytes_progress("converting", ckpt.nbytes, progress)
+            params = os.path.join(tmp, PARAMS_DIR)
+            # One parameter at a time: build it, write it, free it. Peak memory is the largest parameter.
+            metas = param_metadata(ckpt.config)
+            for path in ckpt.shapes:
+                array, m = ckpt.array(path, bar), metas[path]
+                if quantize and eligible(path, m.get("fan_in")):
+                    q = quantize_param(path, array, m, quantize, group_size)
+                    va, sa = leaf_axes(m["axes"], m["fan_in"], quantize)
+                    save_partial(params, f"{path}/values", np.asarray(q.values), va)
+                    save_partial(params, f"{path}/scales", np.asarray(q.scales), sa)
+                else:
+                    save_partial(params, path, array, m["axes"])
+                del array
+            finalize_partial(params)
+            dtype_name = "bfloat16" if ckpt.dtype == DTYPES["bfloat16"] else "float32"
+            meta = {"format": 1, "dtype": dtype_name, "tie_word_embeddings": ckpt.config.tie_word_embeddings}
+            if quantize:
+                meta["quantize"] = {"format": quantize, "group_size": group_size}
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(e):
-            free = shutil.disk_usage(parent).free
-            raise OSError(f"{dst}: no space left on device while writing ({free / 2**20:,.1f} MiB free; "
-                          f"the output needs about {ckpt.nbytes / 2**20:,.1f} MiB)") from None
+        if tmp is not None and _disk_full(e):
+            free = shutil.disk_usage(os.path.dirname(tmp)).free
+            raise OSError(f"{dst}: no space left on device while writing ({free / 2**20:,.1f} MiB free in "
+                          f"{os.path.dirname(tmp)}; the output needs about {ckpt.nbytes / 2**20:,.1f} MiB)") from None
         raise
     return ckpt.config
 

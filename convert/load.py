@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 from idefics_jax import sharding as shd
 from idefics_jax.checkpoint import PARAMS_DIR, CheckpointError, check_quantize, load_orbax, model_from_arrays
 from idefics_jax.convert.hf_to_orbax import HFCheckpoint
 from idefics_jax.convert.hub import resolve_model
 from idefics_jax.hf_config import read_generation_defaults
 from idefics_jax.model import IdeficsModel
+from idefics_jax.paths import as_path
 
 
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
@@ -25,15 +24,16 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES, quanti
     quantized without it.
     """
     path = resolve_model(path)
-    if not os.path.isdir(path):
+    p = as_path(path)
+    if not p.is_dir():
         raise CheckpointError(f"{path}: not a directory")
-    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, PARAMS_DIR)):
+    if (p / "checkpoints").is_dir() and not (p / PARAMS_DIR).exists():
         raise CheckpointError(f"{path}: a training run's WORKDIR; load it with "
-                              "idefics_jax.train.loading.trained_model (or `idefics-jax generate --model WORKDIR`), "
-                              "or `idefics-jax export` it first")
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+                              "idefics_jax.train.loading.trained_model or load_chat (or `idefics-jax generate "
+                              "--model WORKDIR`), or `idefics-jax export` it first")
+    if (p / PARAMS_DIR).is_dir():
         return load_orbax(path, dtype, mesh, rules, quantize, group_size)
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
+    if any(f.name.endswith(".safetensors") or f.name.endswith(".safetensors.index.json") for f in p.iterdir()):
         ckpt = HFCheckpoint(path, dtype)
         if quantize is not None:
             check_quantize(ckpt.config, quantize, group_size)

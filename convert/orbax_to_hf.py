@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ from idefics_jax.convert._safetensors import write_file as write_safetensors
 from idefics_jax.convert.hf_to_orbax import copy_side_files
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import to_hf_dict
+from idefics_jax.paths import as_path, building, check_new
 from idefics_jax.progress import bytes_progress
 from idefics_jax.quantize import QuantizedWeight
 
@@ -57,21 +56,20 @@ def export(src: str, dst: str, progress: bool = True) -> None:
 
 
 def check_destination(dst: str) -> None:
-    if os.path.exists(dst):
-        raise FileExistsError(f"{dst}: destination already exists (remove it or choose another)")
+    check_new(dst)
 
 
 def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
-    """`model` -> HF directory `dst`, with the tokenizer, processor and config files of directory `side_files`."""
+    """`model` -> HF directory `dst` (local or a bucket), with the tokenizer, processor and config files of
+    directory `side_files`. Built in a temporary directory and published when complete
+    (`idefics_jax.paths.building`): a bucket receives config.json last, so that neither `load_pretrained` nor
+    transformers loads a partial upload."""
     tensors = model_to_hf_tensors(model)
     hf_config = _hf_config(side_files, model.config)
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-    try:
+    with building(dst, "config.json", progress) as tmp:
         copy_side_files(side_files, tmp)
         for name in os.listdir(tmp):
-            if name.startswith("idefics_jax") or os.path.isdir(os.path.join(tmp, name)):
+            if name.startswith("idefics_jax"):
                 os.remove(os.path.join(tmp, name))
         hf_config["tie_word_embeddings"] = False  # the head is always written out
         hf_config.setdefault("text_config", {})["tie_word_embeddings"] = False
@@ -98,17 +96,12 @@ def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
             index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         print(f"wrote {dst}", file=sys.stderr)
 
 
 def _hf_config(src: str, model_config) -> dict:
-    path = os.path.join(src, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    path = as_path(src) / "config.json"
+    if path.exists():
+        return json.loads(path.read_text())
     return to_hf_dict(model_config)

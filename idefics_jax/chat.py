@@ -21,6 +21,7 @@ from idefics_jax.convert.load import load_pretrained
 from idefics_jax.generation import generate, generate_stream
 from idefics_jax.images import load_image
 from idefics_jax.model import IdeficsModel
+from idefics_jax.paths import local_side_files
 from idefics_jax.video import FPS, MAX_FRAMES, video_frames
 
 # Content keys transformers' chat templates accept for an image given inline.
@@ -73,7 +74,7 @@ class Chat:
 
         path = resolve_model(path)
         model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size)
-        return cls(model, AutoProcessor.from_pretrained(path), do_image_splitting=do_image_splitting,
+        return cls(model, AutoProcessor.from_pretrained(local_side_files(path)), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge, max_frames=max_frames, fps=fps)
 
     def _images(self, messages: list[dict], images: Sequence[Any] | None) -> list:

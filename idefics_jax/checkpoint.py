@@ -22,6 +22,7 @@ from idefics_jax import sharding as shd
 from idefics_jax.config import ModelConfig
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
+from idefics_jax.paths import as_path
 from idefics_jax.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
 
 PARAMS_DIR = "params"
@@ -31,14 +32,6 @@ META_FILE = "idefics_jax.json"  # written last: a directory without it is not a 
 # 16 ways then finds each device's slice made of whole stored chunks, so a process reads its own slices only.
 CHUNK_PARTS = 16
 MIN_SPLIT_BYTES = 1 << 20  # smaller arrays stay one chunk: reading them whole costs nothing
-
-
-def as_path(path) -> epath.Path:
-    """A checkpoint, workdir or export location as a path object: local (made absolute, as Orbax wants) or a
-    bucket (`gs://...`), both read and written through `etils.epath`, which Orbax uses."""
-    if isinstance(path, epath.Path) or "://" in str(path):
-        return epath.Path(path)
-    return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 class CheckpointError(ValueError):
@@ -259,9 +252,11 @@ def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
     # metadata record. Orbax's metadata() below opens the arrays on its asyncio loop, so it must not be the read
     # that finds the damage.
     try:
-        # TensorStore takes a kvstore URL: gs://... as it is, a local (absolute) path as file://.
-        base = str(params_dir) if "://" in str(params_dir) else f"file://{params_dir}"
-        store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+        # The store as Orbax opens it for the restore: a bucket through its driver, a local path through files.
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+        spec = ts_utils.build_kvstore_tspec(os.fspath(params_dir), use_ocdbt=True)
+        store = ts.KvStore.open(spec, context=ts_utils.get_ts_context(use_ocdbt=True)).result()
         keys = store.list().result()
         # Orbax names each array's store after its path with dots.
         present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}

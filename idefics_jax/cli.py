@@ -39,33 +39,6 @@ def _train(a):
     trainer.train(cfg)
 
 
-def _load_chat(name: str, **kw):
-    """Chat.load, or a training WORKDIR's newest checkpoint (resolved here: generation does not import training)."""
-    from transformers import AutoProcessor
-
-    from idefics_jax.chat import Chat
-    from idefics_jax.train.loading import is_run, trained_model
-
-    if is_run(name):
-        dtype, quantize, group = kw.pop("dtype"), kw.pop("quantize", None), kw.pop("group_size", None)
-        model, model_dir = trained_model(name)
-        defaults = getattr(model, "generation_defaults", None)  # a rebuilt model below does not carry them
-        if dtype is not None:
-            import jax
-            from flax import nnx
-
-            graphdef, state = nnx.split(model)
-            model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
-        if quantize:
-            from idefics_jax.checkpoint import quantize_model
-
-            model = quantize_model(model, quantize, group)
-        if dtype is not None or quantize:
-            model.generation_defaults = defaults
-        return Chat(model, AutoProcessor.from_pretrained(model_dir), **kw)
-    return Chat.load(name, **kw)
-
-
 def _generate(a):
     from idefics_jax import distributed
     from idefics_jax.generation import check_arguments
@@ -87,9 +60,11 @@ def _generate(a):
     images = [load_image(i) for i in a.image]
     for v in a.video:  # readable, with frames (PyAV installed)
         probe(v)
+    from idefics_jax.train.loading import load_chat  # after the checks: imports Orbax
+
     distributed.initialize()
-    chat = _load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                      longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size)
+    chat = load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
+                     longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size)
     out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]

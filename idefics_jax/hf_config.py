@@ -8,6 +8,7 @@ from typing import Any
 
 from idefics_jax.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
                                 RopeConfig, TextConfig, VisionConfig)
+from idefics_jax.paths import as_path
 
 _SUPPORTED = ("idefics3", "smolvlm", "idefics2")
 
@@ -119,14 +120,14 @@ def from_hf_dict(d: dict) -> ModelConfig:
 
 
 def from_hf_file(path: str) -> ModelConfig:
-    """Reads `path` (a config.json, or a directory holding one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
+    """Reads `path` (a config.json, or a directory holding one; local or in a bucket)."""
+    p = as_path(path)
+    if p.is_dir():
+        p, path = p / "config.json", os.path.join(os.fspath(path), "config.json")
+    if not p.exists():
         raise ConfigError(f"{path}: missing")
     try:
-        with open(path) as f:
-            d = json.load(f)
+        d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     try:
@@ -206,11 +207,11 @@ def to_hf_dict(c: ModelConfig) -> dict:
 def read_generation_defaults(path: str) -> GenerationDefaults:
     """Reads `generation_config.json` in `path`; without one, the ids in `config.json` (its text config first), as
     transformers derives a generation config from the model config."""
-    gen, cfg = os.path.join(path, "generation_config.json"), os.path.join(path, "config.json")
-    if os.path.exists(gen):
-        d = _read_json(gen)
-    elif os.path.exists(cfg):
-        top = _read_json(cfg)
+    gen, cfg = as_path(path) / "generation_config.json", as_path(path) / "config.json"
+    if gen.exists():
+        d = json.loads(gen.read_text())
+    elif cfg.exists():
+        top = json.loads(cfg.read_text())
         d = {**top, **(top.get("text_config") or {})}
     else:
         return GenerationDefaults()
@@ -218,8 +219,3 @@ def read_generation_defaults(path: str) -> GenerationDefaults:
     eos = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
     pad = d.get("pad_token_id")
     return GenerationDefaults(eos, None if pad is None else int(pad))
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)

@@ -22,7 +22,7 @@ LAYERS = [
               "idefics_jax._layers",
               "idefics_jax._vision", "idefics_jax._connector", "idefics_jax._perceiver", "idefics_jax._decoder",
               "idefics_jax.model", "idefics_jax.sharding", "idefics_jax.checkpoint", "idefics_jax.configs",
-              "idefics_jax.progress", "idefics_jax.distributed"]),
+              "idefics_jax.progress", "idefics_jax.paths", "idefics_jax.distributed"]),
     ("conversion", ["idefics_jax.convert", "idefics_jax.testing"]),
     ("generation", ["idefics_jax.sampling", "idefics_jax._cpu", "idefics_jax._decode", "idefics_jax.generation",
                     "idefics_jax.images", "idefics_jax.video", "idefics_jax.chat", "idefics_jax.slots"]),

@@ -250,6 +250,14 @@ def test_qlora_run_evaluates_and_exports(tmp_path):
     # The adapted weights merged into full precision; the others still quantized (export dequantizes them).
     assert not isinstance(want["text/layers/q"], QuantizedWeight)
     assert isinstance(want["text/layers/up"], QuantizedWeight)
+    # As `generate --model WORKDIR --dtype bfloat16` loads it: full-precision weights cast, the quantized base
+    # kept, and the run's generation defaults (the shapes tokenizer's end token) carried over.
+    chat = loading.load_chat(run, dtype=jnp.bfloat16)
+    got = _params(chat.model)
+    assert got["text/layers/q"].dtype == jnp.bfloat16
+    up = got["text/layers/up"]
+    assert up.format == "int4" and up.values.dtype == want["text/layers/up"].values.dtype
+    assert chat.model.generation_defaults == trained.generation_defaults and trained.generation_defaults.eos_token_ids
     assert cli.main(["export", run, dst]) == 0
     back = _params(idefics_jax.load_pretrained(dst))
     assert back.keys() == want.keys()

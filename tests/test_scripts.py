@@ -33,7 +33,7 @@ def test_tpu_vm_dry_run_v5e_8():
         "v5litepod-8 --runtime-version v2-alpha-tpuv5-lite --spot"]
     scp, pip = sh(TPU, *common, "install")
     assert scp.startswith("gcloud compute tpus tpu-vm scp --recurse ") and scp.endswith("--worker=all")
-    assert "--worker=all" in pip and "jax[tpu]" in pip and "pip install -e ~/idefics-jax" in pip
+    assert "--worker=all" in pip and "jax[tpu]" in pip and "pip install -e ~/idefics-jax" in pip and "[gcs]" in pip
     (run,) = sh(TPU, *common, "run", "train", "configs/idefics3-8b-v5e8-lora.yaml", "steps=10")
     assert run.startswith("gcloud compute tpus tpu-vm ssh t1 --zone us-west4-a --worker=all --command ")
     assert "IDEFICS_JAX_DISTRIBUTED=1" in run

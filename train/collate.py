@@ -166,12 +166,14 @@ class Collator:
 
     @classmethod
     def from_pretrained(cls, path: str, config: CollateConfig) -> "Collator":
-        """The processor and vision input size of a checkpoint directory (HF or `idefics-jax convert` output)."""
+        """The processor and vision input size of a checkpoint directory (HF or `idefics-jax convert` output; local
+        or in a bucket)."""
         from transformers import AutoProcessor
 
         from idefics_jax.hf_config import from_hf_file
+        from idefics_jax.paths import local_side_files
 
-        return cls(AutoProcessor.from_pretrained(path), config, from_hf_file(path).vision.image_size)
+        return cls(AutoProcessor.from_pretrained(local_side_files(path)), config, from_hf_file(path).vision.image_size)
 
     @staticmethod
     def _image_kwargs_for(image_processor, config: CollateConfig) -> dict[str, Any]:

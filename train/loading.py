@@ -1,4 +1,5 @@
-"""The model a training run starts from, and the model a finished (or running) run has trained."""
+"""The model a training run starts from, and the model a finished (or running) run has trained (`trained_model`;
+as a Chat, `trained_chat`; `load_chat` takes a WORKDIR or anything `Chat.load` takes)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from flax import nnx
 
 from idefics_jax import sharding as shd
 from idefics_jax.checkpoint import quantize_model
-from idefics_jax.checkpoint import as_path
 from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model import IdeficsModel
+from idefics_jax.paths import as_path, building, local_side_files
+from idefics_jax.quantize import QuantizedWeight
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, step as step_lib
 from idefics_jax.train.config import TrainConfig
@@ -34,13 +36,22 @@ def is_run(path) -> bool:
 
 
 def _shapes_base(cfg: TrainConfig) -> str:
-    """The tiny-shapes architecture, tokenizer and processor without weights, written once into WORKDIR/base."""
+    """The tiny-shapes architecture, tokenizer and processor without weights, written once into WORKDIR/base (a
+    local directory or a bucket) by process 0 while the others wait. Published whole, config.json last
+    (`idefics_jax.paths.building`): a directory without it is a killed write, written again."""
     from idefics_jax.train import shapes_model
 
-    path = os.path.join(cfg.workdir, "base")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        shapes_model.write_base(path)
-    return path
+    path = as_path(cfg.workdir) / "base"
+    if jax.process_index() == 0 and not (path / "config.json").exists():
+        if path.exists():
+            path.rmtree()
+        with building(path, "config.json") as tmp:
+            shapes_model.write_base(tmp)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("shapes-base")
+    return os.fspath(path)
 
 
 # Model specs that name a built-in architecture rather than a path: name -> writes its weightless HF directory for
@@ -83,7 +94,8 @@ def _load_model(cfg: TrainConfig, part: shd.Partitioning | None):
     if is_run(path):  # another run: continue from its newest checkpoint
         model, processor_dir = trained_model(path)
         return (model if part is None else _shard(model, part)), processor_dir
-    if os.path.isdir(path) and not any(f.endswith(".safetensors") or f == "params" for f in os.listdir(path)):
+    p = as_path(path)
+    if p.is_dir() and not any(f.name.endswith(".safetensors") or f.name == "params" for f in p.iterdir()):
         config = from_hf_file(path)
         model = IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)
         model = model if part is None else _shard(model, part)
@@ -116,3 +128,33 @@ def trained_model(workdir: str, step: int | None = None):
     manager.close()
     # A quantized base is dequantized under its adapters here (export writes those weights).
     return step_lib.merge(parts, step_lib.full_params(parts.frozen, state.trainable, cfg.lora, merge=True)), model_dir
+
+
+def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize: str | None = None,
+                 group_size: int | None = None, **chat_options):
+    """A Chat over the model of the run in `workdir` (newest step by default, LoRA adapters merged), cast to
+    `dtype` and quantized with `quantize` / `group_size` as `Chat.load` does, keeping the run's generation defaults
+    (eos, pad); `chat_options` as `Chat.load` (do_image_splitting, longest_edge, ...)."""
+    from transformers import AutoProcessor
+
+    from idefics_jax.chat import Chat
+
+    model, model_dir = trained_model(workdir, step)
+    defaults = model.generation_defaults  # a model rebuilt below does not carry them
+    if dtype is not None:  # the full-precision weights; a QLoRA run's quantized base stays as it is
+        graphdef, state = nnx.split(model)
+        cast = lambda x: x if isinstance(x, QuantizedWeight) else x.astype(dtype)  # noqa: E731
+        model = nnx.merge(graphdef, jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+    if quantize:
+        model = quantize_model(model, quantize, group_size)
+    model.generation_defaults = defaults
+    return Chat(model, AutoProcessor.from_pretrained(local_side_files(model_dir)), **chat_options)
+
+
+def load_chat(name: str, **options):
+    """A Chat for a training WORKDIR (`trained_chat`) or anything `Chat.load` takes (a checkpoint directory, local
+    or in a bucket, a shipped model, a preset, a hub id); `options` as theirs. What `idefics-jax generate --model`
+    loads."""
+    from idefics_jax.chat import Chat
+
+    return trained_chat(name, **options) if is_run(name) else Chat.load(name, **options)

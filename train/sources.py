@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
+from idefics_jax.paths import as_path
 from idefics_jax.train import shapes
 from idefics_jax.train.config import TrainConfig
 
@@ -52,7 +53,7 @@ def generated(cfg: TrainConfig, split: str, records: Callable[[], object]) -> Se
 
     from idefics_jax.train import tfds_builder
 
-    path = os.path.join(cfg.workdir, f"data-{split}")
+    path = os.fspath(as_path(cfg.workdir) / f"data-{split}")  # a local directory or a bucket
     if jax.process_index() == 0 and not tfds_builder.is_built(path):
         tfds_builder.build(path, {split: tfds_builder.GeneratedSource(records)}, replace_incomplete=True)
     if jax.process_count() > 1:

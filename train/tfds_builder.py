@@ -22,13 +22,13 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from idefics_jax.paths import as_path
 from idefics_jax.train import records
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class BuildReport:
 
 def is_built(data_dir: str) -> bool:
     """Whether `data_dir` holds a finished build (TFDS writes dataset_info.json last, then renames the folder)."""
-    return os.path.exists(os.path.join(data_dir, NAME, VERSION, "dataset_info.json"))
+    return (as_path(data_dir) / NAME / VERSION / "dataset_info.json").exists()
 
 
 def build(data_dir: str, splits: Mapping[str, Source], *, check_images: bool = True,
@@ -181,14 +181,14 @@ def build(data_dir: str, splits: Mapping[str, Source], *, check_images: bool = T
     """
     if is_built(data_dir):
         raise FileExistsError(f"{data_dir}: already holds a built {NAME} dataset; choose another data_dir")
-    root = os.path.join(data_dir, NAME)
-    leftovers = [os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                 if d.startswith("incomplete.") or d == VERSION]
+    root = as_path(data_dir) / NAME  # a local directory or a bucket (TFDS writes both)
+    leftovers = [d for d in (root.iterdir() if root.is_dir() else [])
+                 if d.name.startswith("incomplete.") or d.name == VERSION]
     if leftovers and not replace_incomplete:
-        raise FileExistsError(f"{data_dir}: holds an unfinished build ({os.path.basename(leftovers[0])}); remove "
+        raise FileExistsError(f"{data_dir}: holds an unfinished build ({leftovers[0].name}); remove "
                               "it or pass replace_incomplete=True")
     for d in leftovers:
-        shutil.rmtree(d)
+        d.rmtree()
     builder = CauldronRecords(splits=splits, check_images=check_images, data_dir=data_dir,
                               file_format="array_record")
     # TFDS prints "Downloading and preparing dataset" on stdout (nothing is downloaded): keep stdout for the

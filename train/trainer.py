@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import sharding as shd
-from idefics_jax.checkpoint import as_path
+from idefics_jax.paths import as_path, is_remote
 from idefics_jax.progress import Progress
 from idefics_jax.sharding import RULES, MeshShape
 from idefics_jax.train import config as config_lib
@@ -79,6 +79,24 @@ class _StepLog:
         print(f"{how}: steps {self.start}->{step} of {self.total} in {_hms(took)}, "
               f"loss {last.get('loss', float('nan')):.4f}{evals}; checkpoints in {as_path(workdir) / CHECKPOINTS}",
               flush=True)
+
+
+class _MetricsFile:
+    """WORKDIR/metrics.jsonl, one line per logged step, kept across resumes. A local file is appended to. A bucket
+    has no append, but writes each object whole: there the file is rewritten with every line (it stays small), so
+    a killed run leaves the previous version, never half a line."""
+
+    def __init__(self, path):
+        self.path, self.remote = path, is_remote(path)
+        self.text = path.read_text() if self.remote and path.exists() else ""
+
+    def append(self, line: str) -> None:
+        if self.remote:
+            self.text += line + "\n"
+            self.path.write_text(self.text)
+        else:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
 
 
 def _hms(seconds: float) -> str:
@@ -155,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
     # Process 0 only: the bar (a terminal) or a line every few seconds on stderr; one line per logged step on a
     # stdout that is not a terminal (_StepLog).
     progress = Progress("training", cfg.steps, unit="steps", rate=False, enabled=main_process)
-    metrics_path = as_path(cfg.workdir) / "metrics.jsonl"
+    metrics = _MetricsFile(as_path(cfg.workdir) / "metrics.jsonl") if main_process else None
     last: dict = {}
     step = int(state.step)
     log = _StepLog(cfg.steps, step)
@@ -181,9 +199,8 @@ def train(cfg: TrainConfig) -> dict:
                         "skipped_records": sum(it.skipped.values())}
                 if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(evaluator(state, frozen))
-                if main_process:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(last) + "\n")
+                if metrics is not None:
+                    metrics.append(json.dumps(last))
                 progress.set(step, f"loss {loss:.4f}, {tps:,.0f} tok/s")
                 log.show(step, loss, last["learning_rate"], tps)
                 t0, tokens_since, slots_since = time.perf_counter(), 0, 0

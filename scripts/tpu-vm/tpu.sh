@@ -9,7 +9,7 @@ usage: scripts/tpu-vm/tpu.sh [options] COMMAND [ARGS...]
 
 commands:
   create               create the TPU VM (--queued: through a queued resource, which waits for capacity)
-  install              copy this checkout to every worker and pip install it with jax[tpu]
+  install              copy this checkout to every worker and pip install it with jax[tpu] (and gs:// support)
   run ARGS...          run `idefics-jax ARGS...` on all workers at once (--worker=all), logging to ~/idefics-jax.log;
                        the program joins jax.distributed by itself on multi-host slices
   logs                 print the end of each worker's log (process 0 prints the training lines)
@@ -91,7 +91,7 @@ case "$CMD" in
     ;;
   install)
     run gcloud compute tpus tpu-vm scp --recurse "$ROOT" "$NAME:~/idefics-jax" "${WHERE[@]}" --worker=all
-    run "${SSH[@]}" --command "python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e ~/idefics-jax"
+    run "${SSH[@]}" --command "python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e ~/idefics-jax'[gcs]'"
     ;;
   run)
     [[ $# -ge 1 ]] || { echo "tpu.sh run: give the idefics-jax arguments (e.g. train configs/x.yaml)" >&2; exit 2; }
