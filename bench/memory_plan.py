@@ -1,15 +1,19 @@
 """Per-device memory of Idefics3-8B for fine-tuning and inference on TPU v5e-8, v4-8, v5p-8 and 8x H100.
 
-Each program is lowered and compiled for the full-size model on simulated CPU devices with abstract inputs
-(nothing is allocated), and XLA's memory analysis of the compiled per-device program is printed next to a hand
-estimate. Takes about a minute on a 2-core CPU:
+Each program is lowered and compiled for the full-size model with abstract inputs (nothing is allocated), and
+XLA's memory analysis of the compiled per-device program is printed next to a hand estimate. With libtpu
+installed (`pip install -e '.[aot]'`, no TPU needed) the TPU rows are compiled ahead of time by the TPU compiler
+for the real chip topology (as MaxText's train_compile.py does), with the TPU's default attention, the splash
+attention Pallas kernel; without it, and for the GPU rows, they are compiled for simulated CPU devices
+(XLA:CPU, the XLA attention path), and the table says which. (libtpu warns that it finds no TPU worker
+hostnames or accelerator type: there is no TPU to find; the compiler needs none.)
 
     python bench/memory_plan.py [--out docs/memory-plan.md]
     python bench/memory_plan.py --quantized [--out docs/memory-plan.md]   # int8 / int4 / QLoRA rows only
     python bench/memory_plan.py --smoke     # the same programs (quantized ones too) for the tiny test model: seconds
 
 Caveats: the CPU compiler is not the TPU or GPU one. It schedules, fuses and pads differently (TPU pads the
-two minor dimensions to tiles) and computes some bf16 operations in fp32, so treat the compiled temporaries as
+two minor dimensions to tiles) and computes some bf16 operations in fp32, so treat its compiled temporaries as
 the right order of magnitude, not an exact budget. Arguments (parameters, optimizer state, cache) are exact.
 """
 
@@ -17,12 +21,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import math
 import os
+import re
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# The host's own devices are CPUs even with libtpu installed: TPU programs are compiled for a topology, not run.
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,7 +44,7 @@ from idefics_jax import sharding as shd  # noqa: E402
 from idefics_jax.checkpoint import abstract_model  # noqa: E402
 from idefics_jax.checkpoint import quantized_shape, quantized_shardings  # noqa: E402
 from idefics_jax.config import ModelConfig  # noqa: E402
-from idefics_jax.model import KVCache, positions_from_mask  # noqa: E402
+from idefics_jax.model import KVCache, Mask, positions_from_mask  # noqa: E402
 from idefics_jax.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
 from idefics_jax.quantize import eligible  # noqa: E402
 from idefics_jax.train import lora as lora_lib  # noqa: E402
@@ -44,11 +52,10 @@ from idefics_jax.train import optim  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
 from idefics_jax.train.config import LoraConfig, OptimConfig  # noqa: E402
 
-# The backend the programs are compiled with. "pallas" (TPU splash attention) cannot lower for CPU devices, so
-# the plan uses the XLA path; the doc says what the kernel changes on a TPU.
-ATTENTION = "xla"
-
 GiB = 2**30
+# XLA:CPU compiles the 8B programs several times faster without its backend optimisations; the TPU compiler keeps
+# its defaults (they are what a run on the chips gets).
+CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +63,41 @@ class Platform:
     name: str
     devices: int  # as jax sees them: a v4 or v5p chip is one device (megacore)
     hbm_gib: float
+    # (topology name, chip config, chips per host) of `jax.experimental.topologies.get_topology_desc`, as in
+    # MaxText's accelerator_to_spec_map: the TPU compiled for when libtpu is installed. None: CPU devices.
+    topology: tuple | None = None
 
 
 PLATFORMS = (
-    Platform("TPU v5e-8", 8, 16),
-    Platform("TPU v4-8", 4, 32),
-    Platform("TPU v5p-8", 4, 95),
+    Platform("TPU v5e-8", 8, 16, ("v5e:2x4", "default", (2, 2, 1))),
+    Platform("TPU v4-8", 4, 32, ("v4:2x2x1", "megacore", (2, 2, 1))),
+    Platform("TPU v5p-8", 4, 95, ("v5:2x2x1", "megacore", (2, 2, 1))),
     Platform("8x H100 80GB", 8, 74.5),  # 80 GB
 )
+
+
+def have_libtpu() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _topology_devices(topology: tuple) -> tuple:
+    from jax.experimental import topologies
+
+    name, chip_config, per_host = topology
+    return tuple(topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
+                                              chips_per_host_bounds=per_host, num_slices=1).devices)
+
+
+def target(p: Platform) -> tuple[tuple, str]:
+    """-> (the devices `p`'s programs compile for, how they are compiled, for the table): its TPU topology when
+    libtpu is installed, else the host's simulated CPU devices."""
+    if p.topology is not None and have_libtpu():
+        devices = _topology_devices(p.topology)
+        if len(devices) != p.devices:
+            raise ValueError(f"topology {p.topology[0]} has {len(devices)} devices, {p.name} {p.devices}")
+        return devices, f"libtpu ({devices[0].device_kind})"
+    return tuple(jax.devices()[: p.devices]), f"XLA:CPU ({p.devices} CPU devices)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,15 +216,17 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
     """Lowers and compiles `w` on `devices`; returns bytes per device by component and XLA's analysis."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
     model = abstract_model(config, w.dtype, part)
-    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape))}
+    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform}
     t0 = time.time()
     if w.training:
         s, tx, state, frozen, lcfg = _train_state(model, part, w.lora)
         out["params"] = _per_device_bytes(frozen) + _per_device_bytes(state.trainable)
         out["optimizer"] = _per_device_bytes(state.opt_state)
         batch = _batch(w, part, labels=True, config=config)
-        step = train.make_train_step(s, tx, remat="full", lora=lcfg, attention=ATTENTION)
-        lowered = step.lower(state, frozen, batch)
+        # attention=None: the platform's default (`_layers.default_backend`): the splash kernel on TPU devices.
+        step = train.make_train_step(s, tx, remat="full", lora=lcfg)
+        args = (state, frozen, batch)
+        lowered = step.lower(*args)
     else:
         graphdef, state = nnx.split(model)
         state = _with_shardings(state, part, w.quantize)
@@ -199,48 +235,68 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         t = config.text
         shape = (t.num_layers, w.batch, w.cache_slots, t.num_kv_heads, t.head_dim)
         kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
-        cache = KVCache(kv, kv)
-        out["kv_cache"] = _per_device_bytes(cache)
+        out["kv_cache"] = _per_device_bytes(KVCache(kv, kv))
 
-        def prefill(state, batch, cache):
+        def prefill(state, batch):
+            # As `generate` prefills: the prompt's T tokens attend over a cache of T slots (a causal `Mask`, so
+            # the platform's kernel), which then grows to all S slots for the tokens to come.
             m = nnx.merge(graphdef, state)
             x = m.embed(batch["input_ids"], batch["pixel_values"], batch["pixel_attention_mask"])
-            T, S = w.tokens, w.cache_slots
-            # Query t sees the valid prompt slots up to t; the slots after the prompt are still empty.
-            slots = jnp.pad(batch["attention_mask"], ((0, 0), (0, S - T))).astype(bool)
-            mask = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None] & slots[:, None, :]
-            h, cache = m.text(x, positions_from_mask(batch["attention_mask"]), mask, cache, 0)
-            return m.lm_logits(h[:, -1:]), cache
+            mask = batch["attention_mask"]
+            cache = KVCache.zeros(t, w.batch, w.tokens, w.dtype, part)
+            h, cache = m.text(x, positions_from_mask(mask), Mask.decoder(mask, t.sliding_window), cache, 0)
+            grow = ((0, 0), (0, 0), (0, w.cache_slots - w.tokens), (0, 0), (0, 0))
+            return m.lm_logits(h[:, -1:]), KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow))
 
-        jitted = jax.jit(prefill, donate_argnums=2,
-                         out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)))
-        lowered = jitted.lower(state, batch, cache)
-    _compile(lowered, out, t0)
-    out["hand"] = hand_estimate(w, out["mesh"], config)
+        jitted = jax.jit(prefill, out_shardings=(None, KVCache(kv.sharding, kv.sharding)))
+        args = (state, batch)
+        lowered = jitted.lower(*args)
+    _compile(lowered, out, t0, args)
+    # On TPUs the attention is the splash kernel (`_layers.attend`), which holds no (heads, T, T) scores.
+    out["hand"] = hand_estimate(w, out["mesh"], config, fused_attention=out["platform"] == "tpu")
     return out
 
 
-def _compile(lowered, out: dict, t0: float) -> None:
-    """Compiles `lowered` (lowered since `t0`) and adds the times and XLA's per-device memory analysis to `out`."""
+def _compile(lowered, out: dict, t0: float, args) -> None:
+    """Compiles `lowered` (lowered since `t0` from the abstract `args`) and adds the times, XLA's per-device memory
+    analysis and the number of TPU kernel calls (Mosaic custom calls: the splash attention) to `out`.
+
+    The TPU compiler refuses a program whose temporaries alone exceed the chip's HBM; it reports their size, which
+    is kept (`out["oom"]`) with the arguments' exact bytes (outputs not counted: a training step's alias its
+    donated state).
+    """
     out["lower_s"] = time.time() - t0
     t0 = time.time()
-    m = lowered.compile().memory_analysis()
+    tpu = out.get("platform") == "tpu"
+    try:
+        compiled = lowered.compile(None if tpu else CPU_OPTIONS)
+    except jax.errors.JaxRuntimeError as e:
+        need = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+        if not (tpu and "RESOURCE_EXHAUSTED" in str(e) and need):
+            raise
+        out.update(compile_s=time.time() - t0, oom=True, kernels=lowered.as_text().count("@tpu_custom_call"),
+                   arguments=_per_device_bytes(args), outputs=0, aliased=0, temporaries=float(need[1]) * GiB)
+        out["peak"] = out["arguments"] + out["temporaries"]
+        return
+    m = compiled.memory_analysis()
     out["compile_s"] = time.time() - t0
+    out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
                temporaries=m.temp_size_in_bytes)
     out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
+def hand_estimate(w: Workload, mesh: dict, config: ModelConfig, fused_attention: bool = False) -> dict:
     """Back-of-the-envelope bytes per device: parameters split evenly, plus the buffers that dominate.
 
     Activation terms (B samples per device, T tokens, S cache slots, L layers, N heads per device):
     training (remat per layer): gradients (like the parameters) + two vocabulary-sized matrices live at once
     (lm_head gathered whole and its gradient: the vocabulary, 128259, divides by no mesh axis; the embedding
     table stays width-sharded) + one layer input saved per layer + one layer recomputed (its weights gathered
-    twice over, fp32 attention logits B*N*T*T 3 times, MLP) + fp32 logits B*T*V twice (logits, gradient).
-    Prefill: the embedding table and lm_head gathered whole + fp32 attention logits B*N*T*S 3 times + one
-    layer's weights and MLP.
+    twice over, fp32 attention logits B*N*T*T 3 times unless `fused_attention` (the splash kernel keeps only
+    tiles of them), MLP) + fp32 scores of one loss chunk twice (scores, gradient).
+    Prefill: the embedding table and lm_head gathered whole + the prompt's T-slot cache (grown to S slots after)
+    + fp32 attention logits B*N*T*T 3 times (none with `fused_attention`) + one layer's weights and MLP.
     """
     t, v = config.text, config.vision
     b = jnp.dtype(w.dtype).itemsize
@@ -260,7 +316,8 @@ def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
         est["optimizer"] = 0 if w.lora else 2 * est["params"]
         grads = 0 if w.lora else est["params"]
         saved = L * B * T * D * b + v.num_layers * imgs * S_img * v.hidden_size * b
-        one_layer = 2 * layer + 3 * B * N * T * T * 4 + 2 * mlp + vision
+        scores = 0 if fused_attention else 3 * B * N * T * T * 4
+        one_layer = 2 * layer + scores + 2 * mlp + vision
         # The loss holds one chunk's fp32 scores (and their gradient), never the whole (B, T, V) logits.
         est["activations"] = grads + vocab + saved + one_layer + 2 * min(B * T, train.LOSS_CHUNK) * V * 4
     else:
@@ -268,7 +325,8 @@ def hand_estimate(w: Workload, mesh: dict, config: ModelConfig) -> dict:
         S = w.cache_slots
         K = t.num_kv_heads / tp if t.num_kv_heads % tp == 0 else t.num_kv_heads
         est["kv_cache"] = 2 * L * B * S * K * H * b
-        est["activations"] = vocab + 3 * B * N * T * S * 4 + layer + mlp + vision
+        scores = 0 if fused_attention else 3 * B * N * T * T * 4
+        est["activations"] = vocab + est["kv_cache"] * T / S + scores + layer + mlp + vision
     est["total"] = sum(est.values())
     return est
 
@@ -279,8 +337,8 @@ def _g(x) -> str:
 
 def table(results: list[tuple[Platform, Workload, dict]]) -> str:
     head = ("| platform (devices × HBM) | workload | mesh (data, fsdp, tensor) | params | optimizer | KV cache "
-            "| activations: compiled temp / hand | peak: compiled / hand | fits |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| activations: compiled temp / hand | peak: compiled / hand | fits | compiled by, attention |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     rows = []
     for p, w, r in results:
         h = r["hand"]
@@ -291,55 +349,106 @@ def table(results: list[tuple[Platform, Workload, dict]]) -> str:
             f"| {p.name} ({p.devices} × {p.hbm_gib:g} GiB) | {w.name} "
             f"| ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
             f"| {_g(r['params'])} / {_g(h['params'])} | {_g(r['optimizer'])} / {_g(h['optimizer'])} "
-            f"| {_g(r.get('kv_cache'))} / {_g(h.get('kv_cache'))} | {_g(r['temporaries'])} / {_g(h['activations'])} "
-            f"| {_g(r['peak'])} / {_g(h['total'])} | {fits} |")
+            f"| {_g(r.get('kv_cache'))} / {_g(h.get('kv_cache'))} | {_temp(r)} / {_g(h['activations'])} "
+            f"| {_g(r['peak'])} / {_g(h['total'])} | {fits} | {r['compiler']}, {_attention(r)} |")
     return head + "\n".join(rows) + "\n"
 
 
-def document(results) -> str:
-    """The whole of docs/memory-plan.md."""
-    counts = sorted({p.devices for p, _, _ in results})
+def _temp(r: dict) -> str:
+    """The compiled temporaries; * where the TPU compiler stopped, out of HBM, and reported only their size."""
+    return _g(r["temporaries"]) + ("*" if r.get("oom") else "")
+
+
+def _attention(r: dict) -> str:
+    return "splash kernel" if r["kernels"] else "XLA attention"
+
+
+def _peak(results, platform: str, workload: str) -> str:
+    return next(_g(r["peak"]) for p, w, r in results if p.name == platform and w.name == workload)
+
+
+def document(results, seconds: float) -> str:
+    """The whole of docs/memory-plan.md (`seconds`: how long compiling its programs took)."""
+    tpu = list(dict.fromkeys(f"{p.topology[0]} {p.topology[1]} for the {p.name.removeprefix('TPU ')}"
+                             for p, _, r in results if r["platform"] == "tpu"))
+    cpu_tpu = sorted({p.name for p, _, r in results if p.topology and r["platform"] != "tpu"})
+    v5e = lambda name: _peak(results, "TPU v5e-8", name)  # noqa: E731
+    full_8k = v5e("fine-tune, bf16 params + AdamW, 8192 tokens")
+    programs = len({id(r) for _, _, r in results})
+    fallback = (f"\n**This file was generated without libtpu: the {', '.join(cpu_tpu)} rows are XLA:CPU compiles of "
+                "the XLA attention path, not TPU programs (see the CPU caveat below).**\n") if cpu_tpu else ""
     return f"""# Memory plan: Idefics3-8B on one TPU host or one 8-GPU machine
 
 Per-device GiB for full fine-tuning and for inference of Idefics3-8B-Llama3 (8,462,086,384 parameters). Each
-cell reads **compiled / hand**: *compiled* is XLA's memory analysis of the full-size program, lowered and
-compiled on {" and ".join(map(str, counts))} simulated CPU devices with abstract inputs (`bench/memory_plan.py`;
-nothing is allocated; under a minute on a 2-core CPU); *hand* is the back-of-the-envelope estimate beside it.
+cell reads **compiled / hand**: *compiled* is XLA's memory analysis of the full-size program, lowered with
+abstract inputs and compiled (`bench/memory_plan.py`; nothing is allocated); *hand* is the back-of-the-envelope
+estimate beside it. The last column says which compiler made each row:
+
+- **TPU rows: the TPU compiler (libtpu)**, ahead of time on a CPU host, for the real chip topology
+  (`jax.experimental.topologies`, as MaxText's train_compile.py does): bf16 computed as bf16, TPU tiling and
+  scheduling, and the TPU's default attention, the **splash attention Pallas kernel** (the compiled programs
+  hold its Mosaic calls; the script checks). No TPU is needed, only libtpu. Without libtpu installed the
+  script falls back to XLA:CPU for these rows and says so in the column. Topologies compiled for:
+  {", ".join(tpu) or "none in this run"}.
+- **8x H100 rows: XLA:CPU** on 8 simulated CPU devices, with the XLA attention path (see the CPU caveat below).
+{fallback}
+```bash
+pip install -e '.[aot]'     # = jax[tpu]: the libtpu matching jax (libtpu==0.0.42.* for jax 0.10.2)
+python bench/memory_plan.py --out docs/memory-plan.md
+```
+
+Compiling this table's {programs} programs took {seconds / 60:.0f} minutes on a {os.cpu_count()}-core CPU (most of it
+the TPU compiler, half a minute to three minutes a training program; the XLA:CPU rows take seconds each).
+
 Parameters, optimizer state and KV cache under *compiled* are the exact bytes of each device's shards; the
 activations column is the compiled program's temporaries (activations, gradients, gathered weights); the peak is
-arguments + outputs - donated + temporaries. "Fits": *yes* when the compiled peak is under 90% of the device's
-HBM, *by hand only* when only the hand estimate is (see the CPU caveat below), *no* when neither is.
+arguments + outputs - donated + temporaries. A temporaries figure marked * is the one the TPU compiler reported
+when it refused the program because its temporaries alone exceed the chip's HBM; its peak adds the arguments.
+"Fits": *yes* when the compiled peak is under 90% of the device's HBM, *by hand only* when only the hand estimate
+is, *no* when neither is.
 
 Workloads: fine-tuning is one AdamW step (`train/step.py`'s loss) with remat per layer, one sample per device of
 2048 (or 8192) tokens with 5 image tiles (a 2x2 split plus the global image, 364 px, 845 image tokens), mesh
 preset `FSDP`.
-Inference is the prefill of a batch of 8 such prompts into a KV cache of 4096 slots per sample (2048 prompt +
-2048 new tokens), bf16, mesh preset `FSDP_TP` (tensor 4, the rest FSDP). A v4-8 or v5p-8 is 4 chips, which
-jax sees as 4 devices (megacore). LoRA: rank-16 adapters on the decoder's q, k, v, o, everything else frozen.
+Inference is the prefill of a batch of 8 such prompts as `generate` runs it: the prompt attends over a cache of
+its own 2048 slots, which then grows to the 4096 slots per sample of 2048 prompt + 2048 new tokens; bf16, mesh
+preset `FSDP_TP` (tensor 4, the rest FSDP). A v4-8 or v5p-8 is 4 chips, which jax sees as 4 devices (megacore).
+LoRA: rank-16 adapters on the decoder's q, k, v, o, everything else frozen.
 
 ## What changed (issue 16)
 
+- **The TPU rows are TPU programs.** Until now every row was compiled for simulated CPU devices, where the
+  Pallas kernel cannot be lowered and XLA:CPU computes bf16 in fp32 (it converted whole stacked bf16 weights,
+  gradients and saved layer inputs to fp32 outside the layer loops: about 5 GiB per device at the peak), so
+  the plan measured the CPU compiler more than the model: full bf16 fine-tuning at 2048 tokens on a v5e-8
+  read 15.76 GiB and LoRA at 8192 tokens 36.89 GiB (the H100 rows below still do). Compiled by libtpu for a
+  v5e-8 they peak at **{v5e("fine-tune, bf16 params + AdamW")} GiB** and **{v5e("LoRA r16, bf16, 8192 tokens")} GiB**
+  per chip: both fit 16 GiB with room.
+- **The splash kernel runs on a mesh.** XLA cannot split a Mosaic kernel call over devices, so on any TPU mesh
+  with more than one device the kernel did not compile at all ("Mosaic kernels cannot be automatically
+  partitioned"). `_layers.attend` now runs it under `shard_map`, each device on its own samples and kv heads
+  (as the mesh's rules lay them out; tested on 8 simulated devices), and picks kernel or interpreter by the
+  platform of the model's mesh rather than of the host, so that a program compiled ahead of time for TPU
+  devices from a CPU host holds the kernel, not its interpreter.
+- **Inference is the prefill `generate` runs.** The plan used to compile a prefill of its own that attended
+  over all 4096 cache slots through a dense (B, T, S) mask, so XLA's attention and fp32 scores of
+  B x heads x 2048 x 4096 (2 GiB per copy on a v4-8, 33 GiB peak there). `generate` attends over the prompt's
+  own slots with a causal mask, the platform's kernel, and grows the cache afterwards; the row now compiles that.
 - **The loss no longer holds the logits.** Cross-entropy runs over the vocabulary 512 tokens at a time, each
   chunk's gradient taken at once (`train.step.chunked_cross_entropy`, a custom VJP): instead of the fp32
   (B, T, 128259) logits held about three times (3 GiB per 2048-token sample), one chunk's scores (0.25 GiB).
-  Full bf16 fine-tuning at 2048 tokens went from 20.5 GiB to the compiled peak below.
-- **Attention has one entry point with fused backends** (`_layers.attend`): on TPUs the default is the splash
-  attention Pallas kernel, which never materialises the (heads, T, T) scores. This plan is compiled for CPU
-  devices, where a Pallas TPU kernel cannot be lowered, so its programs use the XLA einsum path and still
-  hold the fp32 scores of the layer being recomputed: 32 heads x T^2 x 4 bytes, 0.5 GiB per sample at 2048
-  tokens and **8 GiB at 8192** (several copies for the softmax and its gradient). Those are the temporaries
-  that make the 8192-token rows fail here; on a TPU with the splash kernel they are blocks of 512 x 512.
 - **The token embedding stays sharded.** It used to gather the 128,259 x 4096 table whole on every device
-  before the lookup, and its gradient was a scatter-add into a whole table too (in fp32 on this CPU compile):
-  3.7 GiB of temporaries at once. Now each device looks up its eighth of the width for every token id and the
-  rows move to their batch shard; the gradient lands in the device's own slice. Full bf16 fine-tuning at 2048
-  tokens: 17.6 GiB compiled before this change, the row below after.
-- **What is left over budget in that row is mostly the CPU compiler** (buffer assignment of the compiled
-  program): XLA:CPU computes bf16 dots and elementwise ops in fp32, and it converts *whole stacked* bf16
-  arrays to fp32 outside the layer loops: the 32-layer MLP weights and their gradients (0.9 GiB each per
-  device, about 5 GiB live at the peak) and the saved layer inputs (1 GiB). The program before optimisation
-  holds them in bf16, as a TPU does. The XLA attention scores (0.5 GiB, a few copies) are the other term the
-  splash kernel removes.
+  before the lookup, and its gradient was a scatter-add into a whole table too: 3.7 GiB of temporaries at once.
+  Now each device looks up its eighth of the width for every token id and the rows move to their batch shard;
+  the gradient lands in the device's own slice.
+- **Full bf16 fine-tuning at 8192 tokens still does not fit a v5e-8** ({full_8k} GiB). From the compiled
+  program's buffer assignment (XLA dump, memory-usage report), beside the 6 GiB of parameters and moments: the
+  remat boundaries, one layer input per layer (32 x 8192 x 4096 bf16 = 2 GiB), the gradients (2 GiB, the
+  stacked MLP ones 1.3 GiB of it), the recomputed layer's MLP activations (8192 x 14336 bf16 = 224 MiB each,
+  about ten live) and three of the loss's 512 x 128,259 fp32 chunks (0.75 GiB). What would take it under:
+  offloading the saved layer inputs to host memory, or splitting the MLP's recompute over the sequence; LoRA
+  at 8192 tokens (no weight gradients, no moments) fits as it is, and so does full fine-tuning on a v4-8 or
+  v5p-8.
 
 {table(results)}
 ## Reading it
@@ -350,35 +459,36 @@ jax sees as 4 devices (megacore). LoRA: rank-16 adapters on the decoder's q, k, 
 - **Optimizer**: AdamW keeps two moments in the parameter dtype: twice the parameters.
 - **KV cache**: 2 x 32 layers x 8 kv heads x 128 x 2 bytes = 128 KiB per token; split over the batch (`fsdp`)
   and the kv heads (`tensor`).
-- **Activations**: what dominates is the vocabulary and the attention: one 512-token chunk of fp32 scores over
-  128,259 tokens in the loss, the embedding table and lm_head gathered whole for their matmuls (and their
-  gradients), and (on this CPU compile, XLA attention) the fp32 attention logits of the layer
-  being recomputed (32 heads x 2048^2 x 4 bytes = 0.5 GiB per sample, a few copies). The prefill here attends
-  over all 4096 cache slots (2x the work and memory of attending over the prompt alone).
-- **The CPU compiler is not the TPU or GPU one**: it computes bf16 matmuls in fp32, so bf16 programs carry fp32
-  copies of gathered weights and gradients (the bf16 fine-tuning temporaries exceed the fp32 ones here); it
-  neither pads to TPU tiles nor schedules like the TPU compiler. Read the compiled temporaries of bf16 programs
-  as an upper bound and the fp32 ones as the right order of magnitude; the argument columns are exact.
+- **Activations** (training): the gradients, one saved layer input per layer (remat), the layer being
+  recomputed (its gathered weights and MLP activations), one 512-token chunk of fp32 scores over 128,259 tokens
+  in the loss and the lm_head's gradient. With the splash kernel (TPU rows) attention adds only its blocks; with
+  XLA's attention (the H100 rows here) it holds fp32 scores of the recomputed layer, 32 heads x T^2 x 4 bytes
+  per sample, a few copies: 0.5 GiB each at 2048 tokens and 8 GiB at 8192, most of the 8192-token H100
+  rows' temporaries (cuDNN's fused attention on a real H100 would not hold them).
+- **The CPU compiler is not the TPU or GPU one** (the H100 rows, and the TPU rows without libtpu): it computes
+  bf16 matmuls in fp32, so bf16 programs carry fp32 copies of gathered weights and gradients (the bf16
+  fine-tuning temporaries exceed the fp32 ones there); it neither pads to TPU tiles nor schedules like the
+  TPU or GPU compiler. Read those rows' temporaries as an upper bound; the argument columns are exact.
+- **The hand estimate** splits the parameters evenly and adds the terms above; on TPU rows it counts no
+  attention scores (the kernel's). It ignores the TPU compiler's tiling and scheduling, so the compiled figure
+  is the one to plan with.
 
 ## What fits
 
-- **Full fine-tuning in fp32** (31.5 GiB of parameters, 63 GiB of moments) needs about 25 GiB per device on 8
-  devices and 40 GiB on 4: an 8x H100 or a v5p-8, not a v5e-8 (16 GiB) nor a v4-8 (32 GiB).
-- **bf16 parameters and moments** halve the state (6 GiB of 16 on a v5e-8). At 2048 tokens the compiled
-  peak holds no logits and no whole embedding table; what remains over budget on this CPU compile is its fp32
-  copies of whole stacked bf16 weights and gradients (see above and the caveat) and the XLA attention scores;
-  the hand estimate fits.
-- **LoRA** keeps the 16 GiB of bf16 weights sharded and trains 0.1 GiB of adapters: at 2048 tokens it fits a
-  v5e-8 compiled; at 8192 tokens the XLA attention scores (8 GiB per layer recomputed, see above) exceed it on
-  this CPU compile, and the splash kernel (the TPU default) removes exactly that term.
-- **Inference** fits everywhere; the largest terms are the vocabulary-sized matrices and the attention logits
-  of the prefill, which shrink with a smaller prefill chunk or batch.
+- **Full fine-tuning in fp32** (31.5 GiB of parameters, 63 GiB of moments) needs a v5p-8 or an 8x H100: a v5e-8
+  (16 GiB) or a v4-8 (32 GiB) cannot even hold the parameters, moments and gradients.
+- **Full fine-tuning in bf16** (parameters and moments in bf16, 6 GiB of 16 on a v5e-8) fits a v5e-8 at 2048
+  tokens ({v5e("fine-tune, bf16 params + AdamW")} GiB), and every other platform at 8192 tokens.
+- **LoRA** keeps the 16 GiB of bf16 weights sharded and trains 0.1 GiB of adapters: it fits everywhere, a v5e-8
+  at 8192 tokens included ({v5e("LoRA r16, bf16, 8192 tokens")} GiB).
+- **Inference** (batch 8, 2048-token prompts, 4096-slot cache) fits everywhere; the largest terms are the
+  parameters (the vocabulary-sized matrices do not split over `tensor`) and the KV cache.
 
 Regenerate with `python bench/memory_plan.py --out docs/memory-plan.md`.
 """
 
 
-ONE_16 = Platform("one 16 GiB device (TPU v5e-1, T4, L4)", 1, 16)
+ONE_16 = Platform("one 16 GiB device (TPU v5e-1, T4, L4)", 1, 16, ("v5e:1x1", "default", (1, 1, 1)))
 V5E_8 = PLATFORMS[0]
 QLORA = LoraConfig(rank=16, alpha=32.0)  # q, k, v, o of the decoder
 
@@ -410,7 +520,7 @@ def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
     graphdef, state = nnx.split(abstract_model(config, w.dtype, part))
     model = nnx.merge(graphdef, _with_shardings(state, part, w.quantize))
-    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape))}
+    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform}
     t0 = time.time()
     parts = train.split(model, lora=QLORA, key=jax.random.key(0))
     tx = optim.make(OptimConfig(), 1000, parts.fan_in, parts.trainable)
@@ -421,21 +531,23 @@ def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
     out["params"] = _per_device_bytes(parts.frozen) + _per_device_bytes(trainable)
     out["optimizer"] = _per_device_bytes(train_state.opt_state)
     step = train.make_train_step(parts, tx, compute_dtype=jnp.bfloat16, remat=True, lora=QLORA)
-    lowered = step.lower(train_state, parts.frozen, _batch(w, part, labels=True, config=config))
-    _compile(lowered, out, t0)
+    args = (train_state, parts.frozen, _batch(w, part, labels=True, config=config))
+    lowered = step.lower(*args)
+    _compile(lowered, out, t0, args)
     return out
 
 
 def quantized_table(results) -> str:
     head = ("| platform | workload | mesh (data, fsdp, tensor) | params | optimizer | KV cache | compiled temp "
-            "| compiled peak | fits (peak < 90% HBM) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| compiled peak | fits (peak < 90% HBM) | compiled by, attention |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     rows = []
     for p, w, r in results:
         mesh = r["mesh"]
         fits = "yes" if r["peak"] <= 0.9 * p.hbm_gib * GiB else "**no**"
         rows.append(f"| {p.name} | {w.name} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | {_g(r['params'])} "
-                    f"| {_g(r['optimizer'])} | {_g(r.get('kv_cache'))} | {_g(r['temporaries'])} | {_g(r['peak'])} "
-                    f"| {fits} |")
+                    f"| {_g(r['optimizer'])} | {_g(r.get('kv_cache'))} | {_temp(r)} | {_g(r['peak'])} "
+                    f"| {fits} | {r['compiler']}, {_attention(r)} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -447,9 +559,10 @@ def quantized_section(results) -> str:
 ## Quantized weights (int8 / int4, QLoRA)
 
 Idefics3-8B with its matmul weights quantized (`load_pretrained(quantize=...)`, `convert --quantize`; int8 per
-output channel, int4 in groups of 128 along the contraction), compiled as above (`python bench/memory_plan.py
---quantized --out docs/memory-plan.md` rewrites this section only). GiB per device. Inference: the prefill of one
-2048-token prompt (5 tiles) into a 4096-slot bf16 KV cache, activations in bf16; the embedding table stays bf16.
+output channel, int4 in groups of 128 along the contraction), compiled as above, the TPU rows by libtpu when it
+is installed (the last column says; `python bench/memory_plan.py --quantized --out docs/memory-plan.md` rewrites
+this section only). GiB per device. Inference: the prefill of one 2048-token prompt (5 tiles) as `generate` runs
+it, into a 4096-slot bf16 KV cache, activations in bf16; the embedding table stays bf16.
 QLoRA: one step of `train/step.py` with the int4 base frozen, rank-16 adapters on the decoder's q, k, v, o
 (AdamW, fp32), remat per layer, bf16 compute, one 2048-token sample per device; the norms and embedding table
 are fp32 master weights (frozen).
@@ -459,9 +572,9 @@ are fp32 master weights (frozen).
   bf16 embedding table (1 GiB, not quantized: a lookup) is the largest single full-precision piece.
 - QLoRA keeps each adapted weight quantized: the layers add the adapters' low-rank path beside the dequantized
   layer (`idefics_jax.quantize.AdaptedWeight`), so no full-precision copy of the base nor of its gradient exists.
-  What remains is the fp32 embedding table (2 GiB; it is frozen and could be bf16), the fp32 logits over 128,259
-  tokens and their gradient, and the remat boundaries. The CPU compiler computes bf16 matmuls in fp32 (see
-  above): read the temporaries as an upper bound.
+  What remains is the fp32 embedding table (2 GiB; it is frozen and could be bf16), the loss's chunk of fp32
+  scores over 128,259 tokens and its gradient, and the remat boundaries. Rows compiled by XLA:CPU compute bf16
+  matmuls in fp32 (see above): read their temporaries as an upper bound.
 {QUANT_END}
 """
 
@@ -469,9 +582,12 @@ are fp32 master weights (frozen).
 def quantized_main(out_path: str | None, config: ModelConfig, smoke: bool = False) -> int:
     results = []
     for p, w in quantized_workloads(smoke):
-        print(f"compiling {w.name} on {p.devices} device(s) ...", file=sys.stderr, flush=True)
+        devices, compiler = target(p)
+        print(f"compiling {w.name} for {p.name}: {compiler} ...", file=sys.stderr, flush=True)
         fn = compile_qlora if w.training else compile_program
-        r = fn(w, jax.devices()[: p.devices], config)
+        r = dict(fn(w, devices, config), compiler=compiler)
+        if r["platform"] == "tpu" and not r["kernels"]:
+            raise RuntimeError(f"{w.name} on {p.name}: the TPU program has no splash attention kernel")
         print(f"  peak {_g(r['peak'])} GiB (compiled in {r['compile_s']:.0f} s)", file=sys.stderr, flush=True)
         results.append((p, w, r))
     section = quantized_section(results)
@@ -508,23 +624,29 @@ def main(argv=None) -> int:
     compiled: dict = {}
     results = []
     keep = [x.strip() for x in a.platforms.split(",") if x.strip()]
+    t_start = time.time()
     for p in [p for p in platforms if not keep or p.name in keep]:
+        devices, compiler = target(p)
         for w in loads(p.devices):
-            key = (p.devices, w)
-            if key not in compiled:  # the same program on the same number of devices compiles once
-                print(f"compiling {w.name} on {p.devices} devices ...", file=sys.stderr, flush=True)
-                compiled[key] = compile_program(w, jax.devices()[: p.devices], config)
-                r = compiled[key]
+            key = (devices, w)
+            if key not in compiled:  # the same program for the same devices compiles once
+                print(f"compiling {w.name} for {p.name}: {compiler} ...", file=sys.stderr, flush=True)
+                r = compiled[key] = dict(compile_program(w, devices, config), compiler=compiler)
                 print(f"  lowered in {r['lower_s']:.0f} s, compiled in {r['compile_s']:.0f} s; arguments "
-                      f"{_g(r['arguments'])} GiB, temporaries {_g(r['temporaries'])} GiB", file=sys.stderr, flush=True)
+                      f"{_g(r['arguments'])} GiB, temporaries {_g(r['temporaries'])} GiB, peak {_g(r['peak'])} GiB "
+                      f"({_attention(r)}{', out of HBM' if r.get('oom') else ''})", file=sys.stderr, flush=True)
+                if r["platform"] == "tpu" and not r["kernels"]:
+                    raise RuntimeError(f"{w.name} on {p.name}: the TPU program has no splash attention kernel")
             results.append((p, w, compiled[key]))
+    elapsed = time.time() - t_start
+    print(f"compiled {len(compiled)} programs in {elapsed:.0f} s", file=sys.stderr, flush=True)
     print(table(results))
     if a.smoke:
         return quantized_main(None, config, smoke=True)
     if a.out:
         # The quantized section (`--quantized`) is compiled separately: an existing one is kept.
         old = open(a.out).read() if os.path.exists(a.out) else ""
-        text = document(results)
+        text = document(results, elapsed)
         if QUANT_BEGIN in old:
             text = _with_section(text, old[old.index(QUANT_BEGIN):old.index(QUANT_END) + len(QUANT_END)])
         with open(a.out, "w") as f:

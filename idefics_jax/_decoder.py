@@ -85,7 +85,7 @@ class Decoder(nnx.Module):
                 k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), *kv_heads)
                 v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), *kv_heads)
                 kv = (k, v)
-            o = attend(q, k, v, mask, attention)
+            o = attend(q, k, v, mask, attention, self.partitioning)
             o = matmul("BTNH,NHD->BTD", o, w["o"])  # one (N*H)-wide contraction (see matmul)
             x = shard(x + o, "batch", None, None)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)

@@ -285,10 +285,19 @@ class Mask:
 BACKENDS = ("xla", "cudnn", "pallas")
 
 
-def default_backend() -> str:
+def target_platform(part=None) -> str:
+    """The platform the program is built for: that of `part`'s mesh (a `sharding.Partitioning`; its devices may
+    be a TPU topology compiled for ahead of time from a CPU host, see bench/memory_plan.py), else jax's default
+    backend."""
+    if part is not None:
+        return part.mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def default_backend(part=None) -> str:
     """The platform's fused attention: splash attention (Pallas) on TPUs, cuDNN (`jax.nn.dot_product_attention`)
-    on GPUs, the einsum path on CPUs."""
-    return {"tpu": "pallas", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+    on GPUs, the einsum path on CPUs (the platform: `target_platform(part)`)."""
+    return {"tpu": "pallas", "gpu": "cudnn"}.get(target_platform(part), "xla")
 
 
 def check_backend(name: str | None) -> str | None:
@@ -297,15 +306,18 @@ def check_backend(name: str | None) -> str | None:
     return name
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None):
+def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None, part=None):
     """Scaled dot-product attention with grouped kv heads; softmax in fp32. The one attention of the package.
 
     mask: a `Mask`, or a (B, T, S) bool array (True where query t may see key s; the decode loop's cache masks),
     which only the "xla" backend takes. backend: "xla" (einsum, scores materialised), "cudnn"
     (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs, XLA elsewhere), "pallas" (the splash
-    attention TPU kernel; interpreted off TPUs, for tests); None: `default_backend()`.
+    attention TPU kernel; interpreted off TPUs, for tests); None: `default_backend(part)`.
+    part: the model's `sharding.Partitioning`, if any: the kernel then runs on each device's shard of the batch
+    and heads (XLA cannot partition a Mosaic kernel call: on a multi-device mesh it would not compile), and its
+    devices' platform picks the default backend and kernel or interpreter.
     """
-    backend = check_backend(backend) or default_backend()
+    backend = check_backend(backend) or default_backend(part)
     if not isinstance(mask, Mask) or backend == "xla":
         return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask.dense() if isinstance(mask, Mask) else mask)
     if backend == "cudnn":
@@ -314,7 +326,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None):
         out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=dense, is_causal=mask.causal,
                                            local_window_size=window)
         return out.astype(q_BTNH.dtype)
-    return _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask)
+    return _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask, part)
 
 
 def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
@@ -336,8 +348,9 @@ def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 _BLOCK = 128  # the kernel's tile: sequences are padded to a multiple of it
 
 
-def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask):
-    """Splash attention: one kernel call per (sample, kv head) with its G query heads (MQA form), under vmap.
+def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, part=None):
+    """Splash attention: one kernel call per (sample, kv head) with its G query heads (MQA form), under vmap; on a
+    mesh, under shard_map over the batch and kv heads as the rules lay them out.
 
     Sequences are padded to whole tiles; padding queries and keys get their own segment id (-1) so that no real
     row sees them and no padding row is empty.
@@ -353,14 +366,22 @@ def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask):
     q = (pad(q_BTNH, Tp).astype(jnp.float32) * H**-0.5).astype(q_BTNH.dtype)
     q = q.reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = (jnp.swapaxes(pad(x, Sp), 1, 2) for x in (k_BSKH, v_BSKH))  # B K S H
-    kernel = _splash_kernel(Tp, Sp, G, mask.causal, mask.window, jax.default_backend() != "tpu")
+    kernel = _splash_kernel(Tp, Sp, G, mask.causal, mask.window, target_platform(part) != "tpu")
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     def one(q_KGTH, k_KSH, v_KSH, qs_T, ks_S):
         seg = SegmentIds(qs_T, ks_S)
         return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(q_KGTH, k_KSH, v_KSH)
 
-    out = jax.vmap(one)(q, k, v, qseg, kseg)  # B K G T H
+    run = jax.vmap(one)
+    if part is not None and part.mesh.size > 1:
+        # Query heads n = k * G + g: splitting the kv heads splits the query heads with them.
+        q_spec = part.spec(("batch", "kv_heads", None, None, None), q.shape)
+        kv_spec = part.spec(("batch", "kv_heads", None, None), k.shape)
+        seg_spec = part.spec(("batch", None), qseg.shape)
+        run = jax.shard_map(run, mesh=part.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                            out_specs=q_spec, check_vma=False)
+    out = run(q, k, v, qseg, kseg)  # B K G T H
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T].astype(q_BTNH.dtype)
 
 

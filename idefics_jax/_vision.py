@@ -40,7 +40,7 @@ def _layer(eps: float, part: Partitioning | None, attention: str | None):
         q = shard(matmul("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
         k = shard(matmul("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
         v = shard(matmul("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
-        a = attend(q, k, v, mask, attention)
+        a = attend(q, k, v, mask, attention, part)
         x_ISD = shard(x_ISD + matmul("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
         h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
         h = jax.nn.gelu(matmul("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
