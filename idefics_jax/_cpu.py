@@ -32,28 +32,28 @@ def layer_weights(model: IdeficsModel):
     """The decoder weights as the decode loop reads them best on the CPU; None elsewhere (the stacked weights).
 
     XLA:CPU copies a layer's slice of a stacked weight before each matmul of a scan, which doubles a decode
-    step's memory traffic: fp32 weights go in as a list of layers (zero-copy views), read in place. bf16
-    weights stay stacked but go in as uint16 bits: seeing bf16 matmul operands, XLA:CPU converts whole stacks to
-    f32 once per call and streams the f32 copies; as bits they are converted a layer at a time inside the loop.
-    Quantized weights stay stacked too (bf16 leaves as bits): the scan reads one layer's codes (a quarter or an
-    eighth of fp32's bytes) and dequantizes them inside the loop body; as a list of layers, XLA:CPU hoists each
-    layer's dequantization out of the decode loop and streams full-precision copies again.
+    step's memory traffic: fp32 weights, and quantized weights with fp32 activations (whose codes the integer
+    matmul reads as they are, see `_layers.matmul`), go in as a list of layers (zero-copy views), read in place.
+    bf16 weights stay stacked but go in as uint16 bits: seeing bf16 matmul operands, XLA:CPU converts whole stacks
+    to f32 once per call and streams the f32 copies; as bits they are converted a layer at a time inside the loop.
+    Quantized weights with bf16 activations stay stacked the same way (bf16 leaves as bits).
     """
     stacked = model.text.layers.weights()
     arrays = jax.tree.leaves(stacked)
     if not on_cpu(arrays):
         return None
-    if any(isinstance(w, QuantizedWeight) for w in stacked.values()):
+    floats = [a for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)]
+    if any(isinstance(w, QuantizedWeight) for w in stacked.values()) and any(a.itemsize < 4 for a in floats):
         views = jax.tree.map(lambda a: _cpu_view(a, dtype=np.uint16) if a.dtype == jnp.bfloat16 else a, stacked)
         return None if any(v is None for v in jax.tree.leaves(views, is_leaf=lambda v: v is None)) else views
     if all(a.dtype == jnp.bfloat16 for a in arrays):
         views = {n: _cpu_view(a, dtype=np.uint16) for n, a in stacked.items()}
         return None if any(v is None for v in views.values()) else views
-    if any(a.dtype.itemsize < 4 for a in arrays):
+    if any(a.itemsize < 4 for a in floats):
         return None
     L = model.config.text.num_layers
-    groups = [{n: _cpu_view(a, i) for n, a in stacked.items()} for i in range(L)]
-    return None if any(v is None for g in groups for v in g.values()) else groups
+    groups = [jax.tree.map(lambda a: _cpu_view(a, i), stacked) for i in range(L)]
+    return None if any(v is None for v in jax.tree.leaves(groups, is_leaf=lambda v: v is None)) else groups
 
 
 def per_layer(cache: KVCache, lw) -> KVCache:

@@ -37,11 +37,12 @@ def np_dequantize(q: QuantizedWeight) -> np.ndarray:
     return w.reshape(*q.in_shape, *values.shape[2:])
 
 
+@pytest.mark.parametrize("rows", [1, 6, 40])  # the integer path (decode, on the CPU) up to INT_ROWS, then dequantized
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_matmul_matches_numpy_reference(fmt):
+def test_matmul_matches_numpy_reference(fmt, rows):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 16, 40)).astype(np.float32)  # (N, H, D): two contracted dims, as `o`
-    x = rng.standard_normal((2, 3, 6, 16)).astype(np.float32)
+    x = rng.standard_normal((rows, 1, 6, 16)).astype(np.float32)
     q = quantize(w, 2, fmt, group=32 if fmt == "int4" else None)
     assert q.values.dtype == (np.int8 if fmt == "int8" else np.uint8)
     assert q.values.nbytes == w.size // (1 if fmt == "int8" else 2)
@@ -56,13 +57,25 @@ def test_matmul_matches_numpy_reference(fmt):
     np.testing.assert_allclose(np.asarray(q.dequantize()), deq, rtol=1e-6, atol=1e-7)
     want = np.einsum("BTNH,NHD->BTD", x.astype(np.float64), deq)
     got = np.asarray(matmul("BTNH,NHD->BTD", jnp.asarray(x), q))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    # A head-sized weight goes through in column blocks: the same numbers.
+    # fp32's own rounding, whichever path: the integer path's digits of x lose no more than that.
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    # bf16 inputs (two digits on the integer path; bf16 weights on the dequantized one): within bf16's rounding.
+    xb = jnp.asarray(x, jnp.bfloat16)
+    want_b = np.einsum("BTNH,NHD->BTD", np.asarray(xb, np.float64), deq)
+    np.testing.assert_allclose(np.asarray(matmul("BTNH,NHD->BTD", xb, q), np.float64), want_b, rtol=0,
+                               atol=2 ** -6 * np.abs(want_b).max())
+    # Gradients (QLoRA trains through frozen quantized weights): those of the dequantized product.
+    g = rng.standard_normal(want.shape).astype(np.float32)
+    dx = jax.grad(lambda x: jnp.sum(matmul("BTNH,NHD->BTD", x, q) * g))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(dx), np.einsum("BTD,NHD->BTNH", g.astype(np.float64), deq), rtol=0,
+                               atol=2e-6 * np.abs(dx).max())
+    # A head-sized weight: the same numbers (the dequantized path multiplies it in column blocks).
     big = rng.standard_normal((64, 20000)).astype(np.float32)
     qb = quantize(big, 1, fmt, group=64 if fmt == "int4" else None)
-    xb = rng.standard_normal((2, 64)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(matmul("BD,DV->BV", jnp.asarray(xb), qb)), xb @ np_dequantize(qb),
-                               rtol=1e-4, atol=1e-4 * np.abs(xb @ big).max())
+    xb = rng.standard_normal((rows, 64)).astype(np.float32)
+    want = xb.astype(np.float64) @ np_dequantize(qb)
+    np.testing.assert_allclose(np.asarray(matmul("BD,DV->BV", jnp.asarray(xb), qb)), want, rtol=0,
+                               atol=2e-6 * np.abs(want).max())
 
 
 def test_group_sizes():
