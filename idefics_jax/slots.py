@@ -64,7 +64,7 @@ class SlotState:
 class Prefilled:
     """A request after its prefill, before insertion: its cache (Tb columns), first token and sampling."""
 
-    cache: KVCache
+    cache: KVCache  # batch >= 1: this request's keys and values are row `row`
     mask_T: np.ndarray  # (Tb,) int32 key validity (left padding is 0)
     first: int
     done: bool  # the first token ended it (an eos, or max_new_tokens == 1)
@@ -73,10 +73,26 @@ class Prefilled:
     top_p: float
     seed: int
     ignore_eos: bool
+    row: int = 0
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.mask_T.sum())
+
+
+@dataclasses.dataclass
+class Prompt:
+    """A checked request before its prefill: its prompt left-padded to its bucket, and its sampling."""
+
+    ids: np.ndarray  # (1, Tb) int32
+    mask: np.ndarray  # (1, Tb) int32
+    pixel_values: np.ndarray | None  # (1, bucket(I, 1), 3, P, P)
+    pixel_mask: np.ndarray | None
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int
+    ignore_eos: bool
 
 
 def _pad_images(pixel_values, pixel_mask):
@@ -92,13 +108,14 @@ def _pad_images(pixel_values, pixel_mask):
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def _insert(state: SlotState, cache: KVCache, mask_T, slot, first, limit, temperature, top_p, key2, ignore_eos):
+def _insert(state: SlotState, cache: KVCache, row, mask_T, slot, first, limit, temperature, top_p, key2,
+            ignore_eos):
     S = state.valid_NS.shape[1]
     T = mask_T.shape[0]
     cols = (state.t - T + jnp.arange(T)) % S  # the T columns that end just before the next one written
 
-    def put(a, b):  # stacked (L, N, S, K, H) or per-layer (N, S, K, H); b has batch 1 and >= T columns
-        return a.at[:, slot, cols].set(b[:, 0, :T]) if a.ndim == 5 else a.at[slot, cols].set(b[0, :T])
+    def put(a, b):  # stacked (L, N, S, K, H) or per-layer (N, S, K, H); b's row `row`, its first T columns
+        return a.at[:, slot, cols].set(b[:, row, :T]) if a.ndim == 5 else a.at[slot, cols].set(b[row, :T])
 
     cache = jax.tree.map(put, state.cache, cache)
     valid = state.valid_NS.at[slot].set(False).at[slot, cols].set(mask_T.astype(bool))
@@ -205,12 +222,13 @@ class SlotDecoder:
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         return self.prompt_columns(prompt_len) + max_new_tokens <= self.max_len
 
-    def prefill(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
                 max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                ignore_eos: bool = False) -> Prefilled:
-        """Runs one request's prompt (batch 1, the processor's numpy outputs) as `generate` does and picks its
-        first token. temperature 0 is greedy; with `ignore_eos` only `max_new_tokens` ends the request (as
-        `generate(eos_token_id=[])`). Raises ValueError for a bad argument or a request that does not fit."""
+                ignore_eos: bool = False) -> Prompt:
+        """One request (batch 1, the processor's numpy outputs), checked and padded to its bucket as `generate`
+        pads it, ready for `prefill_many`. temperature 0 is greedy; with `ignore_eos` only `max_new_tokens` ends
+        the request (as `generate(eos_token_id=[])`). Raises ValueError for a bad argument or a request that does
+        not fit."""
         ids = np.asarray(input_ids)
         check_inputs(self.model.config, ids, attention_mask, pixel_values, pixel_attention_mask)
         if ids.shape[0] != 1:
@@ -229,23 +247,59 @@ class SlotDecoder:
         ids_b = np.concatenate([np.full((1, Tb - T), fill, np.int32), ids.astype(np.int32)], axis=1)
         mask_b = np.concatenate([np.zeros((1, Tb - T), np.int32), mask], axis=1)
         pv, pm = _pad_images(pixel_values, pixel_attention_mask)
-        cfg = SamplingConfig(do_sample=sample, use_top_p=bool(sample and top_p < 1.0))
+        return Prompt(ids_b, mask_b, pv, pm, max_new_tokens, float(temperature if sample else 0.0), float(top_p),
+                      int(seed), bool(ignore_eos))
+
+    def prefill(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+                **options) -> Prefilled:
+        """Runs one request's prompt as `generate` does and picks its first token (`prepare`'s arguments)."""
+        return self.prefill_many([self.prepare(input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                                               **options)])[0]
+
+    def prefill_many(self, prompts: list[Prompt]) -> list[Prefilled]:
+        """Prefills prepared requests; greedy ones with the same prompt bucket and image shapes run together as
+        one batch (as many rows as `bucket(n, 1)`: few shapes to compile), the others one by one (a sampled first
+        token is drawn with the request's own key, as `generate` draws it for that request alone). Batched, the
+        prompts read the weights once: on a CPU a short prompt's prefill costs about a batch decode step, mostly
+        weight reads."""
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            key = (p.ids.shape[1], None if p.pixel_values is None else p.pixel_values.shape) if p.temperature == 0 \
+                else ("sampled", i)
+            groups.setdefault(key, []).append(i)
+        out: list[Prefilled | None] = [None] * len(prompts)
+        for idx in groups.values():
+            for i, pre in zip(idx, self._prefill_batch([prompts[i] for i in idx])):
+                out[i] = pre
+        return out
+
+    def _prefill_batch(self, prompts: list[Prompt]) -> list[Prefilled]:
+        B, first = len(prompts), prompts[0]
+        rows = prompts + [first] * (bucket(B, 1) - B)  # repeats of a real prompt: nothing new to check
+        cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
+        ids, mask = cat([p.ids for p in rows]), cat([p.mask for p in rows])
+        pv, pm = cat([p.pixel_values for p in rows]), cat([p.pixel_mask for p in rows])
+        sample = first.temperature > 0
+        cfg = SamplingConfig(do_sample=sample, use_top_p=bool(sample and first.top_p < 1.0))
         sp = SamplingParams(
-            temperature=jnp.float32(temperature if sample else 1.0), top_p=jnp.float32(top_p),
-            min_new_tokens=jnp.int32(0), pad_token_id=self.pad, eos_ids_E=self.eos_E, key=jax.random.key(seed))
+            temperature=jnp.float32(first.temperature if sample else 1.0), top_p=jnp.float32(first.top_p),
+            min_new_tokens=jnp.int32(0), pad_token_id=self.pad, eos_ids_E=self.eos_E, key=jax.random.key(first.seed))
+        Tb = ids.shape[1]
         # One column more than the prompt: where `prefill` writes the first token (the cache's extra column is
         # not inserted).
-        st = _prefill(self.graphdef, self.params, self.lw, ids_b, mask_b, pv, pm, sp, cfg=cfg, slots=Tb + 1,
+        st = _prefill(self.graphdef, self.params, self.lw, ids, mask, pv, pm, sp, cfg=cfg, slots=Tb + 1,
                       cpu=self.cpu, attention=self.attention)
-        first = int(np.asarray(st.tokens_BS)[0, Tb])
-        done = (bool(np.asarray(st.done_B)[0]) and not ignore_eos) or max_new_tokens == 1
-        return Prefilled(st.cache, mask_b[0], first, done, max_new_tokens, float(temperature if sample else 0.0),
-                         float(top_p), int(seed), bool(ignore_eos))
+        tokens, ends = np.asarray(st.tokens_BS)[:, Tb], np.asarray(st.done_B)
+        return [Prefilled(st.cache, p.mask[0], int(tokens[r]), (bool(ends[r]) and not p.ignore_eos)
+                          or p.max_new_tokens == 1, p.max_new_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos,
+                          row=r)
+                for r, p in enumerate(prompts)]
 
     def insert(self, pre: Prefilled, slot: int) -> None:
         """Puts a prefilled request into `slot` (which must be free); it decodes from the next `decode` on."""
         key2 = jax.random.key_data(jax.random.key(pre.seed))
-        self.state = _insert(self.state, pre.cache, jnp.asarray(pre.mask_T), jnp.int32(slot), jnp.int32(pre.first),
+        self.state = _insert(self.state, pre.cache, jnp.int32(pre.row), jnp.asarray(pre.mask_T), jnp.int32(slot),
+                             jnp.int32(pre.first),
                              jnp.int32(pre.max_new_tokens), jnp.float32(pre.temperature), jnp.float32(pre.top_p),
                              key2, jnp.bool_(pre.ignore_eos))
 

@@ -70,6 +70,25 @@ def lively_requests(n: int, seed: int = 0) -> list[Request]:
     return out
 
 
+def test_prefill_many_batches_greedy_prompts(lively_chat):
+    """Greedy prompts of one bucket and image shape prefill as one batch (rows of one cache), sampled ones alone;
+    each row's first token and keys are those of its prompt prefilled alone."""
+    dec = slots.SlotDecoder(lively_chat.model, slots=4, max_len=176)
+    prompts = lively_prompts()
+    inputs = [lively_chat.inputs(m, i) for m, i in prompts]
+    opts = [dict(max_new_tokens=5)] * 4 + [dict(max_new_tokens=5), dict(max_new_tokens=5, temperature=0.7, seed=3)]
+    prepared = [dec.prepare(**x, **o) for x, o in zip(inputs, opts)]
+    many = dec.prefill_many(prepared)
+    assert [p.row for p in many] == [0, 1, 2, 3, 0, 0]
+    assert all(p.cache is many[0].cache for p in many[:4]) and many[4].cache is not many[5].cache
+    for x, o, pre in zip(inputs, opts, many):
+        alone = dec.prefill(**x, **o)
+        assert (pre.first, pre.done) == (alone.first, alone.done)
+        np.testing.assert_array_equal(pre.mask_T, alone.mask_T)
+        k0 = lambda c: np.asarray(c.k[0]) if isinstance(c.k, list) else np.asarray(c.k)[0]  # noqa: E731
+        np.testing.assert_allclose(k0(pre.cache)[pre.row], k0(alone.cache)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_engine_greedy_answers_are_generates(lively_chat):
     """40 requests through 3 slots of a 176-column ring (it wraps; slots free and refill at different steps):
     each request's tokens are `generate`'s for it alone."""

@@ -294,26 +294,46 @@ class Engine:
         h.tokens.extend(int(t) for t in tokens)
         return self._emit_text(h)
 
-    def _admit(self, h: Handle, inputs: dict, slot: int) -> None:
-        r = h.request
-        inputs = dict(inputs)
-        max_tokens = inputs.pop("max_tokens")
+    def _admit(self, admitted: list[tuple[Handle, dict, int]]) -> None:
+        """Prefills the requests given slots this round (together where `SlotDecoder.prefill_many` can) and puts
+        each into its slot."""
+        ready = []
+        for h, inputs, slot in admitted:
+            r, inputs = h.request, dict(inputs)
+            max_tokens = inputs.pop("max_tokens")
+            try:
+                ready.append((h, slot, self.decoder.prepare(
+                    **inputs, max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+                    ignore_eos=r.ignore_eos)))
+            except Exception as e:  # checked at submit; anything left fails this request only
+                self._fail(h, e)
+        if not ready:
+            return
         try:
-            pre = self.decoder.prefill(**inputs, max_new_tokens=max_tokens, temperature=r.temperature,
-                                       top_p=r.top_p, seed=r.seed, ignore_eos=r.ignore_eos)
-        except Exception as e:  # checked at submit; anything left fails this request only
-            self.stats["failed"] += 1
-            h._emit(("error", e))
-            return
-        stopped = self._take(h, [pre.first])
-        if pre.done or stopped:
-            eos = pre.first in self.decoder.eos_ids and not r.ignore_eos
-            reason = "stop" if (stopped or eos) else "length"
-            self._finish(h, reason)
-            return
-        self.decoder.insert(pre, slot)
-        with self._cv:
-            self._active[slot] = h
+            prefilled = self.decoder.prefill_many([p for _, _, p in ready])
+        except Exception:  # find the request that fails, alone; the others go on
+            prefilled = []
+            for h, _, p in ready:
+                try:
+                    prefilled.append(self.decoder.prefill_many([p])[0])
+                except Exception as e:
+                    self._fail(h, e)
+                    prefilled.append(None)
+        for (h, slot, _), pre in zip(ready, prefilled):
+            if pre is None:
+                continue
+            stopped = self._take(h, [pre.first])
+            if pre.done or stopped:
+                eos = pre.first in self.decoder.eos_ids and not h.request.ignore_eos
+                self._finish(h, "stop" if (stopped or eos) else "length")
+                continue
+            self.decoder.insert(pre, slot)
+            with self._cv:
+                self._active[slot] = h
+
+    def _fail(self, h: Handle, e: Exception) -> None:
+        self.stats["failed"] += 1
+        h._emit(("error", e))
 
     def _run(self) -> None:
         try:
@@ -351,11 +371,10 @@ class Engine:
                     self.decoder.release(slot)
                 if not h.done():
                     self._finish(h, "cancelled", slot)
-            for (h, inputs), slot in admitted:
+            for (h, _), _ in admitted:
                 if h.cancelled:
                     self._finish(h, "cancelled")
-                else:
-                    self._admit(h, inputs, slot)
+            self._admit([(h, inputs, slot) for (h, inputs), slot in admitted if not h.cancelled])
             if not self._active:
                 continue
             tokens, counts, done = self.decoder.decode(self.steps, stop_on_finish=bool(self._waiting))
