@@ -150,9 +150,9 @@ def test_engine_prompts_use_the_attention_backend_given(lively_chat, monkeypatch
 
     seen = set()
 
-    def spy(q, k, v, mask, backend=None):
+    def spy(q, k, v, mask, backend=None, part=None):
         seen.add((type(mask).__name__, backend))
-        return attend(q, k, v, mask, backend)
+        return attend(q, k, v, mask, backend, part)
 
     attend = _decoder.attend
     monkeypatch.setattr(_decoder, "attend", spy)
