@@ -19,7 +19,7 @@ from idefics_jax.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, chec
                                     param_metadata, param_shapes, quantize_param, save_partial)
 from idefics_jax.config import ModelConfig
 from idefics_jax.hf_config import from_hf_file
-from idefics_jax.paths import as_path, building, check_new
+from idefics_jax.paths import as_path, building, check_new, copy_side_files
 from idefics_jax.progress import Progress, bytes_progress
 from idefics_jax.quantize import eligible, leaf_axes
 
@@ -115,19 +115,6 @@ def check_side_files(src: str) -> None:
     if not any((as_path(src) / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{src}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); "
                               "the converted checkpoint could not run on its own")
-
-
-def is_weights(name: str) -> bool:
-    return name.endswith(".safetensors") or name == "model.safetensors.index.json"
-
-
-def copy_side_files(src: str, dst: str) -> None:
-    """Tokenizer, processor, chat template and generation config of `src` (local or a bucket) into local `dst`:
-    every file but the weights."""
-    for f in as_path(src).iterdir():
-        if not is_weights(f.name) and not f.is_dir():
-            with f.open("rb") as r, open(os.path.join(dst, f.name), "wb") as w:
-                shutil.copyfileobj(r, w)
 
 
 def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True, quantize: str | None = None,

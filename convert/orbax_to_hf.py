@@ -14,10 +14,9 @@ from idefics_jax.checkpoint import quantized_format
 from idefics_jax.convert.hub import resolve_model
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
-from idefics_jax.convert.hf_to_orbax import copy_side_files
 from idefics_jax.convert.load import load_pretrained
 from idefics_jax.hf_config import to_hf_dict
-from idefics_jax.paths import as_path, building, check_new
+from idefics_jax.paths import as_path, building, check_new, copy_side_files
 from idefics_jax.progress import bytes_progress
 from idefics_jax.quantize import QuantizedWeight
 
@@ -45,7 +44,7 @@ def export(src: str, dst: str, progress: bool = True) -> None:
     """Orbax checkpoint (or HF directory) `src` -> HF directory `dst` (safetensors shards of at most 4 GiB, config,
     tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`. Quantized weights are written
     dequantized (HF checkpoints hold full-precision weights), with a notice."""
-    check_destination(dst)
+    check_new(dst)
     src = resolve_model(src)
     model = load_pretrained(src)
     fmt = quantized_format(model)
@@ -53,10 +52,6 @@ def export(src: str, dst: str, progress: bool = True) -> None:
         print(f"note: {src} holds {fmt} weights; writing them dequantized to {jnp.dtype(model.dtype).name}",
               file=sys.stderr)
     write_hf(model, src, dst, progress)
-
-
-def check_destination(dst: str) -> None:
-    check_new(dst)
 
 
 def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:

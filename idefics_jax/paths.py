@@ -104,17 +104,23 @@ def upload(src: str, dst, marker: str, progress: bool = False) -> None:
         raise
 
 
+def copy_side_files(src, dst: str) -> None:
+    """The top-level files of checkpoint `src` (local or a bucket) but the weights (`*.safetensors` and their
+    index; folders such as `params/` are not copied) into local directory `dst`: tokenizer, processor, chat
+    template, configs."""
+    for p in as_path(src).iterdir():
+        if not (p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" or p.is_dir()):
+            with p.open("rb") as f, open(os.path.join(dst, p.name), "wb") as g:
+                shutil.copyfileobj(f, g, _CHUNK)
+
+
 def local_side_files(path) -> str:
-    """A local directory with the files of checkpoint `path` that libraries read only from local disk (tokenizer,
-    processor, chat template, configs): `path` itself when it is local; for a bucket, a temporary copy of its
-    top-level files except the weights (`*.safetensors`; folders such as `params/` are not copied), removed when
-    the process exits."""
+    """A local directory with the files of checkpoint `path` that libraries read only from local disk
+    (`copy_side_files`): `path` itself when it is local; for a bucket, a temporary copy, removed when the process
+    exits."""
     if not is_remote(path):
         return os.fspath(path)
     tmp = tempfile.mkdtemp(prefix="idefics-jax-files-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    for p in as_path(path).iterdir():
-        if not p.name.endswith(".safetensors") and not p.is_dir():
-            with p.open("rb") as f, open(os.path.join(tmp, p.name), "wb") as g:
-                shutil.copyfileobj(f, g, _CHUNK)
+    copy_side_files(path, tmp)
     return tmp

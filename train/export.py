@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from idefics_jax.convert.orbax_to_hf import check_destination, write_hf
+from idefics_jax.convert.orbax_to_hf import write_hf
+from idefics_jax.paths import check_new
 from idefics_jax.train.loading import is_run, trained_model
 
 __all__ = ["export_run", "is_run"]
@@ -10,6 +11,6 @@ __all__ = ["export_run", "is_run"]
 
 def export_run(workdir: str, dst: str, progress: bool = True) -> None:
     """A training run's newest checkpoint (LoRA adapters merged) -> HF directory `dst`."""
-    check_destination(dst)
+    check_new(dst)
     model, side_files = trained_model(workdir)
     write_hf(model, side_files, dst, progress)
