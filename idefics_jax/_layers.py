@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import RopeConfig
-from idefics_jax.quantize import AdaptedWeight, QuantizedWeight, nibbles
+from idefics_jax.quantize import INT4_OFFSET, AdaptedWeight, QuantizedWeight, nibbles, stored_nibbles
 
 Axes = Sequence[str | None]
 
@@ -230,17 +230,17 @@ def _int_matmul(x_RC, w: QuantizedWeight):
         s_MO = s_MO * w.scales.reshape(1, O)
     else:
         # Each group's sums times its scale: matmuls batched over the groups, one per half of a group (low and
-        # high nibbles). The codes go in as stored, 0..15 (no concatenation of the halves, no -8 per weight: XLA:CPU
-        # runs either elementwise pass 5x slower than the matmul); the offset comes off the sums as 8 x the
+        # high nibbles). The codes go in as stored, 0..15 (no concatenation of the halves, no offset per weight:
+        # XLA:CPU runs either elementwise pass 5x slower than the matmul); the offset comes off the sums, times the
         # digits' sum over each half.
         k = w.values.shape[0]
         # Tied to this call's input, or XLA hoists the unpacking out of the decode loop: an unpacked (int8) copy
         # of every layer for the whole loop, read at every step instead of the packed bytes.
         d_MC, v = jax.lax.optimization_barrier((d_MC, w.values.reshape(k, -1, O)))
         d_Mk2h = d_MC.reshape(n * R, k, 2, -1)
-        s_kMO = sum(jnp.einsum("Mkh,khO->kMO", d_Mk2h[:, :, i], c.astype(jnp.int8), preferred_element_type=jnp.int32)
-                    for i, c in enumerate((v & 15, v >> 4)))
-        s_kMO = s_kMO - 8 * jnp.sum(d_Mk2h, axis=(2, 3), dtype=jnp.int32).T[:, :, None]
+        s_kMO = sum(jnp.einsum("Mkh,khO->kMO", d_Mk2h[:, :, i], c, preferred_element_type=jnp.int32)
+                    for i, c in enumerate(stored_nibbles(v, jnp.int8)))
+        s_kMO = s_kMO - INT4_OFFSET * jnp.sum(d_Mk2h, axis=(2, 3), dtype=jnp.int32).T[:, :, None]
         scales = w.scales.reshape(k, 1, O)
         # Unrolled: as a reduction over the leading axis, XLA:CPU spends more on this sum than on the matmuls.
         s_MO = sum(s_kMO[i].astype(jnp.float32) * scales[i] for i in range(k))

@@ -139,9 +139,17 @@ class AdaptedWeight:
         return (self.base.dequantize(jnp.float32) + self.scale * delta.reshape(self.shape)).astype(dtype)
 
 
+INT4_OFFSET = 8  # a code c in [-8, 7] is stored as the nibble c + 8
+
+
+def stored_nibbles(packed, dtype):
+    """Packed int4 bytes -> (low, high) nibbles as stored, in [0, 15], as `dtype`: the codes plus INT4_OFFSET."""
+    return (packed & 15).astype(dtype), (packed >> 4).astype(dtype)
+
+
 def nibbles(packed, dtype):
     """Packed int4 bytes -> (low, high) codes in [-8, 7] as `dtype`."""
-    return (packed & 15).astype(dtype) - 8, (packed >> 4).astype(dtype) - 8
+    return tuple(n - INT4_OFFSET for n in stored_nibbles(packed, dtype))
 
 
 def group_size(width: int, requested: int | None = None, where: str = "") -> int:
@@ -181,7 +189,7 @@ def quantize(w, fan_in: int, fmt: str, group: int | None = None, lead: int = 0, 
     x = w32.reshape(*lead_shape, C // g, 2, g // 2, *out_shape)
     amax = jnp.max(jnp.abs(x), axis=(lead + 1, lead + 2), keepdims=True)
     s = jnp.where(amax > 0, amax / 7, 1.0)
-    q = (jnp.clip(jnp.round(x / s), -8, 7) + 8).astype(jnp.uint8)
+    q = (jnp.clip(jnp.round(x / s), -8, 7) + INT4_OFFSET).astype(jnp.uint8)
     lo, hi = jnp.take(q, 0, axis=lead + 1), jnp.take(q, 1, axis=lead + 1)
     return QuantizedWeight(lo | (hi << 4), s[(slice(None),) * (lead + 1) + (0,)], in_shape, len(out_shape), 4)
 
