@@ -233,7 +233,7 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         out["params"], out["optimizer"] = _per_device_bytes(state), 0
         batch = _batch(w, part, labels=False, config=config)
         t = config.text
-        shape = (t.num_layers, w.batch, w.cache_slots, t.num_kv_heads, t.head_dim)
+        shape = (t.num_layers, w.batch, t.num_kv_heads, w.cache_slots, t.head_dim)
         kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
         out["kv_cache"] = _per_device_bytes(KVCache(kv, kv))
 
@@ -245,7 +245,7 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
             mask = batch["attention_mask"]
             cache = KVCache.zeros(t, w.batch, w.tokens, w.dtype, part)
             h, cache = m.text(x, positions_from_mask(mask), Mask.decoder(mask, t.sliding_window), cache, 0)
-            grow = ((0, 0), (0, 0), (0, w.cache_slots - w.tokens), (0, 0), (0, 0))
+            grow = ((0, 0), (0, 0), (0, 0), (0, w.cache_slots - w.tokens), (0, 0))
             return m.lm_logits(h[:, -1:]), KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow))
 
         jitted = jax.jit(prefill, out_shardings=(None, KVCache(kv.sharding, kv.sharding)))

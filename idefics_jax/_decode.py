@@ -42,7 +42,7 @@ def prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp:
     cache = KVCache.zeros(c, B, T, model.dtype, model.partitioning)
     h, cache = model.text(x, positions_from_mask(mask_BT), Mask.decoder(mask_BT, c.sliding_window), cache, 0,
                           layer_weights=None if isinstance(lw, list) else lw, attention=attention)
-    grow = ((0, 0), (0, 0), (0, slots - T), (0, 0), (0, 0))
+    grow = ((0, 0), (0, 0), (0, 0), (0, slots - T), (0, 0))
     cache = per_layer(KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow)), lw)
     first = choose_tokens(model.lm_logits(h[:, -1:])[:, 0], 0, cfg, sp)
     tokens = jnp.zeros((B, slots), jnp.int32).at[:, :T].set(ids_BT).at[:, T].set(first)

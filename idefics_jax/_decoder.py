@@ -19,18 +19,20 @@ _ONES = jax.nn.initializers.ones
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated to S slots: k, v (L, B, S, K, H), or lists of L arrays
-    (B, S, K, H) when the layers run one by one (see `scan_layers`)."""
+    """Keys and values of every layer, preallocated to S slots: k, v (L, B, K, S, H), or lists of L arrays
+    (B, K, S, H) when the layers run one by one (see `scan_layers`). Heads before slots: attention contracts each
+    head's (S, H) block as it lies; with slots first XLA:CPU copies the whole cache into that order at every decode
+    step (more than half of a batch-8 step on the CPU)."""
 
     k: jax.Array
     v: jax.Array
 
-    AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+    AXES = ("layers", "batch", "kv_heads", None, "head_dim")
 
     @classmethod
     def zeros(cls, c: TextConfig, batch: int, slots: int, dtype, partitioning: Partitioning | None = None) -> "KVCache":
         """With `partitioning`, allocated sharded (batch over data/fsdp, kv heads over tensor) on its mesh."""
-        shape = (c.num_layers, batch, slots, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, batch, c.num_kv_heads, slots, c.head_dim)
         where = partitioning.sharding(cls.AXES, shape) if partitioning else None
         return cls(jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where))
 
@@ -81,10 +83,11 @@ class Decoder(nnx.Module):
             k = shard(apply_rope(matmul("BTD,DKH->BTKH", h, w["k"]), pos_BT, inv_freq), *kv_heads)
             v = shard(matmul("BTD,DKH->BTKH", h, w["v"]), *kv_heads)
             if kv is not None:
-                start = (0, cache_index, 0, 0)
-                k = shard(jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start), *kv_heads)
-                v = shard(jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start), *kv_heads)
-                kv = (k, v)
+                start = (0, 0, cache_index, 0)
+                put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), start)  # noqa: E731
+                kv = (shard(put(kv[0], k), "batch", "kv_heads", None, None),
+                      shard(put(kv[1], v), "batch", "kv_heads", None, None))
+                k, v = (jnp.swapaxes(x, 1, 2) for x in kv)  # attention's (B, S, K, H); undone inside, not copied
             o = attend(q, k, v, mask, attention, self.partitioning)
             o = matmul("BTNH,NHD->BTD", o, w["o"])  # one (N*H)-wide contraction (see matmul)
             x = shard(x + o, "batch", None, None)

@@ -403,18 +403,18 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None, part=None):
 
 
 def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-    """Fully masked rows give a uniform average, never NaN. The matmuls have one batch axis, X = B*K, over Q = G*T
-    query rows: with two batch axes XLA:CPU runs them ~2x slower."""
+    """Fully masked rows give a uniform average, never NaN. The matmuls take keys and values as (B, K, S, H),
+    the decoder's cache layout (its swap to (B, S, K, H) and this one cancel): batched over B and K, each head's
+    (S, H) block contracted as it lies."""
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     G = N // K
-    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
-    k = jnp.swapaxes(k_BSKH, 1, 2).reshape(B * K, S, H)
-    v = jnp.swapaxes(v_BSKH, 1, 2).reshape(B * K, S, H)
-    logits = jnp.einsum("XQH,XSH->XQS", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (H**-0.5)
+    k, v = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    logits = jnp.einsum("BKQH,BKSH->BKQS", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (H**-0.5)
     logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-    out = jnp.einsum("XQS,XSH->XQH", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 

@@ -45,7 +45,7 @@ _SAMPLE = SamplingConfig(do_sample=True, use_top_p=True)
 class SlotState:
     """N slots over S ring columns. Free and finished slots have done_N set (they still run, masked, unread)."""
 
-    cache: KVCache  # (L, N, S, K, H), or per-layer lists on the CPU fast path
+    cache: KVCache  # (L, N, K, S, H), or per-layer lists on the CPU fast path
     valid_NS: jax.Array  # bool: the column holds a key of the slot's current request
     keypos_NS: jax.Array  # int32: position id of that key (sliding windows compare positions)
     t: jax.Array  # int32 scalar: decode steps run so far; the next one writes column t % S
@@ -114,8 +114,10 @@ def _insert(state: SlotState, cache: KVCache, row, mask_T, slot, first, limit, t
     T = mask_T.shape[0]
     cols = (state.t - T + jnp.arange(T)) % S  # the T columns that end just before the next one written
 
-    def put(a, b):  # stacked (L, N, S, K, H) or per-layer (N, S, K, H); b's row `row`, its first T columns
-        return a.at[:, slot, cols].set(b[:, row, :T]) if a.ndim == 5 else a.at[slot, cols].set(b[row, :T])
+    def put(a, b):  # stacked (L, N, K, S, H) or per-layer (N, K, S, H); b's row `row`, its first T columns
+        if a.ndim == 5:
+            return a.at[:, slot].set(a[:, slot].at[:, :, cols].set(b[:, row, :, :T]))
+        return a.at[slot].set(a[slot].at[:, cols].set(b[row, :, :T]))
 
     cache = jax.tree.map(put, state.cache, cache)
     valid = state.valid_NS.at[slot].set(False).at[slot, cols].set(mask_T.astype(bool))

@@ -144,8 +144,8 @@ def test_decoder_cache_matches_full_forward():
     keep = np.asarray(mask_BT, bool)
     got = np.concatenate([h1, h2], axis=1)
     assert np.abs(got - np.asarray(full))[keep].max() <= 1e-5 * np.abs(np.asarray(full)).max()
-    assert cache.k.shape == (c.num_layers, B, S, c.num_kv_heads, c.head_dim)
-    assert not np.asarray(cache.k[:, :, T:]).any()  # slots past the tokens are untouched
+    assert cache.k.shape == (c.num_layers, B, c.num_kv_heads, S, c.head_dim)
+    assert not np.asarray(cache.k[:, :, :, T:]).any()  # slots past the tokens are untouched
 
 
 def test_chat_helper_uses_the_checkpoint_processor(lively_hf, model, tmp_path):

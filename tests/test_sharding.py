@@ -242,9 +242,9 @@ def test_kv_cache_on_mesh(one_process, inputs, mesh):
     got, _ = one_process
     keep = inputs[1]["text_only"]["attention_mask"].astype(bool)
     assert _rel(got[f"{mesh}/prefill/logits"], got["one/text_only/logits"], keep) <= 1e-5
-    expected = {"2,2,2": (None, "data", None, "tensor"), "1,8,1": (), "1,2,4": (None, "fsdp"),
-                "data=2,fsdp=2,tensor=2": (None, "data", None, "tensor"),
-                "data=4,tensor=2": (None, None, None, "tensor")}
+    expected = {"2,2,2": (None, "data", "tensor"), "1,8,1": (), "1,2,4": (None, "fsdp"),
+                "data=2,fsdp=2,tensor=2": (None, "data", "tensor"),
+                "data=4,tensor=2": (None, None, "tensor")}
     assert str(got[f"{mesh}/prefill/cache_spec"]) == str(shd.PartitionSpec(*expected[mesh]))
 
 
