@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from idefics_jax import _int4_cpu
 from idefics_jax.config import RopeConfig
 from idefics_jax.quantize import INT4_OFFSET, AdaptedWeight, QuantizedWeight, nibbles, stored_nibbles
 
@@ -211,9 +212,16 @@ def _int_matmul(x_RC, w: QuantizedWeight):
     127 per row. Three digits leave x's error at max|x_r| * 2^-24 (fp32's own rounding), two at 2^-16 (enough for
     bf16); each digit is one more row of the same integer matmul, which still reads the weight once. The integer
     sums are exact; the float work is the few output rows.
+
+    int4 goes to the CPU kernel (`_int4_cpu`: the packed nibbles unpacked in registers, x in fp32) where it builds
+    and the process has one device (XLA cannot split a custom call over a mesh); else as above, group by group.
     """
-    n = 3 if jnp.finfo(x_RC.dtype).nmant > 10 else 2
     R, C = x_RC.shape
+    O = math.prod(w.values.shape[w.values.ndim - w.out_ndim:])
+    if w.bits == 4 and jax.device_count() == 1 and _int4_cpu.available():
+        k = w.values.shape[0]
+        return _int4_cpu.matmul(x_RC, w.values.reshape(k, -1, O), w.scales.reshape(k, O)).astype(x_RC.dtype)
+    n = 3 if jnp.finfo(x_RC.dtype).nmant > 10 else 2
     x32 = x_RC.astype(jnp.float32)
     unit = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127
     unit = jnp.where(unit > 0, unit, 1.0)
@@ -224,7 +232,6 @@ def _int_matmul(x_RC, w: QuantizedWeight):
         units.append(unit)
         r, unit = (r - d) * 254, unit / 254
     d_MC = jnp.concatenate(digits)  # M = n * R rows
-    O = math.prod(w.values.shape[w.values.ndim - w.out_ndim:])
     if w.bits == 8:
         s_MO = jax.lax.dot(d_MC, w.values.reshape(C, O), preferred_element_type=jnp.int32).astype(jnp.float32)
         s_MO = s_MO * w.scales.reshape(1, O)

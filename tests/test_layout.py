@@ -19,7 +19,7 @@ PACKAGES = {"idefics_jax": "idefics_jax", "convert": "idefics_jax.convert", "tra
 # layout section shows the same table.
 LAYERS = [
     ("core", ["idefics_jax.config", "idefics_jax.hf_config", "idefics_jax.presets", "idefics_jax.quantize",
-              "idefics_jax._layers",
+              "idefics_jax._layers", "idefics_jax._int4_cpu",
               "idefics_jax._vision", "idefics_jax._connector", "idefics_jax._perceiver", "idefics_jax._decoder",
               "idefics_jax.model", "idefics_jax.sharding", "idefics_jax.checkpoint", "idefics_jax.configs",
               "idefics_jax.progress", "idefics_jax.paths", "idefics_jax.distributed"]),

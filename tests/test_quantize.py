@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import idefics_jax
-from idefics_jax import cli
+from idefics_jax import _int4_cpu, cli
 from idefics_jax._layers import matmul
 from idefics_jax.checkpoint import META_FILE, quantized_format
 from idefics_jax.convert.hf_to_orbax import convert
@@ -38,8 +38,13 @@ def np_dequantize(q: QuantizedWeight) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rows", [1, 6, 40])  # the integer path (decode, on the CPU) up to INT_ROWS, then dequantized
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_matmul_matches_numpy_reference(fmt, rows):
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-xla"])  # int4: the CPU kernel; int4-xla: XLA's group path
+def test_matmul_matches_numpy_reference(fmt, rows, monkeypatch):
+    if fmt == "int4":  # this machine has a C++ compiler: the kernel must build here, not fall back unnoticed
+        assert _int4_cpu.available()
+    else:
+        monkeypatch.setattr(_int4_cpu, "available", lambda: False)
+    fmt = fmt.removesuffix("-xla")
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 16, 40)).astype(np.float32)  # (N, H, D): two contracted dims, as `o`
     x = rng.standard_normal((rows, 1, 6, 16)).astype(np.float32)
