@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     import jax
 
     from idefics_jax.chat import Chat
+    from idefics_jax.generation import bucket
     from idefics_jax.presets import PRESETS
     from idefics_jax import testing
     from idefics_jax.serve.engine import Engine
@@ -121,8 +122,10 @@ def main(argv=None) -> int:
     chat = Chat.load(path)
     requests = make_requests(a.requests, a.min_tokens, a.max_tokens, a.lengths)
     tokens = sum(m for _, m in requests)
-    longest_prompt = max(chat.inputs(msgs)["input_ids"].shape[1] for msgs, _ in requests)
-    engine = Engine(chat.model, chat, slots=a.slots, max_len=longest_prompt + a.max_tokens + 64,
+    # Slots as long as the longest request needs (its prompt's bucket + max tokens): every decode step attends
+    # over all of a slot's columns, so spare columns cost time at every step.
+    longest_prompt = max(bucket(chat.inputs(msgs)["input_ids"].shape[1]) for msgs, _ in requests)
+    engine = Engine(chat.model, chat, slots=a.slots, max_len=longest_prompt + a.max_tokens,
                     max_queue=a.requests).start()
     ways = [("sequential generate", sequential), (f"fixed batches of {a.slots}", fixed_batches),
             (f"engine, {a.slots} slots", engine_run(engine))]
