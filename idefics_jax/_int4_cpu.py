@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -65,9 +66,17 @@ def _build() -> Path | None:
     return out
 
 
-@functools.cache
+_LOCK = threading.Lock()
+
+
 def available() -> bool:
     """Whether the kernel is built and registered (once per process); False where it cannot be built."""
+    with _LOCK:  # first traces on two threads (an engine beside a notebook): one build, one registration
+        return _load()
+
+
+@functools.cache
+def _load() -> bool:
     try:
         path = _build()
         if path is None:
