@@ -21,8 +21,8 @@ _ONES = jax.nn.initializers.ones
 class KVCache:
     """Keys and values of every layer, preallocated to S slots: k, v (L, B, K, S, H), or lists of L arrays
     (B, K, S, H) when the layers run one by one (see `scan_layers`). Heads before slots: attention contracts each
-    head's (S, H) block as it lies; with slots first XLA:CPU copies the whole cache into that order at every decode
-    step (more than half of a batch-8 step on the CPU)."""
+    head's (S, H) block as it lies; with slots first XLA:CPU copied the whole cache into that order at every decode
+    step (a batch-8 step of the SmolVLM-256M decoder over 400 slots: 76 ms then, 71 now)."""
 
     k: jax.Array
     v: jax.Array
