@@ -85,8 +85,7 @@ class Decoder(nnx.Module):
             if kv is not None:
                 start = (0, 0, cache_index, 0)
                 put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), start)  # noqa: E731
-                kv = (shard(put(kv[0], k), "batch", "kv_heads", None, None),
-                      shard(put(kv[1], v), "batch", "kv_heads", None, None))
+                kv = (shard(put(kv[0], k), *KVCache.AXES[1:]), shard(put(kv[1], v), *KVCache.AXES[1:]))
                 k, v = (jnp.swapaxes(x, 1, 2) for x in kv)  # attention's (B, S, K, H); undone inside, not copied
             o = attend(q, k, v, mask, attention, self.partitioning)
             o = matmul("BTNH,NHD->BTD", o, w["o"])  # one (N*H)-wide contraction (see matmul)
