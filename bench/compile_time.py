@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax import PRESETS
-from idefics_jax.checkpoint import abstract_model
+from idefics_jax.checkpoints.checkpoint import abstract_model
 
 
 def compile_seconds(config, batch, images, tokens) -> tuple[float, float]:

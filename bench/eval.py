@@ -26,7 +26,7 @@ import numpy as np
 
 def write_samples(folder: str, n: int, seed: int = 0) -> str:
     """`n` random 512 px images with short questions, as an eval JSONL file."""
-    from idefics_jax import testing
+    import reference as testing
 
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
     from idefics_jax.evaluate import run
     from idefics_jax.evaluate.runner import engine_answerer
     from idefics_jax.serve.engine import Engine

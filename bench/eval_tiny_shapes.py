@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from idefics_jax.train import shapes_eval
+from idefics_jax.shapes import evaluate as shapes_eval
 
 
 def main():

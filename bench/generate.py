@@ -76,7 +76,7 @@ def decode_weight_bytes(model) -> int:
 
 
 def make_inputs(processor, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    from idefics_jax import testing
+    import reference as testing
 
     rng = np.random.default_rng(seed)
     texts, images = [], []
@@ -145,7 +145,8 @@ def time_hf(model, inputs, new_tokens: int, repeats: int) -> dict[str, float]:
 
 def ensure_checkpoint(workdir: str, preset: str = "smolvlm-256m", progress: bool = True) -> tuple[str, str]:
     """A random `preset`-shaped checkpoint (HF directory, its Orbax conversion), built once in `workdir`."""
-    from idefics_jax import PRESETS, testing
+    from idefics_jax import PRESETS
+    import reference as testing
     from idefics_jax.convert.hf_to_orbax import convert
 
     hf_dir, orbax_dir = os.path.join(workdir, f"{preset}-hf"), os.path.join(workdir, f"{preset}-orbax")

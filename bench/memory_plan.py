@@ -40,13 +40,13 @@ from flax import nnx  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from idefics_jax import sharding as shd  # noqa: E402
-from idefics_jax.checkpoint import abstract_model  # noqa: E402
-from idefics_jax.checkpoint import quantized_shape, quantized_shardings  # noqa: E402
-from idefics_jax.config import ModelConfig  # noqa: E402
-from idefics_jax.model import KVCache, Mask, positions_from_mask  # noqa: E402
-from idefics_jax.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
-from idefics_jax.quantize import eligible  # noqa: E402
+from idefics_jax.model import sharding as shd  # noqa: E402
+from idefics_jax.checkpoints.checkpoint import abstract_model  # noqa: E402
+from idefics_jax.checkpoints.checkpoint import quantized_shape, quantized_shardings  # noqa: E402
+from idefics_jax.model.config import ModelConfig  # noqa: E402
+from idefics_jax.model.idefics import KVCache, Mask, positions_from_mask  # noqa: E402
+from idefics_jax.model.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
+from idefics_jax.ops.quantize import eligible  # noqa: E402
 from idefics_jax.train import lora as lora_lib  # noqa: E402
 from idefics_jax.train import optim  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
@@ -571,7 +571,7 @@ are fp32 master weights (frozen).
 - int8 holds the decoder at 1 byte per weight and int4 at about 0.53 (codes plus one fp32 scale per 128); the
   bf16 embedding table (1 GiB, not quantized: a lookup) is the largest single full-precision piece.
 - QLoRA keeps each adapted weight quantized: the layers add the adapters' low-rank path beside the dequantized
-  layer (`idefics_jax.quantize.AdaptedWeight`), so no full-precision copy of the base nor of its gradient exists.
+  layer (`idefics_jax.ops.quantize.AdaptedWeight`), so no full-precision copy of the base nor of its gradient exists.
   What remains is the fp32 embedding table (2 GiB; it is frozen and could be bf16), the loss's chunk of fp32
   scores over 128,259 tokens and its gradient, and the remat boundaries. Rows compiled by XLA:CPU compute bf16
   matmuls in fp32 (see above): read their temporaries as an upper bound.

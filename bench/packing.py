@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from idefics_jax.train.heap import reexec_with_tunables  # noqa: E402
+from idefics_jax.ops.heap import reexec_with_tunables  # noqa: E402
 
 reexec_with_tunables()
 
@@ -75,9 +75,11 @@ def main() -> None:
     import jax.numpy as jnp
     import optax
 
-    from idefics_jax import PRESETS, testing
-    from idefics_jax.config import TextConfig, VisionConfig
-    from idefics_jax.model import IdeficsModel
+    from idefics_jax import PRESETS
+
+    import reference as testing
+    from idefics_jax.model.config import TextConfig, VisionConfig
+    from idefics_jax.model.idefics import IdeficsModel
     from flax import nnx
     from idefics_jax.train import step as step_lib
 

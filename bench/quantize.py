@@ -88,10 +88,11 @@ def speed(a) -> int:
 def quality(a) -> int:
     from transformers import AutoProcessor
 
-    from idefics_jax.chat import Chat, user_turn
-    from idefics_jax.checkpoint import resolve
-    from idefics_jax.convert.load import load_pretrained
-    from idefics_jax.train import shapes, shapes_eval
+    from idefics_jax.generation.chat import Chat, user_turn
+    from idefics_jax.checkpoints.checkpoint import resolve
+    from idefics_jax.checkpoints.load import load_pretrained
+    from idefics_jax.shapes import task as shapes
+    from idefics_jax.shapes import evaluate as shapes_eval
 
     path = resolve(a.model)
     processor = AutoProcessor.from_pretrained(path)
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     q.set_defaults(fn=quality)
     a = p.parse_args(argv)
     if a.part == "quality" and a.seed is None:
-        from idefics_jax.train import shapes_eval
+        from idefics_jax.shapes import evaluate as shapes_eval
 
         a.seed = shapes_eval.EVAL_SEED
     return a.fn(a)

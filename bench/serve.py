@@ -45,7 +45,7 @@ def make_requests(n: int, lo: int, hi: int, lengths: str = "uniform", seed: int 
 
 
 def sequential(chat, requests, slots):
-    from idefics_jax.generation import generate
+    from idefics_jax.generation.api import generate
 
     t0, done, answers = time.perf_counter(), [], []
     for messages, m in requests:
@@ -56,7 +56,7 @@ def sequential(chat, requests, slots):
 
 
 def fixed_batches(chat, requests, slots):
-    from idefics_jax.generation import generate
+    from idefics_jax.generation.api import generate
 
     t0, done, answers = time.perf_counter(), [], []
     for start in range(0, len(requests), slots):
@@ -96,10 +96,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    from idefics_jax.chat import Chat
-    from idefics_jax.generation import bucket
-    from idefics_jax.presets import PRESETS
-    from idefics_jax import testing
+    from idefics_jax.generation.chat import Chat
+    from idefics_jax.generation.api import bucket
+    from idefics_jax.model.presets import PRESETS
+    import reference as testing
     from idefics_jax.serve.engine import Engine
 
     if a.smoke:

@@ -13,7 +13,9 @@ import os
 import shutil
 import time
 
-from idefics_jax import PRESETS, testing
+from idefics_jax import PRESETS
+
+import reference as testing
 from idefics_jax.convert import hf_files
 from idefics_jax.train import config as config_lib, trainer
 

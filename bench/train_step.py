@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(a):
-    from idefics_jax import PRESETS, testing
-    from idefics_jax.config import VisionConfig
+    from idefics_jax import PRESETS
+    import reference as testing
+    from idefics_jax.model.config import VisionConfig
 
     if a.smoke:
         return testing.tiny_config()
@@ -154,7 +155,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    from idefics_jax import testing
+    import reference as testing
     from idefics_jax.train import heap
 
     c = _config(a)

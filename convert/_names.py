@@ -11,7 +11,7 @@ from math import prod
 
 import numpy as np
 
-from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
+from idefics_jax.model.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from idefics_jax.checkpoint import CheckpointError
-from idefics_jax.paths import as_path, is_remote
+from idefics_jax.checkpoints.checkpoint import CheckpointError
+from idefics_jax.checkpoints.paths import as_path, is_remote
 
 
 DTYPES = {

@@ -1,7 +1,7 @@
 """The files beside an HF model's weights, built offline: tokenizer, processor, chat template, config.json and
 generation config.
 
-The random test checkpoints (`idefics_jax.testing`) and the tiny-shapes model (`idefics_jax.train.shapes_model`) are
+The random test checkpoints (`tests.reference`) and the tiny-shapes model (`idefics_jax.shapes.model`) are
 both built from these: word-level tokenizers over the Idefics3 special tokens, and the PIL-backed HF processors.
 """
 
@@ -11,8 +11,8 @@ import json
 import os
 from typing import Iterable
 
-from idefics_jax.config import ModelConfig
-from idefics_jax.hf_config import to_hf_dict
+from idefics_jax.model.config import ModelConfig
+from idefics_jax.checkpoints.hf_config import to_hf_dict
 
 # SmolVLM's template reduced to what the models here need: "User:<image>text<end_of_utterance>\nAssistant: ...".
 CHAT_TEMPLATE = (

@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax.checkpoint import quantized_format
-from idefics_jax.convert.hub import resolve_model
+from idefics_jax.checkpoints.checkpoint import quantized_format
+from idefics_jax.checkpoints.hub import resolve_model
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
-from idefics_jax.convert.load import load_pretrained
-from idefics_jax.hf_config import to_hf_dict
-from idefics_jax.paths import as_path, building, check_new, copy_side_files
-from idefics_jax.progress import bytes_progress
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax.checkpoints.load import load_pretrained
+from idefics_jax.checkpoints.hf_config import to_hf_dict
+from idefics_jax.checkpoints.paths import as_path, building, check_new, copy_side_files
+from idefics_jax.runtime.progress import bytes_progress
+from idefics_jax.ops.quantize import QuantizedWeight
 
 SHARD_BYTES = 4 * 2**30
 
@@ -57,7 +57,7 @@ def export(src: str, dst: str, progress: bool = True) -> None:
 def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
     """`model` -> HF directory `dst` (local or a bucket), with the tokenizer, processor and config files of
     directory `side_files`. Built in a temporary directory and published when complete
-    (`idefics_jax.paths.building`): a bucket receives config.json last, so that neither `load_pretrained` nor
+    (`idefics_jax.checkpoints.paths.building`): a bucket receives config.json last, so that neither `load_pretrained` nor
     transformers loads a partial upload."""
     tensors = model_to_hf_tensors(model)
     hf_config = _hf_config(side_files, model.config)

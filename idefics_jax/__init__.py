@@ -6,15 +6,16 @@ generation. Modules inside the package import from the module that defines a nam
 
 from importlib.metadata import PackageNotFoundError, version
 
-from idefics_jax.checkpoint import CheckpointError, param_count, resolve
-from idefics_jax.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
+from idefics_jax.checkpoints.checkpoint import CheckpointError, param_count, resolve
+from idefics_jax.model.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
                                 RopeConfig, TextConfig, VisionConfig)
-from idefics_jax.hf_config import from_hf_dict, from_hf_file, read_generation_defaults, to_hf_dict
-from idefics_jax.model import IdeficsModel, KVCache
-from idefics_jax.presets import PRESETS
-from idefics_jax.convert.load import load_pretrained
-from idefics_jax.generation import generate, generate_stream
-from idefics_jax.chat import Chat
+from idefics_jax.checkpoints.hf_config import from_hf_dict, from_hf_file, read_generation_defaults, to_hf_dict
+from idefics_jax.model.idefics import IdeficsModel, KVCache
+from idefics_jax.model.presets import PRESETS
+from idefics_jax.model import sharding
+from idefics_jax.checkpoints.load import load_pretrained
+from idefics_jax.generation.api import generate, generate_stream
+from idefics_jax.generation.chat import Chat
 
 try:
     __version__ = version("idefics-jax")
@@ -25,5 +26,5 @@ __all__ = [
     "Chat", "CheckpointError", "ConfigError", "GenerationDefaults", "IdeficsModel", "KVCache", "ModelConfig", "PRESETS",
     "PerceiverConfig", "PixelShuffleConfig", "RopeConfig", "TextConfig", "VisionConfig", "from_hf_dict",
     "from_hf_file", "generate", "generate_stream", "load_pretrained", "param_count", "read_generation_defaults",
-    "resolve", "to_hf_dict",
+    "resolve", "sharding", "to_hf_dict",
 ]

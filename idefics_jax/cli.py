@@ -23,7 +23,8 @@ def _export(a):
 
 
 def _train(a):
-    from idefics_jax import configs, distributed
+    from idefics_jax import configs
+    from idefics_jax.runtime import distributed
 
     if a.list:
         print("\n".join(configs.names()))
@@ -40,11 +41,11 @@ def _train(a):
 
 
 def _generate(a):
-    from idefics_jax import distributed
-    from idefics_jax.generation import check_arguments
-    from idefics_jax.images import load_image
-    from idefics_jax.video import probe
-    from idefics_jax.model import check_attention
+    from idefics_jax.runtime import distributed
+    from idefics_jax.generation.api import check_arguments
+    from idefics_jax.generation.images import load_image
+    from idefics_jax.generation.video import probe
+    from idefics_jax.model.idefics import check_attention
 
     # Every argument is checked before the model loads (seconds), images included.
     if a.temperature is not None and not a.temperature >= 0:
@@ -104,7 +105,7 @@ def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
 def _check_quantize_options(a) -> None:
     """The format before the model loads; whether a group size divides the widths is checked against the model's
     config when it loads, before any weight is read."""
-    from idefics_jax.quantize import check_format
+    from idefics_jax.ops.quantize import check_format
 
     if a.quantize is not None:
         check_format(a.quantize)

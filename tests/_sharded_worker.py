@@ -40,7 +40,7 @@ def _prefill(model, batch):
     from flax import nnx
 
     from idefics_jax import KVCache
-    from idefics_jax.model import positions_from_mask
+    from idefics_jax.model.idefics import positions_from_mask
 
     @nnx.jit
     def run(model, ids, attention_mask):
@@ -57,7 +57,7 @@ def _prefill(model, batch):
 def _make_mesh(arg: str):
     import jax
 
-    from idefics_jax import sharding as shd
+    from idefics_jax.model import sharding as shd
 
     if arg == "one":
         return None
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from flax import nnx
 
     import idefics_jax
-    from idefics_jax import sharding as shd
+    from idefics_jax.model import sharding as shd
     from idefics_jax.train import step as train
 
     inputs: dict[str, dict] = {}

@@ -9,7 +9,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from idefics_jax import testing  # noqa: E402
+import reference as testing  # noqa: E402
 
 
 @pytest.fixture(scope="session")

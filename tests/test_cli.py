@@ -12,7 +12,7 @@ EXAMPLE = os.path.join(os.path.dirname(cli.__file__), "models", "tiny-shapes", "
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading a model fails the test: the CLI must refuse its arguments first."""
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     monkeypatch.setattr(Chat, "load", classmethod(lambda *a, **k: pytest.fail("the model was loaded")))
 

@@ -22,8 +22,9 @@ from etils.epath import gpath, register
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 import idefics_jax
-from idefics_jax import cli, paths
-from idefics_jax.checkpoint import META_FILE, CheckpointError
+from idefics_jax import cli
+from idefics_jax.checkpoints import paths
+from idefics_jax.checkpoints.checkpoint import META_FILE, CheckpointError
 from idefics_jax.convert.hf_to_orbax import convert
 from idefics_jax.convert.orbax_to_hf import export
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from idefics_jax import testing
+import reference as testing
 from idefics_jax.convert import hf_files
-from idefics_jax.model import check_inputs
+from idefics_jax.model.idefics import check_inputs
 from idefics_jax.train import collate, data, records, tfds_builder
 from idefics_jax.train.collate import IGNORE_INDEX, CollateConfig, Collator
 from idefics_jax.train.records import Record, Turn

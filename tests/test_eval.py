@@ -14,7 +14,7 @@ import pytest
 
 from idefics_jax.evaluate import metrics, run
 from idefics_jax.evaluate.runner import messages_for
-from idefics_jax.train import shapes
+from idefics_jax.shapes import task as shapes
 
 
 def shape_questions(n: int, seed: int):
@@ -39,7 +39,7 @@ def write_jsonl(folder, items) -> str:
 
 @pytest.fixture(scope="module")
 def chat():
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     return Chat.load("tiny-shapes")
 

@@ -12,7 +12,8 @@ import pytest
 
 import idefics_jax
 from idefics_jax.convert._safetensors import write_file
-from idefics_jax import cli, testing
+from idefics_jax import cli
+import reference as testing
 from idefics_jax.convert import hf_files
 
 
@@ -143,7 +144,7 @@ def test_sigkill_halfway_leaves_nothing_loadable(tmp_path):
 
 def _write_random_checkpoint(path, config):
     from idefics_jax.convert import _names
-    from idefics_jax.checkpoint import param_shapes
+    from idefics_jax.checkpoints.checkpoint import param_shapes
 
     os.makedirs(path)
     hf_files.write_config(path, idefics_jax.to_hf_dict(config))

@@ -12,9 +12,12 @@ from flax import nnx
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import idefics_jax
-from idefics_jax import _cpu, _decode, generation, testing
-from idefics_jax.model import Decoder, KVCache, causal_mask
-from idefics_jax.model import positions_from_mask
+from idefics_jax.ops import decode_weights as _cpu
+from idefics_jax.generation import decode as _decode
+from idefics_jax.generation import api as generation
+import reference as testing
+from idefics_jax.model.idefics import Decoder, KVCache, causal_mask
+from idefics_jax.model.idefics import positions_from_mask
 
 CASES = ["one_image_split_padded", "batch_1_and_2_images", "text_only"]
 N_NEW = 24
@@ -150,7 +153,7 @@ def test_decoder_cache_matches_full_forward():
 
 def test_chat_helper_uses_the_checkpoint_processor(lively_hf, model, tmp_path):
     processor = AutoProcessor.from_pretrained(lively_hf)
-    chat = idefics_jax.chat.Chat(model, processor)
+    chat = idefics_jax.generation.chat.Chat(model, processor)
     path = str(tmp_path / "img.png")
     testing.random_image(np.random.default_rng(0), 40, 50).save(path)
     messages = [
@@ -172,9 +175,9 @@ def test_chat_helper_uses_the_checkpoint_processor(lively_hf, model, tmp_path):
 def test_chat_answers_a_batch_as_one_by_one(lively_hf, model):
     # Left-padded batches of 3 (different image counts; image-less conversations batched apart) give each
     # conversation the answer it gets alone.
-    from idefics_jax.chat import user_turn
+    from idefics_jax.generation.chat import user_turn
 
-    chat = idefics_jax.chat.Chat(model, AutoProcessor.from_pretrained(lively_hf), do_image_splitting=False)
+    chat = idefics_jax.generation.chat.Chat(model, AutoProcessor.from_pretrained(lively_hf), do_image_splitting=False)
     rng = np.random.default_rng(2)
     conversations = [
         (user_turn("What is it?", 1), [testing.random_image(rng, 40, 50)]),
@@ -203,7 +206,7 @@ class _Recorder(io.StringIO):
 
 def test_cli_streams(lively_hf, tmp_path, monkeypatch, capsys):
     from idefics_jax import cli
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     path = str(tmp_path / "img.png")
     testing.random_image(np.random.default_rng(0), 40, 50).save(path)

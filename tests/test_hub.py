@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from idefics_jax import presets, testing
-from idefics_jax.checkpoint import CheckpointError
+from idefics_jax.model import presets
+
+import reference as testing
+from idefics_jax.checkpoints.checkpoint import CheckpointError
 from idefics_jax.convert import hub
 
 REPO = "acme/tiny-vlm"
@@ -31,8 +33,8 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 from idefics_jax import cli
-from idefics_jax.chat import Chat
-from idefics_jax.convert.load import load_pretrained
+from idefics_jax.generation.chat import Chat
+from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.train import config, loading
 
 def first(model):
@@ -125,7 +127,7 @@ def test_paths_as_objects(tmp_path, tiny_hf):
     from etils import epath
 
     import idefics_jax
-    from idefics_jax.checkpoint import as_path
+    from idefics_jax.checkpoints.checkpoint import as_path
     from idefics_jax.convert.hf_to_orbax import convert
     from idefics_jax.train.loading import is_run
 

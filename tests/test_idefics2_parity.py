@@ -12,8 +12,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import idefics_jax
 from idefics_jax.convert.hf_to_orbax import convert
 from idefics_jax.convert.orbax_to_hf import export
-from idefics_jax import testing
-from idefics_jax.model import patch_mask
+import reference as testing
+from idefics_jax.model.idefics import patch_mask
 
 CASES = ["one_image_split", "batch_1_and_2_images", "batch_image_and_no_image", "text_only"]
 

@@ -61,7 +61,7 @@ def test_padding_image_changes_nothing(tiny_hf, processor, cases):
 
 def test_tied_head_when_checkpoint_has_none(tmp_path, cases):
     """A checkpoint saved with tied embeddings has no lm_head.weight; we tie too."""
-    from idefics_jax import testing
+    import reference as testing
 
     cfg = testing.tiny_config(tie_word_embeddings=True)
     path = testing.save_hf_checkpoint(str(tmp_path / "tied"), cfg, seed=3)
@@ -76,7 +76,8 @@ def test_tied_head_when_checkpoint_has_none(tmp_path, cases):
 
 def test_default_rope_and_untied(tmp_path, cases):
     """The default RoPE type (SmolVLM) also matches."""
-    from idefics_jax import RopeConfig, testing
+    from idefics_jax import RopeConfig
+    import reference as testing
     import dataclasses
 
     base = testing.tiny_config()

@@ -11,7 +11,7 @@ from PIL import Image
 
 import idefics_jax
 from idefics_jax import cli
-from idefics_jax.chat import Chat, load_image
+from idefics_jax.generation.chat import Chat, load_image
 
 RED = (200, 30, 40)
 
@@ -117,7 +117,7 @@ def test_a_pil_image_of_any_mode_is_accepted():
 @pytest.fixture
 def no_device_work(monkeypatch):
     """"Before any device work": the jitted prefill fails the test if it is reached."""
-    from idefics_jax import generation
+    from idefics_jax.generation import api as generation
 
     monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
 
@@ -171,7 +171,7 @@ def image_files(draw):
 def test_any_image_files_give_consistent_model_inputs(chat, tmp_path, files, split):
     """Random sizes, modes and image counts through the chat path: one image-token run of image_seq_len per
     sub-image, pixel values finite, and the model's own input checks pass."""
-    from idefics_jax.model import check_inputs
+    from idefics_jax.model.idefics import check_inputs
 
     paths = []
     for i, (img, fmt) in enumerate(files):

@@ -80,7 +80,7 @@ def test_wheel_has_one_top_level_package(wheel):
     # The shipped configs and model travel with it.
     assert {"idefics_jax/configs/tiny.yaml", "idefics_jax/models/tiny-shapes/model.safetensors",
             "idefics_jax/models/tiny-shapes/examples/shapes-1.png", "idefics_jax/train/trainer.py",
-            "idefics_jax/convert/hf_to_orbax.py", "idefics_jax/_int4_cpu.cc"} <= set(names)
+            "idefics_jax/convert/hf_to_orbax.py", "idefics_jax/ops/int4_cpu.cc"} <= set(names)
 
 
 def test_import_and_load_from_a_user_project(venv, project):

@@ -18,20 +18,18 @@ PACKAGES = {"idefics_jax": "idefics_jax", "convert": "idefics_jax.convert", "tra
 # Lowest first: a module may import its own layer and the layers before it, never a later one. The README's
 # layout section shows the same table.
 LAYERS = [
-    ("core", ["idefics_jax.config", "idefics_jax.hf_config", "idefics_jax.presets", "idefics_jax.quantize",
-              "idefics_jax._layers", "idefics_jax._int4_cpu",
-              "idefics_jax._vision", "idefics_jax._connector", "idefics_jax._perceiver", "idefics_jax._decoder",
-              "idefics_jax.model", "idefics_jax.sharding", "idefics_jax.checkpoint", "idefics_jax.configs",
-              "idefics_jax.progress", "idefics_jax.paths", "idefics_jax.distributed"]),
-    ("conversion", ["idefics_jax.convert", "idefics_jax.testing"]),
-    ("generation", ["idefics_jax.sampling", "idefics_jax._cpu", "idefics_jax._decode", "idefics_jax.generation",
-                    "idefics_jax.images", "idefics_jax.video", "idefics_jax.chat", "idefics_jax.slots"]),
+    ("runtime", ["idefics_jax.runtime", "idefics_jax.configs"]),
+    ("ops", ["idefics_jax.ops"]),
+    ("model", ["idefics_jax.model"]),
+    ("checkpoints", ["idefics_jax.checkpoints", "idefics_jax.convert"]),
+    ("generation", ["idefics_jax.generation"]),
     ("serving", ["idefics_jax.serve"]),
+    ("tasks", ["idefics_jax.shapes"]),
     # evaluation answers through serving's engine; training and evaluation are siblings (neither imports the
     # other: test_siblings_stay_apart), listed in one order only because the table is a line.
     ("evaluation", ["idefics_jax.evaluate"]),
     ("training", ["idefics_jax.train"]),
-    ("cli", ["idefics_jax.cli", "idefics_jax.demo"]),
+    ("cli", ["idefics_jax.cli"]),
 ]
 SIBLINGS = [("evaluation", "training")]  # layers of one rank: neither may import the other
 FACADE = "idefics_jax"  # the package's __init__: gathers the public names; nothing inside imports it

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from idefics_jax import distributed
+from idefics_jax.runtime import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["steps=3", "log_every=1", "eval_every=0", "data.eval=", "data.num_records=32", "data.batch_size=4",

@@ -78,7 +78,7 @@ def test_training_program_restarts_with_heap_tunables(tmp_path):
     from idefics_jax.train import heap
 
     script = tmp_path / "show.py"
-    script.write_text("import os, sys\nfrom idefics_jax.train.heap import reexec_with_tunables\n"
+    script.write_text("import os, sys\nfrom idefics_jax.ops.heap import reexec_with_tunables\n"
                       "reexec_with_tunables()\n"
                       "print(os.environ.get('GLIBC_TUNABLES'), __spec__ and __spec__.name, sys.argv[1:])\n")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", heap.OPT_OUT)}

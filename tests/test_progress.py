@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from idefics_jax import progress as progress_lib
-from idefics_jax.progress import Progress, bytes_progress
+from idefics_jax.runtime import progress as progress_lib
+from idefics_jax.runtime.progress import Progress, bytes_progress
 
 
 class Stream(io.StringIO):

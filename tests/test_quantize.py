@@ -14,11 +14,12 @@ import pytest
 from flax import nnx
 
 import idefics_jax
-from idefics_jax import _int4_cpu, cli
-from idefics_jax._layers import matmul
-from idefics_jax.checkpoint import META_FILE, quantized_format
+from idefics_jax import cli
+from idefics_jax.ops import int4_cpu as _int4_cpu
+from idefics_jax.model.layers import matmul
+from idefics_jax.checkpoints.checkpoint import META_FILE, quantized_format
 from idefics_jax.convert.hf_to_orbax import convert
-from idefics_jax.quantize import QuantizedWeight, QuantizeError, group_size, quantize
+from idefics_jax.ops.quantize import QuantizedWeight, QuantizeError, group_size, quantize
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import step as step_lib
 
@@ -178,7 +179,8 @@ def test_bad_requests_get_one_line_errors(tiny_hf, tmp_path, capfd):
 
 
 def test_qlora_trains_adapters_only(tiny_hf):
-    from idefics_jax.train import collate, records, shapes
+    from idefics_jax.train import collate, records
+    from idefics_jax.shapes import task as shapes
 
     collator = collate.Collator.from_pretrained(tiny_hf, collate.CollateConfig(length_buckets=(256, 512), max_images=1))
     batch = collator.collate([collator.encode(records.from_dict(r))
@@ -219,8 +221,9 @@ def test_qlora_trains_adapters_only(tiny_hf):
 
 SHARDED = r"""
 import sys, json, numpy as np
-from idefics_jax import load_pretrained, sharding
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax import load_pretrained
+from idefics_jax.model import sharding
+from idefics_jax.ops.quantize import QuantizedWeight
 from flax import nnx
 ckpt, fp32, out = sys.argv[1:4]
 inputs = dict(np.load(sys.argv[4]))

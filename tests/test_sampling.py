@@ -9,7 +9,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import idefics_jax
-from idefics_jax.sampling import SamplingConfig, SamplingParams, choose_tokens, process_logits
+from idefics_jax.generation.sampling import SamplingConfig, SamplingParams, choose_tokens, process_logits
 
 
 def params(temperature=1.0, top_p=1.0, min_new_tokens=0, eos=(), seed=0):

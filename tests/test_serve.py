@@ -25,13 +25,15 @@ import urllib.request
 import numpy as np
 import pytest
 
-from idefics_jax import _decode, slots
-from idefics_jax.chat import Chat, user_turn
-from idefics_jax.checkpoint import quantized_format, resolve
-from idefics_jax.generation import generate
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax.generation import decode as _decode
+
+from idefics_jax.serve import slots
+from idefics_jax.generation.chat import Chat, user_turn
+from idefics_jax.checkpoints.checkpoint import quantized_format, resolve
+from idefics_jax.generation.api import generate
+from idefics_jax.ops.quantize import QuantizedWeight
 from idefics_jax.serve.engine import Engine, EngineStopped, QueueFull, Request
-from idefics_jax.testing import random_image
+from reference import random_image
 
 # ---------------------------------------------------------------------------------------------------------------
 # The engine, in-process
@@ -146,7 +148,7 @@ def test_engine_sampling_is_generates(lively_chat):
 def test_engine_prompts_use_the_attention_backend_given(lively_chat, monkeypatch):
     """`Engine(attention=...)` reaches the package's one attention entry point for the prompt (a structured Mask
     to the backend named), and the answers stay `generate`'s; an unknown backend is refused up front."""
-    from idefics_jax import _decoder
+    from idefics_jax.model import decoder as _decoder
 
     seen = set()
 
@@ -590,12 +592,12 @@ MESH_SCRIPT = """
 import json, sys
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
-from idefics_jax.chat import Chat, user_turn
-from idefics_jax.convert.load import load_pretrained
-from idefics_jax.generation import generate
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax.generation.chat import Chat, user_turn
+from idefics_jax.checkpoints.load import load_pretrained
+from idefics_jax.generation.api import generate
+from idefics_jax.ops.quantize import QuantizedWeight
 from idefics_jax.serve.engine import Engine, Request
-from idefics_jax.sharding import make_mesh
+from idefics_jax.model.sharding import make_mesh
 from transformers import AutoProcessor
 
 path = sys.argv[1]

@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from idefics_jax.train import shapes
+from idefics_jax.shapes import task as shapes
 
 
 def _pixels_of(image, color):

@@ -17,9 +17,9 @@ import pytest
 from conftest import chat
 from jax.sharding import AbstractMesh
 
-from idefics_jax import sharding as cfg
-from idefics_jax import sharding as shd
-from idefics_jax import testing
+from idefics_jax.model import sharding as cfg
+from idefics_jax.model import sharding as shd
+import reference as testing
 
 WORKER = os.path.join(os.path.dirname(__file__), "_sharded_worker.py")
 MESHES = ["2,2,2", "1,8,1", "1,2,4"]
@@ -61,7 +61,7 @@ def test_mesh_presets():
 
 def test_chunks_align_with_shards():
     """Each shardable dimension is stored in 16 pieces when it divides: 2, 4, 8 or 16-way slices are whole chunks."""
-    from idefics_jax.checkpoint import chunk_shape
+    from idefics_jax.checkpoints.checkpoint import chunk_shape
 
     big = (32, 4096, 32, 128)
     assert chunk_shape(big, ("layers", "embed", "heads", "head_dim"), 2) == (32, 256, 2, 128)
@@ -88,7 +88,7 @@ def ckpt(tiny_hf_sharded, workdir):
 def wide_ckpt(workdir):
     """A 14 MB model, stored in 16-piece chunks down to a few KB: big enough that the chunks are stored out of
     line (OCDBT inlines values under 1 KB into its index, which every reader reads), so disk reads show."""
-    import idefics_jax.checkpoint as ckpt_lib
+    import idefics_jax.checkpoints.checkpoint as ckpt_lib
     from idefics_jax.convert.hf_to_orbax import convert
 
     c = testing.tiny_config()

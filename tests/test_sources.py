@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from idefics_jax.checkpoint import CheckpointError
+from idefics_jax.checkpoints.checkpoint import CheckpointError
 from idefics_jax.train import loading, records, sources
 from idefics_jax.train.config import DataConfig, TrainConfig
 

@@ -9,7 +9,8 @@ import pytest
 
 import idefics_jax
 from idefics_jax import cli
-from idefics_jax.train import shapes, shapes_eval
+from idefics_jax.shapes import task as shapes
+from idefics_jax.shapes import evaluate as shapes_eval
 
 MODEL_DIR = idefics_jax.resolve("tiny-shapes")
 EXAMPLES = os.path.join(MODEL_DIR, "examples")

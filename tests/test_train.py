@@ -19,7 +19,8 @@ from transformers import AutoModelForImageTextToText
 import idefics_jax
 from idefics_jax.convert import _names
 from idefics_jax.train import config as config_lib
-from idefics_jax.train import loading, shapes, step as step_lib, tfds_builder, trainer
+from idefics_jax.train import loading, step as step_lib, tfds_builder, trainer
+from idefics_jax.shapes import task as shapes
 from idefics_jax.train.collate import CollateConfig, Collator
 from idefics_jax.train.records import from_dict
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from idefics_jax import cli
-from idefics_jax.train import config as config_lib, shapes, tfds_builder, trainer
+from idefics_jax.train import config as config_lib, tfds_builder, trainer
+from idefics_jax.shapes import task as shapes
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from idefics_jax._connector import pixel_shuffle
-from idefics_jax._decoder import causal_mask
-from idefics_jax._layers import apply_rope, attend, rope_inv_freq
-from idefics_jax._vision import position_ids
-from idefics_jax.config import RopeConfig
-from idefics_jax.generation import bucket
-from idefics_jax.model import merge_image_features
+from idefics_jax.model.connector import pixel_shuffle
+from idefics_jax.model.decoder import causal_mask
+from idefics_jax.model.layers import apply_rope, attend, rope_inv_freq
+from idefics_jax.model.vision import position_ids
+from idefics_jax.model.config import RopeConfig
+from idefics_jax.generation.api import bucket
+from idefics_jax.model.idefics import merge_image_features
 
 
 # --- attention -------------------------------------------------------------------------------------------------

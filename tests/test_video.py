@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from idefics_jax import testing
+import reference as testing
 
 av = pytest.importorskip("av")
 pytest.importorskip("num2words")
@@ -41,7 +41,7 @@ def smolvlm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat(smolvlm):
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     return Chat.load(smolvlm[0], max_frames=4, fps=2.0)
 
@@ -52,7 +52,7 @@ def test_frames_and_text_are_transformers(chat, smolvlm):
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE, SmolVLMProcessor
     from transformers.video_utils import VideoMetadata
 
-    from idefics_jax import video
+    from idefics_jax.generation import video
 
     clip = video.probe(smolvlm[1])
     assert (clip.total_frames, clip.fps) == (14, 4.0)
@@ -77,7 +77,7 @@ def test_video_greedy_tokens_equal_transformers(chat, smolvlm):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from idefics_jax.generation import generate
+    from idefics_jax.generation.api import generate
 
     inputs = chat.inputs(PROMPT, videos=[smolvlm[1]])
     ours = generate(chat.model, **inputs, max_new_tokens=8)
@@ -94,7 +94,7 @@ def test_video_greedy_tokens_equal_transformers(chat, smolvlm):
 
 
 def _first_frame(path):
-    from idefics_jax import video
+    from idefics_jax.generation import video
 
     return video.read_frames(path, [0])[0]
 
@@ -106,7 +106,7 @@ def test_cli_generate_video(chat, smolvlm, capsys):
                  "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     # The CLI's Chat samples with the default 1 frame per second (3 frames here); the same through Python:
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     assert out.rstrip("\n") == Chat(chat.model, chat.processor)(PROMPT, videos=[smolvlm[1]], max_new_tokens=6)
 

@@ -1,6 +1,6 @@
 import sys
 
-from idefics_jax.train.heap import reexec_with_tunables
+from idefics_jax.ops.heap import reexec_with_tunables
 
 reexec_with_tunables()  # before anything allocates: see train/heap.py
 

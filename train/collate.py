@@ -170,8 +170,8 @@ class Collator:
         or in a bucket)."""
         from transformers import AutoProcessor
 
-        from idefics_jax.hf_config import from_hf_file
-        from idefics_jax.paths import local_side_files
+        from idefics_jax.checkpoints.hf_config import from_hf_file
+        from idefics_jax.checkpoints.paths import local_side_files
 
         return cls(AutoProcessor.from_pretrained(local_side_files(path)), config, from_hf_file(path).vision.image_size)
 

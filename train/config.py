@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from idefics_jax import configs
-from idefics_jax.config import ConfigError
+from idefics_jax.model.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TrainConfig:
     # "int8" / "int4": the matmul weights are loaded quantized and stay frozen (QLoRA with lora.rank > 0); the
     # adapters and whatever else is unfrozen train on top. "" = full precision.
     quantize: str = ""
-    group_size: int = 0  # int4 group size; 0 = the default (see idefics_jax.quantize)
+    group_size: int = 0  # int4 group size; 0 = the default (see idefics_jax.ops.quantize)
     log_every: int = 10
     eval_every: int = 0  # 0 = never
     eval_batches: int = 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from idefics_jax.chat import Chat, user_turn
+from idefics_jax.generation.chat import Chat, user_turn
 from idefics_jax.train import sources, step as step_lib
 from idefics_jax.train.collate import Collator
 from idefics_jax.train.config import TrainConfig

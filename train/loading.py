@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from idefics_jax import sharding as shd
-from idefics_jax.checkpoint import quantize_model
-from idefics_jax.convert.hub import resolve_model
-from idefics_jax.convert.load import load_pretrained
-from idefics_jax.hf_config import from_hf_file, read_generation_defaults
-from idefics_jax.model import IdeficsModel
-from idefics_jax.paths import as_path, building, local_side_files
-from idefics_jax.quantize import QuantizedWeight
+from idefics_jax.model import sharding as shd
+from idefics_jax.checkpoints.checkpoint import quantize_model
+from idefics_jax.checkpoints.hub import resolve_model
+from idefics_jax.checkpoints.load import load_pretrained
+from idefics_jax.checkpoints.hf_config import from_hf_file, read_generation_defaults
+from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.checkpoints.paths import as_path, building, local_side_files
+from idefics_jax.ops.quantize import QuantizedWeight
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, step as step_lib
 from idefics_jax.train.config import TrainConfig
@@ -38,8 +38,8 @@ def is_run(path) -> bool:
 def _shapes_base(cfg: TrainConfig) -> str:
     """The tiny-shapes architecture, tokenizer and processor without weights, written once into WORKDIR/base (a
     local directory or a bucket) by process 0 while the others wait. Published whole, config.json last
-    (`idefics_jax.paths.building`): a directory without it is a killed write, written again."""
-    from idefics_jax.train import shapes_model
+    (`idefics_jax.checkpoints.paths.building`): a directory without it is a killed write, written again."""
+    from idefics_jax.shapes import model as shapes_model
 
     path = as_path(cfg.workdir) / "base"
     if jax.process_index() == 0 and not (path / "config.json").exists():
@@ -137,7 +137,7 @@ def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize:
     (eos, pad); `chat_options` as `Chat.load` (do_image_splitting, longest_edge, ...)."""
     from transformers import AutoProcessor
 
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     model, model_dir = trained_model(workdir, step)
     defaults = model.generation_defaults  # a model rebuilt below does not carry them
@@ -155,6 +155,6 @@ def load_chat(name: str, **options):
     """A Chat for a training WORKDIR (`trained_chat`) or anything `Chat.load` takes (a checkpoint directory, local
     or in a bucket, a shipped model, a preset, a hub id); `options` as theirs. What `idefics-jax generate --model`
     loads."""
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     return trained_chat(name, **options) if is_run(name) else Chat.load(name, **options)

@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from idefics_jax.quantize import AdaptedWeight, QuantizedWeight
+from idefics_jax.ops.quantize import AdaptedWeight, QuantizedWeight
 from idefics_jax.train.config import LoraConfig
 
 
@@ -23,7 +23,7 @@ def _split(shape, n_in: int, stacked: bool):
 def init(fan_in: dict[str, int | None], params: dict[str, jax.Array], cfg: LoraConfig,
          key) -> dict[str, dict[str, jax.Array]]:
     """Adapters for every target path; B starts at zero so the model starts unchanged. `fan_in`: the parameters'
-    matmul metadata (`idefics_jax.model.matmul_fan_in`)."""
+    matmul metadata (`idefics_jax.model.idefics.matmul_fan_in`)."""
     out = {}
     for i, path in enumerate(cfg.targets):
         if path not in params:

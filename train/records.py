@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from idefics_jax.images import to_rgb
+from idefics_jax.generation.images import to_rgb
 
 TURN_FIELDS = ("user", "assistant", "source")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-from idefics_jax.paths import as_path
-from idefics_jax.train import shapes
+from idefics_jax.checkpoints.paths import as_path
+from idefics_jax.shapes import task as shapes
 from idefics_jax.train.config import TrainConfig
 
 Factory = Callable[[str, TrainConfig], Sequence]  # (split, config) -> records

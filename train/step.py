@@ -23,9 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from idefics_jax import sharding as shd
-from idefics_jax.model import matmul_fan_in
-from idefics_jax.quantize import AdaptedWeight, QuantizedWeight
+from idefics_jax.model import sharding as shd
+from idefics_jax.model.idefics import matmul_fan_in
+from idefics_jax.ops.quantize import AdaptedWeight, QuantizedWeight
 from idefics_jax.train import lora as lora_lib
 from idefics_jax.train.collate import IGNORE_INDEX
 from idefics_jax.train.config import LoraConfig

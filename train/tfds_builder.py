@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from idefics_jax.paths import as_path
+from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.train import records
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from idefics_jax import sharding as shd
-from idefics_jax.paths import as_path, is_remote
-from idefics_jax.progress import Progress
-from idefics_jax.sharding import RULES, MeshShape
+from idefics_jax.model import sharding as shd
+from idefics_jax.checkpoints.paths import as_path, is_remote
+from idefics_jax.runtime.progress import Progress
+from idefics_jax.model.sharding import RULES, MeshShape
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, sources, step as step_lib
 from idefics_jax.train.collate import CollateConfig, Collator

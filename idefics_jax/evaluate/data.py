@@ -42,7 +42,7 @@ class Sample:
     def load_images(self) -> list:
         from PIL import Image
 
-        from idefics_jax.images import load_image, to_rgb
+        from idefics_jax.generation.images import load_image, to_rgb
 
         out = []
         for im in self.images:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from idefics_jax.evaluate.data import Dataset, Sample
 from idefics_jax.evaluate.tasks import Task, get
-from idefics_jax.progress import Progress
+from idefics_jax.runtime.progress import Progress
 
 # (messages, images, max_new_tokens) -> answer text. By default the serving engine answers (engine_answerer).
 Query = tuple[list[dict], list, int]
@@ -163,7 +163,7 @@ def run(model, task: str | Task, data: str, out: str, *, limit: int | None = Non
     if len(done) < len(mine):
         engine = None
         if answer_fn is None:
-            from idefics_jax.chat import Chat
+            from idefics_jax.generation.chat import Chat
             from idefics_jax.serve.engine import Engine
 
             if isinstance(model, Engine):

@@ -31,7 +31,7 @@ from typing import Any
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI resolves the (string) annotation here
 
-from idefics_jax.images import to_rgb
+from idefics_jax.generation.images import to_rgb
 from idefics_jax.serve.engine import Engine, EngineStopped, QueueFull, Request
 
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -292,7 +292,7 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
     platform's)."""
     import uvicorn
 
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
 
     if allow_local_images is not None and not os.path.isdir(allow_local_images):
         raise ValueError(f"--allow-local-images {allow_local_images}: no such directory")

@@ -29,9 +29,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from idefics_jax.chat import Chat
-from idefics_jax.model import IdeficsModel
-from idefics_jax.slots import SlotDecoder
+from idefics_jax.generation.chat import Chat
+from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.serve.slots import SlotDecoder
 
 
 class QueueFull(RuntimeError):

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._cpu import layer_weights, on_cpu, per_layer
-from idefics_jax._decode import prefill as _prefill
-from idefics_jax.generation import _check_prompt, _eos_ids, bucket, check_arguments
-from idefics_jax.model import IdeficsModel, KVCache, check_attention, check_inputs, positions_from_mask
-from idefics_jax.sampling import SamplingConfig, SamplingParams, choose_tokens, is_eos
+from idefics_jax.ops.decode_weights import layer_weights, on_cpu, per_layer
+from idefics_jax.generation.decode import prefill as _prefill
+from idefics_jax.generation.api import _check_prompt, _eos_ids, bucket, check_arguments
+from idefics_jax.model.idefics import IdeficsModel, KVCache, check_attention, check_inputs, positions_from_mask
+from idefics_jax.generation.sampling import SamplingConfig, SamplingParams, choose_tokens, is_eos
 
 _GREEDY = SamplingConfig()
 _SAMPLE = SamplingConfig(do_sample=True, use_top_p=True)

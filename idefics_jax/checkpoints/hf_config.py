@@ -6,9 +6,9 @@ import json
 import os
 from typing import Any
 
-from idefics_jax.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
+from idefics_jax.model.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
                                 RopeConfig, TextConfig, VisionConfig)
-from idefics_jax.paths import as_path
+from idefics_jax.checkpoints.paths import as_path
 
 _SUPPORTED = ("idefics3", "smolvlm", "idefics2")
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from idefics_jax import sharding as shd
-from idefics_jax.checkpoint import PARAMS_DIR, CheckpointError, check_quantize, load_orbax, model_from_arrays
+from idefics_jax.model import sharding as shd
+from idefics_jax.checkpoints.checkpoint import PARAMS_DIR, CheckpointError, check_quantize, load_orbax, model_from_arrays
 from idefics_jax.convert.hf_to_orbax import HFCheckpoint
-from idefics_jax.convert.hub import resolve_model
-from idefics_jax.hf_config import read_generation_defaults
-from idefics_jax.model import IdeficsModel
-from idefics_jax.paths import as_path
+from idefics_jax.checkpoints.hub import resolve_model
+from idefics_jax.checkpoints.hf_config import read_generation_defaults
+from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.checkpoints.paths import as_path
 
 
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
                     group_size: int | None = None) -> IdeficsModel:
     """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, a model shipped
     with the package by name ("tiny-shapes"), a preset's published checkpoint ("smolvlm-256m") or a hub id
-    ("HuggingFaceTB/SmolVLM-256M-Instruct", "org/name@revision"); see `idefics_jax.convert.hub.resolve_model`.
+    ("HuggingFaceTB/SmolVLM-256M-Instruct", "org/name@revision"); see `idefics_jax.checkpoints.hub.resolve_model`.
 
     dtype: parameter (and compute) dtype; None keeps the stored one. mesh: restore straight into arrays sharded
     over it by the logical-axis `rules`. quantize: "int8" (per output channel) or "int4" (groups of `group_size`

@@ -18,12 +18,12 @@ from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
-from idefics_jax import sharding as shd
-from idefics_jax.config import ModelConfig
-from idefics_jax.hf_config import from_hf_file, read_generation_defaults
-from idefics_jax.model import IdeficsModel
-from idefics_jax.paths import as_path
-from idefics_jax.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
+from idefics_jax.model import sharding as shd
+from idefics_jax.model.config import ModelConfig
+from idefics_jax.checkpoints.hf_config import from_hf_file, read_generation_defaults
+from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.checkpoints.paths import as_path
+from idefics_jax.ops.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
 
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR

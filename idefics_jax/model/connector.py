@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax.config import ModelConfig
-from idefics_jax._layers import matmul, param
+from idefics_jax.model.config import ModelConfig
+from idefics_jax.model.layers import param
+from idefics_jax.ops.matmul import matmul
 
 
 def pixel_shuffle(x_ISD, s: int):
@@ -24,7 +25,7 @@ class PixelShuffleConnector(nnx.Module):
         d_in = c.vision.hidden_size * self.scale_factor**2
         self.proj = param(rngs, (d_in, c.text.hidden_size), ("mlp", "embed"), dtype=dtype, fan_in=1)
 
-    def __call__(self, x_ISD, mask_IS=None, attention: str | None = None):
-        """Vision states (I, S, Dv) -> image tokens (I, S/s^2, D). The patch mask and the attention backend are
-        not used here (no attention)."""
+    def __call__(self, x_ISD, mask_IS):
+        """Vision states (I, S, Dv) and their patch mask (I, S) -> image tokens (I, S/s^2, D); every patch is
+        kept (padding patches' tokens are never read: their image's rows are)."""
         return matmul("ISF,FD->ISD", pixel_shuffle(x_ISD, self.scale_factor), self.proj[...])

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax.config import VisionConfig
-from idefics_jax._layers import Mask, Stacked, attend, layer_norm, matmul, normal, ones, param, scan_layers, zeros
-from idefics_jax.sharding import Partitioning, constrain
+from idefics_jax.model.config import VisionConfig
+from idefics_jax.model.layers import Stacked, checkpointed, layer_norm, normal, ones, param, zeros
+from idefics_jax.ops.attention import Attention, Mask
+from idefics_jax.ops.matmul import matmul
+from idefics_jax.model.sharding import Partitioning, constrain
 
 _ONES, _ZEROS = jax.nn.initializers.ones, jax.nn.initializers.zeros
 
@@ -31,7 +33,7 @@ def _layer_spec(c: VisionConfig) -> dict:
     }
 
 
-def _layer(eps: float, part: Partitioning | None, attention: str | None):
+def _layer(eps: float, part: Partitioning | None, attention: Attention):
     # Images over data/fsdp (they are the batch here), heads and MLP width over tensor.
     shard = lambda x, *axes: constrain(x, axes, part)  # noqa: E731
 
@@ -40,7 +42,7 @@ def _layer(eps: float, part: Partitioning | None, attention: str | None):
         q = shard(matmul("ISD,DNH->ISNH", h, w["q"]) + w["q_bias"], "batch", None, "heads", None)
         k = shard(matmul("ISD,DNH->ISNH", h, w["k"]) + w["k_bias"], "batch", None, "heads", None)
         v = shard(matmul("ISD,DNH->ISNH", h, w["v"]) + w["v_bias"], "batch", None, "heads", None)
-        a = attend(q, k, v, mask, attention, part)
+        a = attention(q, k, v, mask)
         x_ISD = shard(x_ISD + matmul("ISNH,NHD->ISD", a, w["o"]) + w["o_bias"], "batch", None, None)
         h = layer_norm(x_ISD, w["ln2_scale"], w["ln2_bias"], eps)
         h = jax.nn.gelu(matmul("ISD,DF->ISF", h, w["fc1"]) + w["fc1_bias"], approximate=True)
@@ -78,9 +80,11 @@ def position_ids(mask_IPP, n: int):
 
 
 class VisionEncoder(nnx.Module):
-    def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioning: Partitioning | None = None):
+    def __init__(self, c: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioning: Partitioning | None = None,
+                 attention: Attention = Attention()):
         self.config = c
         self.partitioning = partitioning
+        self.attention = attention
         D, p, n = c.hidden_size, c.patch_size, c.patches_per_side
         # LeCun normal for the patch projection, 1/sqrt(D) for positions: position signals as strong as content
         # ones, so attention can learn locality (shape) and not just pool colour.
@@ -93,7 +97,7 @@ class VisionEncoder(nnx.Module):
         self.post_ln_scale = ones(rngs, (D,), ("embed",), dtype)
         self.post_ln_bias = zeros(rngs, (D,), ("embed",), dtype)
 
-    def __call__(self, pixels_ICHW, mask_IPP, remat: bool = False, attention: str | None = None):
+    def __call__(self, pixels_ICHW, mask_IPP, remat: str = "none"):
         """pixels (I, C, H, W) normalised; mask (I, H/p, W/p) valid patches -> hidden states (I, S, D)."""
         c = self.config
         p = c.patch_size
@@ -106,6 +110,6 @@ class VisionEncoder(nnx.Module):
         x = x + jnp.take(pos_embed, position_ids(mask_IPP, c.patches_per_side), axis=0)
         x = constrain(x, ("batch", None, None), self.partitioning)
         key_mask = Mask.keys(mask_IPP.reshape(I, -1), Ph * Pw)
-        layer = _layer(c.layer_norm_eps, self.partitioning, attention)
-        x, _ = scan_layers(lambda x, w, _: (layer(x, w, key_mask), None), x, self.layers.weights(), remat=remat)
+        layer = _layer(c.layer_norm_eps, self.partitioning, self.attention)
+        x, _ = self.layers.loop().scan(checkpointed(lambda x, w, _: (layer(x, w, key_mask), None), remat), x)
         return layer_norm(x, self.post_ln_scale[...], self.post_ln_bias[...], c.layer_norm_eps)

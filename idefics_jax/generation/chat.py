@@ -7,7 +7,7 @@
         print(piece, end="", flush=True)
     chat.answers([(user_turn("What is this?", 1), ["a.jpg"]), (user_turn("And this?", 1), ["b.jpg"])])
     chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
-         videos=["clip.mp4"])  # SmolVLM2: sampled frames (idefics_jax.video)
+         videos=["clip.mp4"])  # SmolVLM2: sampled frames (idefics_jax.generation.video)
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from idefics_jax.convert.hub import resolve_model
-from idefics_jax.convert.load import load_pretrained
-from idefics_jax.generation import generate, generate_stream
-from idefics_jax.images import load_image
-from idefics_jax.model import IdeficsModel
-from idefics_jax.paths import local_side_files
-from idefics_jax.video import FPS, MAX_FRAMES, video_frames
+from idefics_jax.checkpoints.hub import resolve_model
+from idefics_jax.checkpoints.load import load_pretrained
+from idefics_jax.generation.api import generate, generate_stream
+from idefics_jax.generation.images import load_image
+from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.checkpoints.paths import local_side_files
+from idefics_jax.generation.video import FPS, MAX_FRAMES, video_frames
 
 # Content keys transformers' chat templates accept for an image given inline.
 _IMAGE_KEYS = ("image", "url", "path")

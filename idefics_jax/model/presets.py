@@ -5,7 +5,7 @@ Values are those of each checkpoint's `config.json`; `tests/test_config.py` chec
 
 import dataclasses
 
-from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
+from idefics_jax.model.config import ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
 
 _SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16)
 _SIGLIP_B16_512 = VisionConfig(
@@ -100,7 +100,7 @@ TINY = ModelConfig(
                         original_max_position_embeddings=64),
     ),
     connector=PixelShuffleConfig(scale_factor=2),
-    image_token_id=5,  # `<image>` in idefics_jax.testing.char_tokenizer
+    image_token_id=5,  # `<image>` in tests.reference.char_tokenizer
 )
 
 # Idefics2 counterpart of TINY: Mistral with a sliding window longer than any test prompt, and a perceiver whose
@@ -115,7 +115,7 @@ TINY_IDEFICS2 = ModelConfig(
         sliding_window=4096,
     ),
     connector=PerceiverConfig(num_latents=6, depth=2, num_heads=4, head_dim=10, num_kv_heads=2, rms_norm_eps=1e-6),
-    image_token_id=5,  # `<image>` in idefics_jax.testing.char_tokenizer
+    image_token_id=5,  # `<image>` in tests.reference.char_tokenizer
 )
 
 PRESETS = {

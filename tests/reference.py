@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
-from idefics_jax.config import ModelConfig, PerceiverConfig
+from idefics_jax.model.config import ModelConfig, PerceiverConfig
 from idefics_jax.convert import hf_files
 from idefics_jax.convert.hf_files import IMAGE_TOKEN_ID, char_tokenizer
-from idefics_jax.hf_config import to_hf_dict
-from idefics_jax.presets import TINY, TINY_IDEFICS2
+from idefics_jax.checkpoints.hf_config import to_hf_dict
+from idefics_jax.model.presets import TINY, TINY_IDEFICS2
 
 
 def processor(config: ModelConfig, tokenizer=None, tiles_per_side: int = 2, do_image_splitting: bool = True):

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax._cpu import per_layer
-from idefics_jax.model import IdeficsModel, KVCache, Mask, positions_from_mask
-from idefics_jax.sampling import SamplingParams, choose_tokens, is_eos
+from idefics_jax.ops.decode_weights import per_layer
+from idefics_jax.model.idefics import IdeficsModel, KVCache, Mask, positions_from_mask
+from idefics_jax.generation.sampling import SamplingParams, choose_tokens, is_eos
 
 
 @jax.tree_util.register_dataclass

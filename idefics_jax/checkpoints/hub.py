@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import re
 
-from idefics_jax.checkpoint import CheckpointError, resolve as resolve_shipped, shipped_models
+from idefics_jax.checkpoints.checkpoint import CheckpointError, resolve as resolve_shipped, shipped_models
 
-# Preset names (idefics_jax.presets.PRESETS) -> the hub id of the checkpoint they describe.
+# Preset names (idefics_jax.model.presets.PRESETS) -> the hub id of the checkpoint they describe.
 PUBLISHED = {
     "idefics2-8b": "HuggingFaceM4/idefics2-8b",
     "idefics2-8b-base": "HuggingFaceM4/idefics2-8b-base",

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 
-from idefics_jax.config import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
+from idefics_jax.model.config import ModelConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
 from idefics_jax.convert import hf_files
 from idefics_jax.convert.hf_files import SPECIAL
-from idefics_jax.train.shapes import COLORS, SHAPES
+from idefics_jax.shapes.task import COLORS, SHAPES
 
 WORDS = (["user", "assistant", ":", "?", ".", ",", "!", "how", "many", "shapes", "are", "there", "what", "color",
           "is", "the", "shape", "object", "a", "an", "of", "in", "this", "image"]
@@ -55,7 +55,7 @@ def write_examples(path: str) -> None:
     """examples/shapes-N.png and examples/questions.json (every allowed question with its answer) under `path`."""
     import numpy as np
 
-    from idefics_jax.train import shapes
+    from idefics_jax.shapes import task as shapes
 
     out = os.path.join(path, "examples")
     os.makedirs(out, exist_ok=True)

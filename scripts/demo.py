@@ -1,7 +1,7 @@
 """The parity demo: build a small random SmolVLM-style checkpoint offline, convert it with `idefics-jax convert`,
 answer a question about an image in JAX, and check logits and generated tokens against transformers.
 
-    python -m idefics_jax.demo [--workdir out/demo]
+    python -m scripts.demo [--workdir out/demo]
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from idefics_jax.chat import Chat
+    from idefics_jax.generation.chat import Chat
     from idefics_jax.convert.hf_to_orbax import convert
-    from idefics_jax.convert.load import load_pretrained
-    from idefics_jax.generation import generate
-    from idefics_jax import testing
+    from idefics_jax.checkpoints.load import load_pretrained
+    from idefics_jax.generation.api import generate
+    import reference as testing
 
     hf_dir, orbax_dir = os.path.join(a.workdir, "hf"), os.path.join(a.workdir, "orbax")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax._cpu import layer_weights, on_cpu
-from idefics_jax._decode import decode, prefill
-from idefics_jax.model import IdeficsModel, check_attention, check_inputs
-from idefics_jax.sampling import SamplingConfig, SamplingParams
+from idefics_jax.ops.decode_weights import layer_weights, on_cpu
+from idefics_jax.generation.decode import decode, prefill
+from idefics_jax.model.idefics import IdeficsModel, check_attention, check_inputs
+from idefics_jax.generation.sampling import SamplingConfig, SamplingParams
 
 
 def bucket(n: int, minimum: int = 16) -> int:

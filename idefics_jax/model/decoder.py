@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax.config import TextConfig
-from idefics_jax._layers import (Mask, Stacked, apply_rope, attend, attention_swiglu_spec, matmul, ones, param,
-                                 rms_norm, rope_inv_freq, scan_layers)
-from idefics_jax.sharding import Partitioning, constrain
+from idefics_jax.model.config import TextConfig
+from idefics_jax.model.layers import (Stacked, apply_rope, attention_swiglu_spec, checkpointed, ones, param, rms_norm,
+                                       rope_inv_freq)
+from idefics_jax.ops.attention import Attention, Mask
+from idefics_jax.ops.decode_weights import Layers
+from idefics_jax.ops.matmul import matmul
+from idefics_jax.model.sharding import Partitioning, constrain
 
 _ONES = jax.nn.initializers.ones
 
@@ -20,9 +23,9 @@ _ONES = jax.nn.initializers.ones
 @dataclasses.dataclass
 class KVCache:
     """Keys and values of every layer, preallocated to S slots: k, v (L, B, K, S, H), or lists of L arrays
-    (B, K, S, H) when the layers run one by one (see `scan_layers`). Heads before slots: attention contracts each
-    head's (S, H) block as it lies; with slots first XLA:CPU copied the whole cache into that order at every decode
-    step (a batch-8 step of the SmolVLM-256M decoder over 400 slots: 76 ms then, 71 now)."""
+    (B, K, S, H) when the layer loop runs the layers one by one (`ops.decode_weights.LayerList`). Heads before
+    slots: attention contracts each head's (S, H) block as it lies (with slots first, XLA:CPU copies the whole
+    cache into that order at every decode step)."""
 
     k: jax.Array
     v: jax.Array
@@ -35,6 +38,10 @@ class KVCache:
         shape = (c.num_layers, batch, c.num_kv_heads, slots, c.head_dim)
         where = partitioning.sharding(cls.AXES, shape) if partitioning else None
         return cls(jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where))
+
+    def laid_out(self, layers: Layers) -> "KVCache":
+        """This cache as `layers`' loop carries it (stacked, or a list of layers)."""
+        return KVCache(layers.lay_out(self.k), layers.lay_out(self.v))
 
 
 def _layer_spec(c: TextConfig) -> dict:
@@ -53,21 +60,23 @@ def causal_mask(attention_mask_BS, sliding_window: int | None = None):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, c: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioning: Partitioning | None = None):
+    def __init__(self, c: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioning: Partitioning | None = None,
+                 attention: Attention = Attention()):
         self.config = c
         self.partitioning = partitioning
+        self.attention = attention
         self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=dtype)
         self.layers = Stacked(c.num_layers, _layer_spec(c), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (c.hidden_size,), ("embed",), dtype)
 
     def __call__(self, x_BTD, pos_BT, mask: Mask | jax.Array, cache: KVCache | None = None, cache_index=None,
-                 remat: bool = False, layer_weights=None, attention: str | None = None):
+                 remat: str = "none", layers: Layers | None = None):
         """Runs all layers on embeddings (B, T, D).
 
         Without a cache, keys are the T tokens themselves and `mask` a `Mask` (or (B, T, T) bool). With a cache,
         the new keys and values are written at slots [cache_index, cache_index + T) and `mask` covers all S slots
-        (a (B, T, S) bool array unless S == T). `attention`: the backend (see `attend`).
-        `layer_weights` replaces this module's stacked weights by views of them (see `scan_layers`).
+        (a (B, T, S) bool array unless S == T). `layers`: the layer loop over this module's weights in another form
+        (`ops.decode_weights.decode_layers`); default their stacked form.
         Returns the final-normed hidden states (B, T, D) and the updated cache (or None).
         """
         c = self.config
@@ -87,7 +96,7 @@ class Decoder(nnx.Module):
                 put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), start)  # noqa: E731
                 kv = (shard(put(kv[0], k), *KVCache.AXES[1:]), shard(put(kv[1], v), *KVCache.AXES[1:]))
                 k, v = (jnp.swapaxes(x, 1, 2) for x in kv)  # attention's (B, S, K, H); undone inside, not copied
-            o = attend(q, k, v, mask, attention, self.partitioning)
+            o = self.attention(q, k, v, mask)
             o = matmul("BTNH,NHD->BTD", o, w["o"])  # one (N*H)-wide contraction (see matmul)
             x = shard(x + o, "batch", None, None)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
@@ -96,7 +105,7 @@ class Decoder(nnx.Module):
             return shard(x + matmul("BTF,FD->BTD", h, w["down"]), "batch", None, None), kv
 
         kv_in = None if cache is None else (cache.k, cache.v)
-        weights = self.layers.weights() if layer_weights is None else layer_weights
-        x, kv_out = scan_layers(layer, x_BTD, weights, kv_in, remat=remat)
+        layers = self.layers.loop() if layers is None else layers
+        x, kv_out = layers.scan(checkpointed(layer, remat), x_BTD, kv_in)
         new_cache = None if cache is None else KVCache(*kv_out)
         return rms_norm(x, self.norm[...], c.rms_norm_eps), new_cache

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax.config import ModelConfig, PerceiverConfig
-from idefics_jax._layers import (Mask, Stacked, attend, attention_swiglu_spec, matmul, ones, param, rms_norm,
-                                 scan_layers)
+from idefics_jax.model.config import ModelConfig, PerceiverConfig
+from idefics_jax.model.layers import Stacked, attention_swiglu_spec, ones, param, rms_norm
+from idefics_jax.ops.attention import Attention, Mask
+from idefics_jax.ops.matmul import matmul
 
 _ONES = jax.nn.initializers.ones
 
@@ -29,9 +30,10 @@ def _swiglu(x, gate, up, down):
 class PerceiverConnector(nnx.Module):
     """Vision states (I, S, Dv) and their patch mask (I, S) -> `num_latents` image tokens (I, T, D) per image."""
 
-    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention: Attention = Attention()):
         p = c.connector
         self.config = p
+        self.attention = attention
         Dv, D, F = c.vision.hidden_size, c.text.hidden_size, c.text.intermediate_size
         self.gate = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype, fan_in=1)
         self.up = param(rngs, (Dv, F), ("embed", "mlp"), dtype=dtype, fan_in=1)
@@ -40,7 +42,7 @@ class PerceiverConnector(nnx.Module):
         self.layers = Stacked(p.depth, _layer_spec(p, D), rngs=rngs, dtype=dtype)
         self.norm = ones(rngs, (D,), ("embed",), dtype)
 
-    def __call__(self, x_ISD, mask_IS, attention: str | None = None):
+    def __call__(self, x_ISD, mask_IS):
         p = self.config
         eps = p.rms_norm_eps
         context = _swiglu(x_ISD, self.gate[...], self.up[...], self.down[...])
@@ -59,9 +61,9 @@ class PerceiverConnector(nnx.Module):
             q = matmul("ITD,DNH->ITNH", lat_normed, w["q"])
             k = matmul("ISD,DKH->ISKH", kv_in, w["k"])
             v = matmul("ISD,DKH->ISKH", kv_in, w["v"])
-            lat_ITD = lat_ITD + matmul("ITNH,NHD->ITD", attend(q, k, v, mask, attention), w["o"])
+            lat_ITD = lat_ITD + matmul("ITNH,NHD->ITD", self.attention(q, k, v, mask), w["o"])
             h = rms_norm(lat_ITD, w["mlp_norm"], eps)
             return lat_ITD + _swiglu(h, w["gate"], w["up"], w["down"]), None
 
-        latents, _ = scan_layers(layer, latents, self.layers.weights())
+        latents, _ = self.layers.loop().scan(layer, latents)
         return rms_norm(latents, self.norm[...], eps)

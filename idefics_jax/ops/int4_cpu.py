@@ -1,4 +1,4 @@
-"""The int4 decode matmul's CPU kernel (`_int4_cpu.cc`, an XLA FFI custom call): x (R, C) @ int4 w -> (R, O).
+"""The int4 decode matmul's CPU kernel (`int4_cpu.cc`, an XLA FFI custom call): x (R, C) @ int4 w -> (R, O).
 
 XLA has no packed-int4 matmul; its best form unpacks every weight's nibbles into a byte array at every decode step,
 which costs more than the multiplication. The kernel reads each packed byte once and unpacks it in registers.
@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-_SOURCE = Path(__file__).with_name("_int4_cpu.cc")
+_SOURCE = Path(__file__).with_name("int4_cpu.cc")
 _TARGET = "idefics_jax_int4_matmul"
 
 

@@ -8,8 +8,8 @@ import dataclasses
 
 import numpy as np
 
-from idefics_jax.progress import Progress
-from idefics_jax.train import shapes
+from idefics_jax.runtime.progress import Progress
+from idefics_jax.shapes import task as shapes
 
 EVAL_SEED = 20261123  # training data uses seeds 0 (train) and 1_000_003 (eval split); these images are new
 
@@ -59,8 +59,8 @@ def write_jsonl(folder: str, items) -> str:
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
              max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
     """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
-    from idefics_jax.checkpoint import resolve
-    from idefics_jax.convert.load import load_pretrained
+    from idefics_jax.checkpoints.checkpoint import resolve
+    from idefics_jax.checkpoints.load import load_pretrained
     from transformers import AutoProcessor
 
     path = resolve(path)
@@ -77,7 +77,7 @@ def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: b
 def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf=None, batch_size: int = 32,
                    max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
     """`evaluate` for a model in memory (a training run's, say); `hf`: a transformers model to compare with."""
-    from idefics_jax.chat import Chat, user_turn
+    from idefics_jax.generation.chat import Chat, user_turn
 
     chat = Chat(model, processor)
     items = questions(n_images, seed, limit)

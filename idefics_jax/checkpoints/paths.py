@@ -19,7 +19,7 @@ from typing import Iterator
 
 from etils import epath
 
-from idefics_jax.progress import bytes_progress
+from idefics_jax.runtime.progress import bytes_progress
 
 UPLOAD_THREADS = 8  # files in flight to a bucket: an object store's throughput grows with parallel requests
 _CHUNK = 16 * 2**20

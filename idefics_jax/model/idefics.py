@@ -7,21 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from idefics_jax.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
-from idefics_jax._connector import PixelShuffleConnector
-from idefics_jax._decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KVCache: public here)
-from idefics_jax._layers import BACKENDS as ATTENTION_BACKENDS, Mask, matmul, param  # noqa: F401 (public here)
-from idefics_jax._layers import check_backend as check_attention  # noqa: F401 (public here)
-from idefics_jax._perceiver import PerceiverConnector
-from idefics_jax.config import GenerationDefaults
-from idefics_jax.quantize import QuantizedWeight
-from idefics_jax._vision import VisionEncoder, patch_mask
-from idefics_jax.sharding import Partitioning, constrain, put
+from idefics_jax.model.config import ModelConfig, PerceiverConfig, PixelShuffleConfig
+from idefics_jax.model.connector import PixelShuffleConnector
+from idefics_jax.model.decoder import Decoder, KVCache, causal_mask  # noqa: F401 (KVCache: public here)
+from idefics_jax.model.config import GenerationDefaults
+from idefics_jax.model.layers import param
+from idefics_jax.model.perceiver import PerceiverConnector
+from idefics_jax.model.sharding import Partitioning, constrain, put
+from idefics_jax.model.vision import VisionEncoder, patch_mask  # noqa: F401 (patch_mask: public here)
+from idefics_jax.ops.attention import Attention, Mask
+from idefics_jax.ops.decode_weights import Layers
+from idefics_jax.ops.matmul import matmul, tie_to_input
 
-# The connector is chosen by the type of its config.
-CONNECTORS: dict[type, type[nnx.Module]] = {
-    PixelShuffleConfig: PixelShuffleConnector,
-    PerceiverConfig: PerceiverConnector,
+# The connector is chosen by the type of its config; only the perceiver attends.
+CONNECTORS = {
+    PixelShuffleConfig: lambda c, rngs, dtype, attention: PixelShuffleConnector(c, rngs=rngs, dtype=dtype),
+    PerceiverConfig: lambda c, rngs, dtype, attention: PerceiverConnector(c, rngs=rngs, dtype=dtype, attention=attention),
 }
 
 
@@ -65,18 +66,20 @@ class IdeficsModel(nnx.Module):
 
     Call it with the HF processor's numpy outputs: `model(input_ids, attention_mask, pixel_values,
     pixel_attention_mask) -> logits (B, T, V) float32`. On a mesh the logits are a global array sharded over
-    it: `idefics_jax.sharding.to_host(logits)` gathers them on every process.
+    it: `idefics_jax.model.sharding.to_host(logits)` gathers them on every process.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 partitioning: Partitioning | None = None):
+                 partitioning: Partitioning | None = None, attention: str | None = None):
         """partitioning: the mesh and rules the activations are laid out by (`load_pretrained(mesh=...)` sets it);
-        None runs unconstrained, wherever the arrays are."""
+        None runs unconstrained, wherever the arrays are. attention: the backend of every attention with a `Mask`
+        ("xla", "cudnn", "pallas"; None: the platform's, see `ops.attention.attend`); `set_attention` changes it."""
         self.config = config
         self.partitioning = partitioning
-        self.vision = VisionEncoder(config.vision, rngs=rngs, dtype=dtype, partitioning=partitioning)
-        self.connector = CONNECTORS[type(config.connector)](config, rngs=rngs, dtype=dtype)
-        self.text = Decoder(config.text, rngs=rngs, dtype=dtype, partitioning=partitioning)
+        attn = Attention(attention, partitioning)
+        self.vision = VisionEncoder(config.vision, rngs=rngs, dtype=dtype, partitioning=partitioning, attention=attn)
+        self.connector = CONNECTORS[type(config.connector)](config, rngs, dtype, attn)
+        self.text = Decoder(config.text, rngs=rngs, dtype=dtype, partitioning=partitioning, attention=attn)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.text.hidden_size, config.text.vocab_size), ("embed", "vocab"),
                                  dtype=dtype, fan_in=1)
@@ -87,8 +90,20 @@ class IdeficsModel(nnx.Module):
     def dtype(self):
         return self.text.embed.dtype
 
-    def image_features(self, pixel_values_BICHW, pixel_mask_BIHW=None, remat: bool = False,
-                       attention: str | None = None):
+    @property
+    def attention(self) -> str | None:
+        """The attention backend (None: the platform's)."""
+        return self.text.attention.backend
+
+    def set_attention(self, backend: str | None) -> "IdeficsModel":
+        """Every tower's attention backend ("xla", "cudnn", "pallas"; None: the platform's); returns the model."""
+        attn = Attention(backend, self.partitioning)
+        for _, module in nnx.iter_graph(self):
+            if isinstance(getattr(module, "attention", None), Attention):
+                module.attention = attn
+        return self
+
+    def image_features(self, pixel_values_BICHW, pixel_mask_BIHW=None, remat: str = "none"):
         """-> features (B*I, image_seq_len, D) for every image slot, and which slots are real images (B*I,)."""
         B, I, C, H, W = pixel_values_BICHW.shape
         pixels = constrain(pixel_values_BICHW.reshape(B * I, C, H, W), ("batch", None, None, None), self.partitioning)
@@ -101,13 +116,13 @@ class IdeficsModel(nnx.Module):
         pmask = patch_mask(pixel_mask, v.patch_size, v.patch_valid_if_all_pixels)
         # Padding images run with a full mask so that no NaN can reach a gradient; their rows are never read.
         pmask = pmask | ~real[:, None, None]
-        hidden = self.vision(pixels, pmask, remat=remat, attention=attention)
-        feats = self.connector(hidden, pmask.reshape(B * I, -1), attention=attention)
+        hidden = self.vision(pixels, pmask, remat=remat)
+        feats = self.connector(hidden, pmask.reshape(B * I, -1))
         feats = constrain(feats, ("batch", None, None), self.partitioning)
         return feats, real
 
-    def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: bool = False,
-              one_image_at_a_time: bool = False, attention: str | None = None):
+    def embed(self, input_ids_BT, pixel_values=None, pixel_attention_mask=None, remat: str = "none",
+              one_image_at_a_time: bool = False):
         """Token embeddings (B, T, D) with the images' features written over the image tokens.
 
         one_image_at_a_time: run the vision tower on one image after another (`lax.map`); on the CPU all images at
@@ -127,11 +142,11 @@ class IdeficsModel(nnx.Module):
         if one_image_at_a_time:
             B, I = pixel_values.shape[:2]
             single = lambda a: None if a is None else a.reshape(B * I, 1, 1, *a.shape[2:])  # noqa: E731
-            feats = jax.lax.map(lambda pair: self.image_features(*pair, remat=remat, attention=attention)[0][0],
+            feats = jax.lax.map(lambda pair: self.image_features(*pair, remat=remat)[0][0],
                                 (single(pixel_values), single(pixel_attention_mask)))
             real = real_images(pixel_values)
         else:
-            feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat, attention=attention)
+            feats, real = self.image_features(pixel_values, pixel_attention_mask, remat=remat)
         return merge_image_features(x, input_ids_BT, feats, real, self.config.image_token_id)
 
     def lm_weight(self):
@@ -139,38 +154,59 @@ class IdeficsModel(nnx.Module):
         return self.text.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def lm_logits(self, h_BTD):
-        w = self.lm_weight()
-        if isinstance(w, QuantizedWeight):
-            # Tied to this step's input: otherwise XLA hoists the head's dequantization out of the decode loop and
-            # every step reads a full-precision copy of it.
-            h_BTD, w = jax.lax.optimization_barrier((h_BTD, w))
+        h_BTD, w = tie_to_input(self.lm_weight(), h_BTD)
         logits = matmul("BTD,DV->BTV", h_BTD, w).astype(jnp.float32)
         return constrain(logits, ("batch", None, "vocab"), self.partitioning)
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False,
-                attention: str | None = None, segment_ids=None):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+                remat: str = "none", segment_ids=None):
         """Traceable forward pass (use inside your own jit / grad). Shapes as in `__call__`."""
         return self.lm_logits(self.hidden(input_ids, attention_mask, pixel_values, pixel_attention_mask, remat,
-                                          attention, segment_ids))
+                                          segment_ids))
 
-    def hidden(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, remat=False,
-               attention: str | None = None, segment_ids=None):
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+               remat: str = "none", segment_ids=None):
         """The decoder's final-normed hidden states (B, T, D): `forward` without the vocabulary projection.
 
-        remat: recompute each layer in the backward pass (False, True / "full", or "matmuls": keep the matmul
-        outputs, recompute the rest). attention: the backend (`_layers.attend`; None: the platform's).
-        segment_ids (B, T) int: packed rows, one id per record (0: padding): attention stays within a record
-        and positions restart at each; replaces `attention_mask`.
+        remat: "none", "full" (recompute each layer in the backward pass) or "matmuls" (keep the matmul outputs,
+        recompute the rest). segment_ids (B, T) int: packed rows, one id per record (0: padding): attention stays
+        within a record and positions restart at each; replaces `attention_mask`.
         """
         if segment_ids is not None:
             segments, positions = segment_ids, positions_from_segments(segment_ids)
         else:
             segments = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
             positions = positions_from_mask(segments)
-        x = self.embed(input_ids, pixel_values, pixel_attention_mask, remat=remat, attention=attention)
+        x = self.embed(input_ids, pixel_values, pixel_attention_mask, remat=remat)
         mask = Mask.decoder(segments, self.config.text.sliding_window)
-        h, _ = self.text(x, positions, mask, remat=remat, attention=attention)
+        h, _ = self.text(x, positions, mask, remat=remat)
         return h
+
+    # ---- the decode core: the cache, a prompt's prefill, one decode step (traceable; used inside jit) ---------------
+    def init_cache(self, batch: int, slots: int, layers: Layers | None = None) -> KVCache:
+        """An empty cache of `slots` columns for `batch` rows, as `layers`' loop carries it (sharded on a mesh)."""
+        cache = KVCache.zeros(self.config.text, batch, slots, self.dtype, self.partitioning)
+        return cache if layers is None else cache.laid_out(layers)
+
+    def prefill(self, input_ids_BT, attention_mask_BT, pixel_values=None, pixel_attention_mask=None,
+                layers: Layers | None = None, one_image_at_a_time: bool = False):
+        """Runs a left-padded prompt (B, T) -> (the last token's logits (B, V) float32, a cache of its T columns
+        laid out for `layers`' loop). The vision tower runs here, once."""
+        c = self.config.text
+        x = self.embed(input_ids_BT, pixel_values, pixel_attention_mask, one_image_at_a_time=one_image_at_a_time)
+        # A cache of exactly T columns keeps prefill attention at T x T.
+        cache = KVCache.zeros(c, input_ids_BT.shape[0], input_ids_BT.shape[1], self.dtype, self.partitioning)
+        h, cache = self.text(x, positions_from_mask(attention_mask_BT), Mask.decoder(attention_mask_BT, c.sliding_window),
+                             cache, 0, layers=None if layers is None else layers.for_prefill())
+        cache = cache if layers is None else cache.laid_out(layers)
+        return self.lm_logits(h[:, -1:])[:, 0], cache
+
+    def step(self, tokens_B, pos_B, mask_BS, cache: KVCache, column, layers: Layers | None = None):
+        """One decode step: each row's token at its position, its key and value written in cache `column` (one
+        scalar for all rows), attending to the columns `mask_BS` allows -> (logits (B, V) float32, the cache)."""
+        h, cache = self.text(self.embed(tokens_B[:, None]), pos_B[:, None], mask_BS[:, None, :], cache, column,
+                             layers=layers)
+        return self.lm_logits(h)[:, 0], cache
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None):
         """input_ids (B, T) int; attention_mask (B, T) 1 = token; pixel_values (B, I, C, H, W) float with all-zero

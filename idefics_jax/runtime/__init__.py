@@ -1,0 +1,1 @@
+"""The process around the model: progress display and joining `jax.distributed`."""
