@@ -89,8 +89,8 @@ def quality(a) -> int:
     from transformers import AutoProcessor
 
     from idefics_jax.generation.chat import Chat, user_turn
-    from idefics_jax.checkpoints.checkpoint import resolve
     from idefics_jax.checkpoints.load import load_pretrained
+    from idefics_jax.checkpoints.registry import resolve
     from idefics_jax.shapes import task as shapes
     from idefics_jax.shapes import evaluate as shapes_eval
 

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     from idefics_jax.generation.chat import Chat
     from idefics_jax.generation.api import bucket
-    from idefics_jax.model.presets import PRESETS
+    from idefics_jax.checkpoints.registry import PRESETS
     import reference as testing
     from idefics_jax.serve.engine import Engine
 

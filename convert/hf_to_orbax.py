@@ -12,16 +12,17 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from idefics_jax.checkpoints.hub import resolve_model
-from idefics_jax.convert import _names
-from idefics_jax.convert._safetensors import TensorInfo, read_header, read_tensor
-from idefics_jax.checkpoints.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, check_quantize, finalize_partial,
-                                    param_metadata, param_shapes, quantize_param, save_partial)
-from idefics_jax.model.config import ModelConfig
+from idefics_jax.checkpoints.checkpoint import (META_FILE, PARAMS_DIR, CheckpointError, check_quantize,
+                                                finalize_partial, param_metadata, param_shapes, quantize_param,
+                                                save_partial)
 from idefics_jax.checkpoints.hf_config import from_hf_file
 from idefics_jax.checkpoints.paths import as_path, building, check_new, copy_side_files
-from idefics_jax.runtime.progress import Progress, bytes_progress
+from idefics_jax.checkpoints.registry import resolve
+from idefics_jax.convert import _names
+from idefics_jax.convert._safetensors import TensorInfo, read_header, read_tensor
+from idefics_jax.model.config import ModelConfig
 from idefics_jax.ops.quantize import eligible, leaf_axes
+from idefics_jax.runtime.progress import Progress, bytes_progress
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -125,13 +126,13 @@ def convert(src: str, dst: str, dtype: str | None = None, progress: bool = True,
     int4), each one quantized as it is read: the full-precision model never exists in memory. The checkpoint's
     metadata records the format, so it loads quantized by itself.
 
-    Built in a temporary directory and published when complete (`idefics_jax.checkpoints.paths.building`): renamed to a local
-    `dst`; uploaded to a bucket (`gs://...`) with the metadata file, which loading requires, last. A failure
-    leaves nothing loadable. `src` may also name a preset's published checkpoint or a hub id
-    (`idefics_jax.checkpoints.hub.resolve_model`), or a directory in a bucket.
+    Built in a temporary directory and published when complete (`idefics_jax.checkpoints.paths.building`): renamed
+    to a local `dst`; uploaded to a bucket (`gs://...`) with the metadata file, which loading requires, last. A
+    failure leaves nothing loadable. `src` may also name a preset's published checkpoint or a hub id
+    (`idefics_jax.checkpoints.registry.resolve`), or a directory in a bucket.
     """
     check_new(dst)
-    src = resolve_model(src)
+    src = resolve(src)
     if not as_path(src).is_dir():
         raise CheckpointError(f"{src}: not a directory")
     check_side_files(src)

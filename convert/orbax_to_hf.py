@@ -11,12 +11,12 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.checkpoints.checkpoint import quantized_format
-from idefics_jax.checkpoints.hub import resolve_model
 from idefics_jax.convert import _names
 from idefics_jax.convert._safetensors import write_file as write_safetensors
 from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.checkpoints.hf_config import to_hf_dict
 from idefics_jax.checkpoints.paths import as_path, building, check_new, copy_side_files
+from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.runtime.progress import bytes_progress
 from idefics_jax.ops.quantize import QuantizedWeight
 
@@ -45,7 +45,7 @@ def export(src: str, dst: str, progress: bool = True) -> None:
     tokenizer). A training run's WORKDIR: `idefics_jax.train.export.export_run`. Quantized weights are written
     dequantized (HF checkpoints hold full-precision weights), with a notice."""
     check_new(dst)
-    src = resolve_model(src)
+    src = resolve(src)
     model = load_pretrained(src)
     fmt = quantized_format(model)
     if fmt:
@@ -57,8 +57,8 @@ def export(src: str, dst: str, progress: bool = True) -> None:
 def write_hf(model, side_files: str, dst: str, progress: bool = True) -> None:
     """`model` -> HF directory `dst` (local or a bucket), with the tokenizer, processor and config files of
     directory `side_files`. Built in a temporary directory and published when complete
-    (`idefics_jax.checkpoints.paths.building`): a bucket receives config.json last, so that neither `load_pretrained` nor
-    transformers loads a partial upload."""
+    (`idefics_jax.checkpoints.paths.building`): a bucket receives config.json last, so that neither
+    `load_pretrained` nor transformers loads a partial upload."""
     tensors = model_to_hf_tensors(model)
     hf_config = _hf_config(side_files, model.config)
     with building(dst, "config.json", progress) as tmp:

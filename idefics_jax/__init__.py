@@ -6,12 +6,12 @@ generation. Modules inside the package import from the module that defines a nam
 
 from importlib.metadata import PackageNotFoundError, version
 
-from idefics_jax.checkpoints.checkpoint import CheckpointError, param_count, resolve
+from idefics_jax.checkpoints.checkpoint import CheckpointError, param_count
+from idefics_jax.checkpoints.registry import PRESETS, resolve
 from idefics_jax.model.config import (ConfigError, GenerationDefaults, ModelConfig, PerceiverConfig, PixelShuffleConfig,
                                 RopeConfig, TextConfig, VisionConfig)
 from idefics_jax.checkpoints.hf_config import from_hf_dict, from_hf_file, read_generation_defaults, to_hf_dict
 from idefics_jax.model.idefics import IdeficsModel, KVCache
-from idefics_jax.model.presets import PRESETS
 from idefics_jax.model import sharding
 from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.generation.api import generate, generate_stream

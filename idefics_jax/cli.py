@@ -17,7 +17,8 @@ def _convert(a):
 
 def _export(a):
     from idefics_jax.convert.orbax_to_hf import export
-    from idefics_jax.train.export import export_run, is_run
+    from idefics_jax.checkpoints.registry import is_run
+    from idefics_jax.train.export import export_run
 
     (export_run if is_run(a.src) else export)(a.src, a.dst)
 

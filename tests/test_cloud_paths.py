@@ -262,6 +262,7 @@ def test_training_workdir_in_a_bucket(bucket):
     metrics.jsonl (rewritten, as a bucket has no append), and the data splits' leftovers check."""
     import dataclasses
 
+    from idefics_jax.checkpoints import registry
     from idefics_jax.train import config as config_lib, loading, tfds_builder
     from idefics_jax.train.collate import CollateConfig, Collator
     from idefics_jax.train.trainer import _MetricsFile
@@ -280,10 +281,10 @@ def test_training_workdir_in_a_bucket(bucket):
     lines = (epath.Path(work) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
-    assert not loading.is_run(work)
+    assert not registry.is_run(work)
     (epath.Path(work) / "checkpoints").mkdir()
     (epath.Path(work) / "config.json").write_text("{}")
-    assert loading.is_run(work)
+    assert registry.is_run(work)
 
     data = f"{work}/data-train"
     (epath.Path(data) / tfds_builder.NAME / "incomplete.x1" / "part").write_text("")

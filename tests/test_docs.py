@@ -41,7 +41,7 @@ def scratch(tmp_path_factory):
     """A folder holding the stand-ins of the substitution table above."""
     import PIL.Image
 
-    from idefics_jax.checkpoints.checkpoint import resolve
+    from idefics_jax.checkpoints.registry import resolve
     from idefics_jax.convert.hf_to_orbax import convert
 
     d = tmp_path_factory.mktemp("readme")

@@ -1,5 +1,5 @@
-"""Models named by hub id, preset or path: one resolver (convert/hub.py) behind load_pretrained, Chat.load, the CLI
-and training configs. The hub cache is a real one laid out on disk (no mocking of huggingface_hub); the programs
+"""Models named by hub id, preset or path: one resolver (checkpoints/registry.py) behind load_pretrained, Chat.load,
+the CLI and training configs. The hub cache is a real one laid out on disk (no mocking of huggingface_hub); the programs
 run in subprocesses, because huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported."""
 
 import json
@@ -10,11 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from idefics_jax.model import presets
-
 import reference as testing
+from idefics_jax.checkpoints import hub, registry
 from idefics_jax.checkpoints.checkpoint import CheckpointError
-from idefics_jax.convert import hub
+from idefics_jax.checkpoints.load import load_pretrained
 
 REPO = "acme/tiny-vlm"
 MAIN, OTHER = "a" * 40, "b" * 40
@@ -100,19 +99,46 @@ def test_resolution_order(tmp_path, monkeypatch):
     # A local directory of the same name wins over the hub id; a shipped model's name is its package directory.
     monkeypatch.chdir(tmp_path)
     os.makedirs("acme/tiny-vlm")
-    assert hub.resolve_model("acme/tiny-vlm") == "acme/tiny-vlm"
-    assert hub.resolve_model("tiny-shapes").endswith(os.path.join("models", "tiny-shapes"))
+    assert registry.resolve("acme/tiny-vlm") == "acme/tiny-vlm"
+    shipped = registry.resolve("tiny-shapes")
+    assert shipped.endswith(os.path.join("idefics_jax", "models", "tiny-shapes"))
+    assert os.path.isfile(os.path.join(shipped, "config.json"))
     import pathlib
 
-    assert hub.resolve_model(pathlib.Path("acme/tiny-vlm")) == "acme/tiny-vlm"
+    assert registry.resolve(pathlib.Path("acme/tiny-vlm")) == "acme/tiny-vlm"
+    # A shipped name means the shipped model from any working directory; ./NAME is the local folder.
+    os.makedirs("tiny-shapes")
+    assert registry.resolve("tiny-shapes") == shipped and registry.resolve("./tiny-shapes") == "./tiny-shapes"
     with pytest.raises(CheckpointError, match="not a shipped model, a preset .*smolvlm-256m.* or a hub id"):
-        hub.resolve_model("no such model")
+        registry.resolve("no such model")
+
+
+def test_a_workdir_resolves_to_its_newest_complete_checkpoint(tmp_path):
+    """The registry knows a run's layout (WORKDIR/config.json, WORKDIR/checkpoints/STEP); the training layer builds
+    the model from the step it names."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        registry.resolve(str(run))
+    for step in (2, 10):
+        (run / "checkpoints" / str(step)).mkdir()
+    (run / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()  # a save still being written
+    newest = registry.resolve(str(run))
+    assert newest == str(run / "checkpoints" / "10")
+    assert registry.run_step(newest) == (str(run), 10)
+    assert registry.run_step(run / "checkpoints" / "2") == (str(run), 2)
+    assert registry.run_step(run) is None and registry.run_step(tmp_path) is None
+    with pytest.raises(CheckpointError, match="a training run's WORKDIR"):
+        load_pretrained(str(run))
 
 
 def test_presets_name_their_published_checkpoints():
-    assert set(hub.PUBLISHED) == set(presets.PRESETS) - {"tiny", "tiny-idefics2"}
-    assert hub.PUBLISHED["smolvlm-256m"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
-    for name, repo in hub.PUBLISHED.items():
+    published = registry.published()
+    assert set(published) == set(registry.PRESETS) - {"tiny", "tiny-idefics2"}
+    assert published["smolvlm-256m"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert registry.PRESETS == {name: p.config for name, p in registry.PRESET_TABLE.items()}
+    for name, repo in published.items():
         assert hub.parse_hub_id(repo) == (repo, None), name
     assert hub.parse_hub_id("org/name@v1.0") == ("org/name", "v1.0")
     for not_an_id in ("./org/name", "/abs/path", "gs://bucket/ckpt", "a/b/c", "name", "../x/y"):
@@ -129,7 +155,7 @@ def test_paths_as_objects(tmp_path, tiny_hf):
     import idefics_jax
     from idefics_jax.checkpoints.checkpoint import as_path
     from idefics_jax.convert.hf_to_orbax import convert
-    from idefics_jax.train.loading import is_run
+    from idefics_jax.checkpoints.registry import is_run
 
     assert str(as_path("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
     assert as_path("rel/dir") == epath.Path(os.path.abspath("rel/dir"))

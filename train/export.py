@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from idefics_jax.convert.orbax_to_hf import write_hf
 from idefics_jax.checkpoints.paths import check_new
-from idefics_jax.train.loading import is_run, trained_model
-
-__all__ = ["export_run", "is_run"]
+from idefics_jax.convert.orbax_to_hf import write_hf
+from idefics_jax.train.loading import trained_model
 
 
 def export_run(workdir: str, dst: str, progress: bool = True) -> None:

@@ -1,5 +1,6 @@
 """The model a training run starts from, and the model a finished (or running) run has trained (`trained_model`;
-as a Chat, `trained_chat`; `load_chat` takes a WORKDIR or anything `Chat.load` takes)."""
+as a Chat, `trained_chat`; `load_chat` takes a WORKDIR or anything `Chat.load` takes). Names resolve through
+`idefics_jax.checkpoints.registry.resolve`, which gives a WORKDIR's newest checkpoint; this layer builds its model."""
 
 from __future__ import annotations
 
@@ -13,35 +14,26 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from idefics_jax.model import sharding as shd
 from idefics_jax.checkpoints.checkpoint import quantize_model
-from idefics_jax.checkpoints.hub import resolve_model
-from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.checkpoints.hf_config import from_hf_file, read_generation_defaults
-from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.checkpoints.paths import as_path, building, local_side_files
+from idefics_jax.checkpoints.registry import RUN_CHECKPOINTS, RUN_CONFIG, resolve, run_step
+from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.model.sharding import Partitioning
 from idefics_jax.ops.quantize import QuantizedWeight
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, step as step_lib
 from idefics_jax.train.config import TrainConfig
 
-CHECKPOINTS = "checkpoints"
 
-
-def is_run(path) -> bool:
-    """Whether `path` (local, `gs://`, any path object) is a training WORKDIR (its checkpoints and the config it
-    ran with)."""
-    p = as_path(path)
-    return (p / CHECKPOINTS).is_dir() and (p / "config.json").exists()
-
-
-def _shapes_base(cfg: TrainConfig) -> str:
+def _shapes_base(config: TrainConfig) -> str:
     """The tiny-shapes architecture, tokenizer and processor without weights, written once into WORKDIR/base (a
     local directory or a bucket) by process 0 while the others wait. Published whole, config.json last
     (`idefics_jax.checkpoints.paths.building`): a directory without it is a killed write, written again."""
     from idefics_jax.shapes import model as shapes_model
 
-    path = as_path(cfg.workdir) / "base"
+    path = as_path(config.workdir) / "base"
     if jax.process_index() == 0 and not (path / "config.json").exists():
         if path.exists():
             path.rmtree()
@@ -67,67 +59,67 @@ def register(name: str, write_base: Callable[[TrainConfig], str]) -> None:
 register("shapes", _shapes_base)
 
 
-def model_path(cfg: TrainConfig) -> str:
-    """The directory `cfg.model` names: a registered built-in's weightless directory, another run's WORKDIR, or
-    what `convert.hub.resolve_model` makes of it (a directory, a shipped model, a preset's or hub id's snapshot in
-    the hub cache)."""
-    write_base = _BUILTIN.get(cfg.model)
-    if write_base is not None:
-        return write_base(cfg)
-    return cfg.model if is_run(cfg.model) else resolve_model(cfg.model)
+def model_path(config: TrainConfig) -> str:
+    """The directory `config.model` names: a registered built-in's weightless directory, or what
+    `idefics_jax.checkpoints.registry.resolve` makes of it (a directory, a shipped model, another run's newest
+    checkpoint, a preset's or hub id's snapshot in the hub cache)."""
+    write_base = _BUILTIN.get(config.model)
+    return write_base(config) if write_base is not None else resolve(config.model)
 
 
-def load_model(cfg: TrainConfig, part: shd.Partitioning | None):
+def load_model(config: TrainConfig, partitioning: Partitioning | None):
     """A checkpoint or HF directory, a hub id or preset name; another run's WORKDIR (its newest step); a directory
     holding only config.json (and tokenizer/processor files): random initialisation from `seed`; or a registered
     built-in ("shapes": the tiny-shapes architecture), randomly initialised.
     With `quantize`, the matmul weights come quantized (QLoRA's frozen base).
     Returns the model and the directory its processor comes from."""
-    model, model_dir = _load_model(cfg, part)
-    if cfg.quantize:  # a checkpoint was quantized while loading; a random or trained model is quantized here
-        model = quantize_model(model, cfg.quantize, cfg.group_size or None)
+    model, model_dir = _load_model(config, partitioning)
+    if config.quantize:  # a checkpoint was quantized while loading; a random or trained model is quantized here
+        model = quantize_model(model, config.quantize, config.group_size or None)
     return model, model_dir
 
 
-def _load_model(cfg: TrainConfig, part: shd.Partitioning | None):
-    path = model_path(cfg)
-    if is_run(path):  # another run: continue from its newest checkpoint
-        model, processor_dir = trained_model(path)
-        return (model if part is None else _shard(model, part)), processor_dir
+def _load_model(config: TrainConfig, partitioning: Partitioning | None):
+    path = model_path(config)
+    run = run_step(path)
+    if run is not None:  # another run: continue from its newest checkpoint
+        model, processor_dir = trained_model(run.workdir, run.step)
+        return (model if partitioning is None else _shard(model, partitioning)), processor_dir
     p = as_path(path)
     if p.is_dir() and not any(f.name.endswith(".safetensors") or f.name == "params" for f in p.iterdir()):
-        config = from_hf_file(path)
-        model = IdeficsModel(config, rngs=nnx.Rngs(cfg.seed), partitioning=part)
-        model = model if part is None else _shard(model, part)
+        model = IdeficsModel(from_hf_file(path), rngs=nnx.Rngs(config.seed), partitioning=partitioning)
+        model = model if partitioning is None else _shard(model, partitioning)
         model.generation_defaults = read_generation_defaults(path)  # eos for evaluation
         return model, path
-    return load_pretrained(path, dtype=jnp.float32, mesh=None if part is None else part.mesh,
-                           quantize=cfg.quantize or None, group_size=cfg.group_size or None), path
+    return load_pretrained(path, dtype=jnp.float32, mesh=None if partitioning is None else partitioning.mesh,
+                           quantize=config.quantize or None, group_size=config.group_size or None), path
 
 
-def _shard(model, part: shd.Partitioning):
+def _shard(model, partitioning: Partitioning):
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], part.sharding(v.get_metadata()["axes"], v.shape))),
-                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    place = lambda v: v.replace(  # noqa: E731
+        jax.device_put(v[...], partitioning.sharding(v.get_metadata()["axes"], v.shape)))
+    state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
 
 
 def trained_model(workdir: str, step: int | None = None):
     """-> (model, directory of its tokenizer / processor files) for the run in `workdir` (newest step by default)."""
-    cfg = dataclasses.replace(config_lib.from_dict(json.loads((as_path(workdir) / "config.json").read_text())),
-                              workdir=os.fspath(workdir))
-    model, model_dir = load_model(cfg, None)
-    parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
-    tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
+    config = dataclasses.replace(config_lib.from_dict(json.loads((as_path(workdir) / RUN_CONFIG).read_text())),
+                                 workdir=os.fspath(workdir))
+    model, model_dir = load_model(config, None)
+    parts = step_lib.split(model, config.freeze, config.lora, jax.random.key(config.seed))
+    tx = optim.make(config.optim, config.steps, parts.fan_in, parts.trainable)
     target = step_lib.init_state(parts.trainable, tx)
-    manager = ocp.CheckpointManager(as_path(workdir) / CHECKPOINTS)
+    manager = ocp.CheckpointManager(as_path(workdir) / RUN_CHECKPOINTS)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"{workdir}: no complete checkpoint to export")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
     # A quantized base is dequantized under its adapters here (export writes those weights).
-    return step_lib.merge(parts, step_lib.full_params(parts.frozen, state.trainable, cfg.lora, merge=True)), model_dir
+    trained = step_lib.full_params(parts.frozen, state.trainable, config.lora, merge=True)
+    return step_lib.merge(parts, trained), model_dir
 
 
 def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize: str | None = None,
@@ -152,9 +144,11 @@ def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize:
 
 
 def load_chat(name: str, **options):
-    """A Chat for a training WORKDIR (`trained_chat`) or anything `Chat.load` takes (a checkpoint directory, local
-    or in a bucket, a shipped model, a preset, a hub id); `options` as theirs. What `idefics-jax generate --model`
-    loads."""
+    """A Chat for a training WORKDIR (`trained_chat`; its newest checkpoint) or anything `Chat.load` takes (a
+    checkpoint directory, local or in a bucket, a shipped model, a preset, a hub id); `options` as theirs. What
+    `idefics-jax generate --model` loads."""
     from idefics_jax.generation.chat import Chat
 
-    return trained_chat(name, **options) if is_run(name) else Chat.load(name, **options)
+    path = resolve(name)
+    run = run_step(path)
+    return trained_chat(run.workdir, step=run.step, **options) if run is not None else Chat.load(path, **options)

@@ -213,25 +213,6 @@ def finalize_partial(directory: str) -> None:
     ocp1.partial.finalize(os.path.abspath(directory))
 
 
-# Models shipped inside the package, by name (HF directories): `load_pretrained("tiny-shapes")`.
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-
-
-def shipped_models() -> list[str]:
-    if not os.path.isdir(SHIPPED_DIR):
-        return []
-    return sorted(d for d in os.listdir(SHIPPED_DIR) if os.path.isfile(os.path.join(SHIPPED_DIR, d, "config.json")))
-
-
-def resolve(path: str) -> str:
-    """A shipped model's name -> its directory in the package; any other path unchanged (a local directory of
-    the same name wins)."""
-    path = os.fspath(path)
-    if not os.path.exists(path) and path in shipped_models():
-        return os.path.join(SHIPPED_DIR, path)
-    return path
-
-
 def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
     """Checks what the restore will read before it starts: the stored arrays' names and shapes (Orbax's metadata
     file) against the model's, and that the store's index and every array's metadata are there. Reads no array.

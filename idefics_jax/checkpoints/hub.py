@@ -1,12 +1,6 @@
-"""Model names -> local directories: the one resolver behind every place a model is named.
-
-In order: a local path (or any existing `etils.epath` path, `gs://...` included) or a model shipped in the package
-("tiny-shapes"); a preset name ("smolvlm-256m"), which names its published checkpoint; a hub id `org/name` or
-`org/name@revision`, fetched with `huggingface_hub` into its cache (only the files a model needs), which honours
-HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN and shows a progress bar.
-
-A training WORKDIR is resolved above this layer (`idefics_jax.train.loading.trained_model`): conversion does not
-import training.
+"""The Hugging Face hub: hub ids (`org/name[@revision]`) and their model files, fetched with `huggingface_hub` into
+its cache (only the files a model needs), which honours HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN and shows
+a progress bar. Which names are hub ids, presets or paths is `idefics_jax.checkpoints.registry.resolve`'s.
 """
 
 from __future__ import annotations
@@ -14,20 +8,7 @@ from __future__ import annotations
 import os
 import re
 
-from idefics_jax.checkpoints.checkpoint import CheckpointError, resolve as resolve_shipped, shipped_models
-
-# Preset names (idefics_jax.model.presets.PRESETS) -> the hub id of the checkpoint they describe.
-PUBLISHED = {
-    "idefics2-8b": "HuggingFaceM4/idefics2-8b",
-    "idefics2-8b-base": "HuggingFaceM4/idefics2-8b-base",
-    "idefics3-8b-llama3": "HuggingFaceM4/Idefics3-8B-Llama3",
-    "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
-    "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
-    "smolvlm-2.2b": "HuggingFaceTB/SmolVLM-Instruct",
-    "smolvlm2-256m": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
-    "smolvlm2-500m": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
-    "smolvlm2-2.2b": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
-}
+from idefics_jax.checkpoints.checkpoint import CheckpointError
 
 # What a model needs: config and generation config, weights, tokenizer, processor, chat template. Not the
 # PyTorch .bin / ONNX / GGUF copies many repos also hold.
@@ -43,31 +24,6 @@ def parse_hub_id(name: str) -> tuple[str, str | None] | None:
     if not m or ".." in name or name.startswith(("./", "../")):
         return None
     return m["repo"], m["rev"]
-
-
-def _exists(name: str) -> bool:
-    if "://" in name:
-        from etils import epath
-
-        return epath.Path(name).exists()
-    return os.path.exists(name)
-
-
-def resolve_model(name) -> str:
-    """A model name -> a local directory (or a `gs://` path) holding it. Raises CheckpointError in one line when it
-    names nothing that can be found or fetched."""
-    name = os.fspath(name) if isinstance(name, os.PathLike) else str(name)
-    if _exists(name):
-        return name
-    if name in shipped_models():
-        return resolve_shipped(name)
-    hub_id = PUBLISHED.get(name, name)
-    parsed = parse_hub_id(hub_id)
-    if parsed is None:
-        known = ", ".join(shipped_models() + sorted(PUBLISHED))
-        raise CheckpointError(f"{name}: no such directory, and not a shipped model, a preset ({known}) "
-                              "or a hub id (org/name[@revision])")
-    return download(*parsed)
 
 
 def download(repo_id: str, revision: str | None = None) -> str:
@@ -101,3 +57,11 @@ def download(repo_id: str, revision: str | None = None) -> str:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_model(name) -> str:
+    """`idefics_jax.checkpoints.registry.resolve`, for the callers that still import it from here (Chat.load)."""
+    # TODO(issue 24): remove once generation/chat.py calls registry.resolve (this import closes a cycle).
+    from idefics_jax.checkpoints import registry
+
+    return registry.resolve(name)

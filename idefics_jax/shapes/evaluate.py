@@ -59,8 +59,8 @@ def write_jsonl(folder: str, items) -> str:
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
              max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
     """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
-    from idefics_jax.checkpoints.checkpoint import resolve
     from idefics_jax.checkpoints.load import load_pretrained
+    from idefics_jax.checkpoints.registry import resolve
     from transformers import AutoProcessor
 
     path = resolve(path)
