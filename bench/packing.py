@@ -26,10 +26,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from idefics_jax.ops.heap import reexec_with_tunables  # noqa: E402
-
-reexec_with_tunables()
-
 
 def records(c, n: int, lo: int, hi: int, seed: int = 0):
     """Encoded-like examples: random tokens, image tokens for each image, labels on the last third."""

@@ -104,6 +104,9 @@ def side_torch(a) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from idefics_jax.ops import heap
+
+    heap.keep_freed_memory()  # what our side's make_train_step applies, for a like-for-like heap
     torch.set_num_threads(os.cpu_count())
     batch = {k: torch.from_numpy(v) for k, v in np.load(os.path.join(a.workdir, "batch.npz")).items()}
     model = AutoModelForImageTextToText.from_pretrained(os.path.join(a.workdir, "ckpt"), dtype=torch.float32).train()
@@ -143,7 +146,7 @@ def main() -> None:
     p.add_argument("--attention", default=None, choices=["xla", "cudnn", "pallas"])
     p.add_argument("--sides", default="jax,torch")
     p.add_argument("--system-malloc", action="store_true",
-                   help="both sides with glibc's default malloc settings (default: both with HEAP_TUNABLES)")
+                   help="both sides with glibc's default malloc settings (default: both with idefics_jax.ops.heap's)")
     p.add_argument("--workdir", default="/tmp/bench-train-step")
     p.add_argument("--side", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -156,7 +159,7 @@ def main() -> None:
         return
 
     import reference as testing
-    from idefics_jax.train import heap
+    from idefics_jax.ops import heap
 
     c = _config(a)
     os.makedirs(a.workdir, exist_ok=True)
@@ -170,8 +173,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--side", side] + [x for x in sys.argv[1:] if x != "--smoke"]
         cmd += ["--smoke"] if a.smoke else []
         env = dict(os.environ)
-        if not a.system_malloc:
-            env["GLIBC_TUNABLES"] = heap.TUNABLES
+        if a.system_malloc:
+            env[heap.OPT_OUT] = "1"
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode:
             sys.exit(f"{side} side failed:\n{r.stderr[-3000:]}")
@@ -179,7 +182,7 @@ def main() -> None:
     print(f"training step, fp32, {os.cpu_count()} CPU cores: batch {B} x {T} tokens, one "
           f"{c.vision.image_size} px image each; text {c.text.num_layers} layers, vision {c.vision.num_layers}; "
           f"ours: remat {a.remat}, attention {a.attention or 'default'}; malloc: "
-          f"{'glibc defaults' if a.system_malloc else 'GLIBC_TUNABLES=' + heap.TUNABLES}")
+          f"{'glibc defaults' if a.system_malloc else 'mallopt ' + ', '.join(f'{n}={v}' for _, v, n in heap.SETTINGS)}")
     print(f"matmul FLOPs per step {flops / 1e12:.3f} T; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"{'':10} {'step s':>8} {'tokens/s':>9} {'MFU':>6} {'peak RSS GiB':>13} {'compile s':>10} "
           f"{'faults/step':>12} {'first loss':>11}")

@@ -32,11 +32,9 @@ def _train(a):
         return
     if a.config is None:
         raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
-    from idefics_jax.train import config, heap, trainer
+    from idefics_jax.train import config, trainer
 
-    cfg = config.load(a.config, a.overrides)  # a bad config fails before the restart
-    if a.program:  # the idefics-jax command itself, not main(argv) called in a Python process
-        heap.reexec_with_tunables()  # XLA:CPU reuses freed memory instead of faulting it in each step
+    cfg = config.load(a.config, a.overrides)  # a bad config fails before joining other hosts
     distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
     trainer.train(cfg)
 
@@ -201,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.program = argv is None  # the process's own command line: `train` may restart the process
     try:
         args.fn(args)
     except KeyboardInterrupt:

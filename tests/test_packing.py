@@ -67,27 +67,3 @@ def test_packing_fills_rows_and_its_state_restores_exactly(collator):
         resumed = mk(True, window)
         resumed.set_state(states[k])
         assert_batches_equal([next(resumed) for _ in range(5)], seen[k + 1:k + 6])
-
-
-def test_training_program_restarts_with_heap_tunables(tmp_path):
-    """`python -m idefics_jax.train` re-executes itself once with glibc's malloc keeping freed memory."""
-    import os
-    import subprocess
-    import sys
-
-    from idefics_jax.train import heap
-
-    script = tmp_path / "show.py"
-    script.write_text("import os, sys\nfrom idefics_jax.ops.heap import reexec_with_tunables\n"
-                      "reexec_with_tunables()\n"
-                      "print(os.environ.get('GLIBC_TUNABLES'), __spec__ and __spec__.name, sys.argv[1:])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", heap.OPT_OUT)}
-    out = subprocess.run([sys.executable, str(script), "a", "b=1"], capture_output=True, text=True, env=env)
-    assert out.stdout.strip() == f"{heap.TUNABLES} None ['a', 'b=1']"
-    # Started as a module (`python -m`, as `python -m idefics_jax.train`), it restarts as one.
-    out = subprocess.run([sys.executable, "-X", "utf8", "-m", "show", "c"], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
-    assert out.stdout.strip() == f"{heap.TUNABLES} show ['c']", out.stderr
-    env[heap.OPT_OUT] = "1"
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
-    assert out.stdout.strip() == "None None []"

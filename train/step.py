@@ -25,6 +25,7 @@ from flax import nnx
 
 from idefics_jax.model import sharding as shd
 from idefics_jax.model.idefics import matmul_fan_in
+from idefics_jax.ops import heap
 from idefics_jax.ops.quantize import AdaptedWeight, QuantizedWeight
 from idefics_jax.train import lora as lora_lib
 from idefics_jax.train.collate import IGNORE_INDEX
@@ -187,6 +188,8 @@ def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype
     before the single update; the loss is the mean over all scored tokens of the whole batch.
     remat: "none", "full" or "matmuls" (see `_layers.checkpointed`). attention: the backend (`_layers.attend`).
     """
+    heap.for_cpu_training()  # before the first step: XLA:CPU then reuses freed memory instead of faulting it in
+
     def total_loss(trainable, frozen, batch):
         return _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype, remat=remat, lora=lora,
                      attention=attention)

@@ -1,29 +1,83 @@
-"""glibc malloc settings for training on the CPU.
+"""glibc malloc settings for training on the CPU, applied inside the running process.
 
-XLA:CPU allocates a step's large temporaries and frees them again on every call. With glibc's defaults, blocks
-over 32 MiB are mmap-ed and unmapped each time, so every step faults all their pages in afresh (about a million
-minor page faults per step of a SmolVLM-256M-sized model, most of the time in the kernel). Keeping freed memory
-in the heap (no mmap for large blocks, no trimming, one arena so every thread reuses it) removes most of them.
-glibc reads these settings only at process start: `reexec_with_tunables` restarts the program with them.
+XLA:CPU allocates a step's large temporaries and frees them again on every call. With glibc's defaults, large
+blocks are mmap-ed and unmapped each time and the heap's free top is trimmed, so every step faults their pages in
+afresh (about a million minor page faults per step of a SmolVLM-256M-sized model, most of the time in the kernel).
+Keeping freed memory in the heap (no mmap, no trimming, one arena so every thread reuses it) removes most of them.
+
+`mallopt` sets the same parameters as the GLIBC_TUNABLES `glibc.malloc.*` names in `SETTINGS`, without a restart,
+so the training step gets them however it is started (the CLI, a script, a notebook). The cost: memory a step
+freed stays with the process for the next one instead of going back to the system.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
+import threading
+import warnings
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+# mallopt parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+# (mallopt parameter, value, the GLIBC_TUNABLES name it stands for). A trim threshold of -1 is the largest size_t:
+# the heap's free top is never given back.
+SETTINGS = (
+    (M_MMAP_MAX, 0, "glibc.malloc.mmap_max"),
+    (M_TRIM_THRESHOLD, -1, "glibc.malloc.trim_threshold"),
+    (M_ARENA_MAX, 1, "glibc.malloc.arena_max"),
+)
 OPT_OUT = "IDEFICS_JAX_SYSTEM_MALLOC"  # set to 1 to keep the system's malloc settings
 
+_lock = threading.Lock()
+_applied = False
 
-def reexec_with_tunables() -> None:
-    """Restarts this Python program, as it was started (`sys.orig_argv`: interpreter options, `-m module` or the
-    script, its arguments), with `TUNABLES` unless they are set already, or opted out of, or this is not Linux.
-    Returns only when no restart happens. Call it from a program's entry point only: it replaces the process."""
-    if not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "1":
-        return
-    if TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    current = os.environ.get("GLIBC_TUNABLES")
-    env = {**os.environ, "GLIBC_TUNABLES": f"{current}:{TUNABLES}" if current else TUNABLES}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+def _glibc():
+    """The C library when it is glibc (it has `gnu_get_libc_version`), else None (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Applies `SETTINGS` to this process's malloc, once; later calls do nothing. Returns whether the settings are
+    in effect: False off Linux / glibc or with IDEFICS_JAX_SYSTEM_MALLOC=1.
+
+    Call it before the work it is for: threads that have allocated already keep their own arenas (their large
+    blocks still come from the one shared heap, as mmap is off)."""
+    global _applied
+    if os.environ.get(OPT_OUT) == "1":
+        return False
+    with _lock:
+        if not _applied:
+            libc = _glibc()
+            if libc is None:
+                return False
+            failed = [name for param, value, name in SETTINGS if libc.mallopt(param, value) != 1]
+            if failed:
+                warnings.warn(f"glibc's mallopt refused {', '.join(failed)}: training on the CPU may be slower",
+                              stacklevel=2)
+                return False
+            _applied = True
+    return True
+
+
+def for_cpu_training() -> bool:
+    """`keep_freed_memory()` when JAX's default backend is the CPU (an accelerator's host keeps glibc's defaults:
+    its steps do not run through malloc, and trimming gives loading's memory back). Returns whether the settings
+    are in effect."""
+    import jax
+
+    return jax.default_backend() == "cpu" and keep_freed_memory()
