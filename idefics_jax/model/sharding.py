@@ -9,7 +9,8 @@ model, at the cost of memory when the sizes do not divide.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import numbers
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -32,11 +33,36 @@ RULES: Rules = (
 )
 
 
+def _check_target(where: str, name, target) -> None:
+    ok = target is None or isinstance(target, str) or (
+        isinstance(target, (tuple, list)) and all(isinstance(a, str) for a in target))
+    if not isinstance(name, str) or not ok:
+        raise TypeError(f"{where}: a rule maps a logical axis name to a mesh axis, a tuple of mesh axes or None; "
+                        f"got {name!r} -> {target!r}")
+
+
+def _check_rules(where: str, rules) -> None:
+    if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Sequence):
+        raise TypeError(f"{where}: rules must be a tuple of (logical axis, mesh axes) pairs like RULES; "
+                        f"got {type(rules).__name__}")
+    for rule in rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+            raise TypeError(f"{where}: rules must be (logical axis, mesh axes) pairs like RULES; got {rule!r}")
+        _check_target(where, *rule)
+
+
 def override(rules: Rules, **changes) -> Rules:
     """`rules` with some names remapped (a tuple of mesh axes, one axis, or None to replicate)."""
+    _check_rules("override", rules)
+    for name, target in changes.items():
+        _check_target("override", name, target)
     unknown = set(changes) - {name for name, _ in rules}
     out = tuple((name, changes.get(name, target)) for name, target in rules)
     return out + tuple((name, changes[name]) for name in sorted(unknown))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +73,20 @@ class MeshShape:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            if not _is_int(size):
+                raise TypeError(f"MeshShape: {name} must be an int (a number of devices, or -1 for all the rest); "
+                                f"got {size!r} ({type(size).__name__})")
+            if size < -1 or size == 0:
+                raise ValueError(f"MeshShape: {name} must be a positive number of devices or -1; got {size}")
+            object.__setattr__(self, name, int(size))  # numpy integers too: sizes go into jax and hash
+
     def resolve(self, n_devices: int) -> tuple[int, int, int]:
+        """-> (data, fsdp, tensor) sizes whose product is `n_devices`; ValueError when they cannot be."""
+        if not _is_int(n_devices) or n_devices < 1:
+            raise ValueError(f"MeshShape.resolve: n_devices must be a positive int; got {n_devices!r}")
         sizes = (self.data, self.fsdp, self.tensor)
         known = 1
         for s in sizes:
@@ -70,16 +109,46 @@ DATA_PARALLEL = MeshShape(data=-1)
 
 
 
-def make_mesh(shape: MeshShape | Sequence[int], devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+def mesh_shape(shape: MeshShape | Mapping[str, int] | Sequence[int]) -> MeshShape:
+    """`shape` as a MeshShape: one already, a dict of axis name -> size (axes left out have size 1), or the
+    (data, fsdp, tensor) sizes. A size of -1 takes all the remaining devices."""
+    if isinstance(shape, MeshShape):
+        return shape
+    if isinstance(shape, Mapping):
+        unknown = [k for k in shape if k not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"mesh shape: unknown axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
+        return MeshShape(**shape)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
+        raise TypeError(f"mesh shape must be a MeshShape, a dict of axis name -> size or the (data, fsdp, tensor) "
+                        f"sizes; got {type(shape).__name__}")
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape: {len(shape)} sizes given, one per axis ({', '.join(MESH_AXES)}) needed")
+    return MeshShape(*shape)
+
+
+def make_mesh(shape: MeshShape | Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes). `shape`: a MeshShape,
+    a dict of axis name -> size (`{"fsdp": -1, "tensor": 4}`; axes left out have size 1) or the three sizes
+    (`(1, 2, 4)`); at most one size is -1, which takes the remaining devices, and the sizes' product must be the
+    number of devices.
 
     `jax.make_mesh` orders the devices so that `tensor`, the innermost axis, stays within a host and on the
     fastest links.
     """
-    devices = jax.devices() if devices is None else list(devices)
-    sizes = shape.resolve(len(devices)) if isinstance(shape, MeshShape) else tuple(shape)
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh shape {sizes} needs {int(np.prod(sizes))} devices, {len(devices)} given")
+    shape = mesh_shape(shape)
+    if devices is None:
+        devices = jax.devices()
+    elif isinstance(devices, (jax.Device, str)) or not isinstance(devices, (Sequence, np.ndarray)):
+        raise TypeError(f"make_mesh: devices must be a list of jax devices (or None for all); "
+                        f"got {type(devices).__name__}")
+    devices = list(np.ravel(np.asarray(devices, dtype=object))) if isinstance(devices, np.ndarray) else list(devices)
+    if not devices:
+        raise ValueError("make_mesh: devices is empty")
+    bad = next((d for d in devices if not isinstance(d, jax.Device)), None)
+    if bad is not None:
+        raise TypeError(f"make_mesh: devices must be jax devices (jax.devices()); got {bad!r} ({type(bad).__name__})")
+    sizes = shape.resolve(len(devices))
     # Auto axes: the compiler propagates shardings between our constraints.
     return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -116,6 +185,9 @@ def auto_mesh(mesh: Mesh, rules: Rules = RULES) -> Mesh:
     name a subset of the axes (e.g. data and tensor only): rules naming a missing axis leave that dimension
     unsplit along it.
     """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (make_mesh(shape) makes one from a MeshShape, a dict of "
+                        f"axis name -> size or three sizes); got {type(mesh).__name__}")
     unknown = [a for a in mesh.axis_names if a not in known_axes(rules)]
     if unknown:
         raise ValueError(f"mesh axis {unknown[0]!r} is unknown: the sharding rules map onto "
@@ -138,6 +210,7 @@ class Partitioning:
     rules: Rules = RULES
 
     def __post_init__(self):
+        _check_rules("Partitioning", self.rules)
         # Tuples throughout: the model's graph definition must hash.
         object.__setattr__(self, "rules", tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in self.rules))
         object.__setattr__(self, "mesh", auto_mesh(self.mesh, self.rules))
