@@ -1,35 +1,39 @@
 """The fine-tuning program: `idefics-jax train CONFIG [key=value ...]` or `python -m idefics_jax.train CONFIG ...`.
 
-The loop, its checkpoints and its signals; the model comes from `loading`, the records from `sources`, held-out
-metrics from `evaluate`. Writes WORKDIR/metrics.jsonl (one JSON object per logged step), Orbax checkpoints in
-WORKDIR/checkpoints (trainable parameters, optimizer state, data-iterator state), and resumes from the newest
-complete one when started again. SIGTERM and Ctrl-C save a checkpoint and stop.
+`train` sets the run up (`_setup`), restores its newest checkpoint (`_Checkpoints`), then runs `_loop` until the
+last step or a stop signal (`StopSignals`), reporting as it goes (`_Report`, `_Throughput`). The model comes from
+`loading`, the records from `sources`, held-out metrics from `evaluate`. Writes WORKDIR/metrics.jsonl (one JSON
+object per logged step), Orbax checkpoints in WORKDIR/checkpoints (trainable parameters, optimizer state,
+data-iterator state), and resumes from the newest complete one when started again. SIGTERM and Ctrl-C save a
+checkpoint and stop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import sys
 import time
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from idefics_jax.model import sharding as shd
 from idefics_jax.checkpoints.paths import as_path, is_remote
+from idefics_jax.checkpoints.registry import RUN_CHECKPOINTS, RUN_CONFIG
+from idefics_jax.model import sharding
 from idefics_jax.runtime.progress import Progress
-from idefics_jax.model.sharding import RULES, MeshShape
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, sources, step as step_lib
 from idefics_jax.train.collate import CollateConfig, Collator
 from idefics_jax.train.config import TrainConfig
 from idefics_jax.train.data import LoaderConfig, batches
 from idefics_jax.train.evaluate import Evaluator
-from idefics_jax.train.loading import CHECKPOINTS, load_model
+from idefics_jax.train.loading import load_model
 
 
 class TrainingError(ValueError):
@@ -77,7 +81,7 @@ class _StepLog:
         evals = "".join(f" {k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
         how = f"stopped by {stopped}" if stopped else "done"
         print(f"{how}: steps {self.start}->{step} of {self.total} in {_hms(took)}, "
-              f"loss {last.get('loss', float('nan')):.4f}{evals}; checkpoints in {as_path(workdir) / CHECKPOINTS}",
+              f"loss {last.get('loss', float('nan')):.4f}{evals}; checkpoints in {as_path(workdir) / RUN_CHECKPOINTS}",
               flush=True)
 
 
@@ -104,118 +108,215 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
-    as_path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    mesh = shd.make_mesh(MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) if jax.device_count() > 1 else None
-    part = None if mesh is None else shd.Partitioning(mesh, RULES)
-    model, model_dir = load_model(cfg, part)
-    compute = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
-    parts = step_lib.split(model, cfg.freeze, cfg.lora, jax.random.key(cfg.seed))
-    tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, parts.trainable)
-    train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat, lora=cfg.lora,
-                                          grad_accum=cfg.optim.grad_accum, attention=cfg.attention or None)
-    schedule = optim.schedule(cfg.optim, cfg.steps)
+class _Throughput:
+    """Tokens per second since the last logged step. Each process counts its own batch, times the process count:
+    about the global batch. `tokens_per_second` counts every position the step computed, padding included;
+    `real_tokens_per_second` only the tokens the attention mask keeps (not padding), and the MFU estimate counts
+    those, the model's useful work."""
 
-    # data.batch_size is the global batch; each process loads its share (see train.data). Several processes pad
-    # to the longest bucket: the rows of one global array must have one length on every host.
-    hosts = jax.process_count()
-    if cfg.data.batch_size % hosts:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} does not divide over {hosts} processes")
-    buckets = tuple(cfg.data.length_buckets)[-1:] if hosts > 1 else tuple(cfg.data.length_buckets)
-    collate_cfg = CollateConfig(length_buckets=buckets, max_images=cfg.data.max_images,
-                                image_splitting=cfg.data.image_splitting, longest_edge=cfg.data.longest_edge or None)
-    collator = Collator.from_pretrained(model_dir, collate_cfg)
-    loader = batches(sources.source(cfg.data.train, "train", cfg), collator,
-                     LoaderConfig(batch_size=cfg.data.batch_size // hosts, seed=cfg.data.shuffle_seed,
-                                  packing=cfg.data.packing, pack_window=cfg.data.pack_window))
-    it = iter(loader)
-    evaluator = Evaluator(cfg, parts, collator, part) if cfg.eval_every and cfg.data.eval else None
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak_flops, self.hosts = flops_per_token, peak_flops, jax.process_count()
+        self.restart()
 
-    state = step_lib.init_state(parts.trainable, tx)
-    frozen = parts.frozen
-    manager = ocp.CheckpointManager(
-        as_path(cfg.workdir) / CHECKPOINTS,  # a local directory or a bucket (gs://)
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True),
-    )
-    start = manager.latest_step()
-    if start is not None:
-        restored = manager.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
-        state = restored.state
-        it.set_state(restored.data)
-        print(f"resumed from step {start} in {cfg.workdir}", file=sys.stderr)
-    main_process = jax.process_index() == 0
-    if main_process:
-        (as_path(cfg.workdir) / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
+    def restart(self) -> None:
+        self.t0, self.positions, self.real = time.perf_counter(), 0, 0
 
-    # SIGTERM (a preempted TPU VM) and Ctrl-C both finish the step, save and stop; a second Ctrl-C interrupts.
-    stop = {"signal": None}
+    def add(self, batch: dict) -> None:
+        mask = batch["attention_mask"]  # 1 for a record's tokens, 0 for padding (packed rows too)
+        self.positions += mask.size * self.hosts
+        self.real += int(mask.sum()) * self.hosts
 
-    def on_signal(sig, frame):
-        stop["signal"] = signal.Signals(sig).name
+    def rates(self) -> dict:
+        dt = time.perf_counter() - self.t0
+        real = self.real / dt
+        return {"tokens_per_second": self.positions / dt, "real_tokens_per_second": real,
+                "real_token_fraction": self.real / max(self.positions, 1),
+                "mfu": real * self.flops_per_token / self.peak_flops}
+
+
+class _Report:
+    """What a run shows and keeps, from process 0 only: the progress bar (a terminal) or a line every few seconds
+    on stderr; one line per logged step on a stdout that is not a terminal (`_StepLog`); WORKDIR/metrics.jsonl."""
+
+    def __init__(self, config: TrainConfig, start: int):
+        main = jax.process_index() == 0
+        self.progress = Progress("training", config.steps, unit="steps", rate=False, enabled=main)
+        self.metrics = _MetricsFile(as_path(config.workdir) / "metrics.jsonl") if main else None
+        self.lines = _StepLog(config.steps, start)
+        self.workdir = config.workdir
+
+    def log(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.append(json.dumps(row))
+        tps = row["tokens_per_second"]
+        self.progress.set(row["step"], f"loss {row['loss']:.4f}, {tps:,.0f} tok/s")
+        self.lines.show(row["step"], row["loss"], row["learning_rate"], tps)
+
+    def close(self) -> None:
+        self.progress.close()
+
+    def summary(self, step: int, last: dict, stopped: str | None) -> None:
+        self.lines.summary(step, last, self.workdir, stopped)
+
+
+class StopSignals:
+    """SIGTERM (a preempted TPU VM) and Ctrl-C ask the loop to finish its step, save and stop (`received` names
+    the signal); a second Ctrl-C interrupts at once. The previous handlers come back when the block ends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, sig, frame) -> None:
+        self.received = signal.Signals(sig).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    saved = {"step": start}
-
-    def save(step: int):
-        if saved["step"] == step:  # a signal right after a scheduled save
-            return
-        saved["step"] = step
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=ocp.args.JsonSave(it.get_state())), force=True)
-
-    flops_tok = flops_per_token(model)
-    peak = peak_flops(compute or jnp.float32) * jax.device_count()
-    del model
-    # Process 0 only: the bar (a terminal) or a line every few seconds on stderr; one line per logged step on a
-    # stdout that is not a terminal (_StepLog).
-    progress = Progress("training", cfg.steps, unit="steps", rate=False, enabled=main_process)
-    metrics = _MetricsFile(as_path(cfg.workdir) / "metrics.jsonl") if main_process else None
-    last: dict = {}
-    step = int(state.step)
-    log = _StepLog(cfg.steps, step)
-    t0, tokens_since, slots_since = time.perf_counter(), 0, 0
-    try:
-        while step < cfg.steps:
-            host_batch = next(it)
-            state, m = train_step(state, frozen, step_lib.put_batch(host_batch, part))
-            step += 1
-            loss = float(m["loss"])  # every step: a non-finite loss must stop the run before it is saved
-            if not math.isfinite(loss):
-                good = manager.latest_step()
-                raise TrainingError(f"loss is {loss} at step {step}; stopped, last good checkpoint: "
-                                    f"{'step ' + str(good) if good is not None else 'none'} in {cfg.workdir}")
-            tokens_since += int(host_batch["attention_mask"].sum()) * hosts  # about: this host's share
-            slots_since += host_batch["attention_mask"].size * hosts
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                dt = time.perf_counter() - t0
-                tps = tokens_since / dt
-                last = {"step": step, "loss": loss, "learning_rate": float(schedule(step - 1)),
-                        "tokens_per_second": tps, "mfu": tps * flops_tok / peak, "grad_norm": float(m["grad_norm"]),
-                        "real_tokens_per_second": tps, "real_token_fraction": tokens_since / max(slots_since, 1),
-                        "skipped_records": sum(it.skipped.values())}
-                if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    last.update(evaluator(state, frozen))
-                if metrics is not None:
-                    metrics.append(json.dumps(last))
-                progress.set(step, f"loss {loss:.4f}, {tps:,.0f} tok/s")
-                log.show(step, loss, last["learning_rate"], tps)
-                t0, tokens_since, slots_since = time.perf_counter(), 0, 0
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save(step)
-            if stop["signal"] is not None:
-                save(step)
-                break
-    finally:
-        progress.close()
-        manager.wait_until_finished()
-        manager.close()
-        for s, handler in previous.items():
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
-    log.summary(step, last, cfg.workdir, stop["signal"])
+
+
+class _Checkpoints:
+    """WORKDIR/checkpoints (a local directory or a bucket): the trainable state and the data iterator's position,
+    saved asynchronously, the newest `keep` kept."""
+
+    def __init__(self, config: TrainConfig):
+        self.workdir = config.workdir
+        self.manager = ocp.CheckpointManager(
+            as_path(config.workdir) / RUN_CHECKPOINTS,
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=True))
+        self.saved: int | None = None
+
+    def restore(self, state, data):
+        """`state` and the position of iterator `data` as the newest checkpoint holds them (unchanged without one)."""
+        step = self.manager.latest_step()
+        if step is None:
+            return state
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+        data.set_state(restored.data)
+        self.saved = step
+        print(f"resumed from step {step} in {self.workdir}", file=sys.stderr)
+        return restored.state
+
+    def save(self, step: int, state, data) -> None:
+        if self.saved == step:  # a signal right after a scheduled save
+            return
+        self.saved = step
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data.get_state())), force=True)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+@dataclasses.dataclass
+class _Setup:
+    """A run ready to step: the mesh's partitioning, the model split into trainable and frozen parts, the jitted
+    step, the data, the evaluator and the initial state."""
+
+    partitioning: sharding.Partitioning | None
+    parts: step_lib.Split
+    train_step: Callable
+    schedule: Callable[[int], float]
+    data: Iterator[dict]
+    evaluator: Evaluator | None
+    state: step_lib.TrainState
+    throughput: _Throughput
+
+
+def _setup(config: TrainConfig) -> _Setup:
+    mesh_shape = sharding.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = sharding.make_mesh(mesh_shape) if jax.device_count() > 1 else None
+    partitioning = None if mesh is None else sharding.Partitioning(mesh, sharding.RULES)
+    model, model_dir = load_model(config, partitioning)
+    compute = {"float32": None, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+    parts = step_lib.split(model, config.freeze, config.lora, jax.random.key(config.seed))
+    tx = optim.make(config.optim, config.steps, parts.fan_in, parts.trainable)
+    train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=config.remat, lora=config.lora,
+                                          grad_accum=config.optim.grad_accum, attention=config.attention or None)
+    collator, data = _data(config, model_dir)
+    evaluator = Evaluator(config, parts, collator, partitioning) if config.eval_every and config.data.eval else None
+    throughput = _Throughput(flops_per_token(model), peak_flops(compute or jnp.float32) * jax.device_count())
+    return _Setup(partitioning, parts, train_step, optim.schedule(config.optim, config.steps), data, evaluator,
+                  step_lib.init_state(parts.trainable, tx), throughput)
+
+
+def _data(config: TrainConfig, model_dir: str) -> tuple[Collator, Iterator[dict]]:
+    """The collator of the model's processor, and the training batches (an iterator whose position checkpoints
+    keep). data.batch_size is the global batch; each process loads its share (see train.data). Several processes
+    pad to the longest bucket: the rows of one global array must have one length on every host."""
+    hosts = jax.process_count()
+    if config.data.batch_size % hosts:
+        raise ValueError(f"data.batch_size {config.data.batch_size} does not divide over {hosts} processes")
+    buckets = tuple(config.data.length_buckets)[-1:] if hosts > 1 else tuple(config.data.length_buckets)
+    collator = Collator.from_pretrained(model_dir, CollateConfig(
+        length_buckets=buckets, max_images=config.data.max_images, image_splitting=config.data.image_splitting,
+        longest_edge=config.data.longest_edge or None))
+    loader = batches(sources.source(config.data.train, "train", config), collator,
+                     LoaderConfig(batch_size=config.data.batch_size // hosts, seed=config.data.shuffle_seed,
+                                  packing=config.data.packing, pack_window=config.data.pack_window))
+    return collator, iter(loader)
+
+
+def _loop(config: TrainConfig, run: _Setup, checkpoints: _Checkpoints, stop: StopSignals,
+          report: _Report) -> tuple[int, dict]:
+    """Steps until `config.steps` or a stop signal; logs, evaluates and saves on schedule. -> (the last step, the
+    last logged metrics)."""
+    step, last = int(run.state.step), {}
+    run.throughput.restart()
+    while step < config.steps:
+        batch = next(run.data)
+        run.state, metrics = run.train_step(run.state, run.parts.frozen, step_lib.put_batch(batch, run.partitioning))
+        step += 1
+        loss = float(metrics["loss"])  # every step: a non-finite loss must stop the run before it is saved
+        if not math.isfinite(loss):
+            good = checkpoints.latest_step()
+            raise TrainingError(f"loss is {loss} at step {step}; stopped, last good checkpoint: "
+                                f"{'step ' + str(good) if good is not None else 'none'} in {config.workdir}")
+        run.throughput.add(batch)
+        if step % config.log_every == 0 or step == config.steps:
+            last = {"step": step, "loss": loss, "learning_rate": float(run.schedule(step - 1)),
+                    "grad_norm": float(metrics["grad_norm"]), **run.throughput.rates(),
+                    "skipped_records": sum(run.data.skipped.values())}
+            if run.evaluator is not None and (step % config.eval_every == 0 or step == config.steps):
+                last.update(run.evaluator(run.state, run.parts.frozen))
+            report.log(last)
+            run.throughput.restart()
+        if step % config.save_every == 0 or step == config.steps:
+            checkpoints.save(step, run.state, run.data)
+        if stop.received is not None:
+            checkpoints.save(step, run.state, run.data)
+            break
+    return step, last
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    as_path(config.workdir).mkdir(parents=True, exist_ok=True)
+    run = _setup(config)
+    checkpoints = _Checkpoints(config)
+    run.state = checkpoints.restore(run.state, run.data)
+    if jax.process_index() == 0:
+        (as_path(config.workdir) / RUN_CONFIG).write_text(json.dumps(config_lib.to_dict(config), indent=2))
+    with StopSignals() as stop:
+        report = _Report(config, start=int(run.state.step))
+        try:
+            step, last = _loop(config, run, checkpoints, stop, report)
+        finally:
+            report.close()
+            checkpoints.close()
+    report.summary(step, last, stop.received)
     return last
 
 
@@ -224,7 +325,6 @@ def main(argv=None) -> int:
     if not argv:
         print("usage: python -m idefics_jax.train CONFIG [key=value ...]", file=sys.stderr)
         return 2
-    cfg = config_lib.load(argv[0], argv[1:])
-    last = train(cfg)
+    last = train(config_lib.load(argv[0], argv[1:]))
     print(json.dumps(last))
     return 0
