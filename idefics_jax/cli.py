@@ -40,23 +40,20 @@ def _train(a):
 
 
 def _generate(a):
-    from idefics_jax.runtime import distributed
-    from idefics_jax.generation.api import check_arguments
     from idefics_jax.generation.images import load_image
+    from idefics_jax.generation.sampling import SamplingParams
     from idefics_jax.generation.video import probe
-    from idefics_jax.model.idefics import check_attention
+    from idefics_jax.runtime import distributed
 
     # Every argument is checked before the model loads (seconds), images included.
-    if a.temperature is not None and not a.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 means greedy); got {a.temperature}")
     if a.longest_edge is not None and a.longest_edge < 1:
         raise ValueError(f"--longest-edge must be a positive number of pixels; got {a.longest_edge}")
     _check_quantize_options(a)
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
-    sample = a.top_k is not None or a.top_p is not None or (a.temperature is not None and a.temperature > 0)
-    kw = dict(do_sample=sample, temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    check_arguments(max_new_tokens=a.max_new_tokens, **kw)
-    check_attention(a.attention)
+    knobs = a.top_k is not None or a.top_p is not None
+    temperature = a.temperature if a.temperature is not None else (1.0 if knobs else 0.0)
+    sampling = SamplingParams.from_temperature(temperature, a.top_p, max_new_tokens=a.max_new_tokens, top_k=a.top_k,
+                                               seed=a.seed)
     images = [load_image(i) for i in a.image]
     for v in a.video:  # readable, with frames (PyAV installed)
         probe(v)
@@ -65,11 +62,14 @@ def _generate(a):
     distributed.initialize()
     chat = load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
                      longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size)
+    chat.model.set_attention(a.attention)
     out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
     for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
-                             max_new_tokens=a.max_new_tokens, attention=a.attention, **kw):
+                             max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+                             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                             seed=sampling.seed):
         out.write(piece)
         out.flush()
     out.write("\n")

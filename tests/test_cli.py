@@ -19,8 +19,8 @@ def no_loading(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer; got 0"),
-    (["--temperature", "-1"], "--temperature must be >= 0 (0 means greedy); got -1.0"),
-    (["--temperature", "nan"], "--temperature must be >= 0 (0 means greedy); got nan"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0 (0: greedy); got -1.0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0 (0: greedy); got nan"),
     (["--top-k", "0"], "top_k must be an integer >= 1 (or None); got 0"),
     (["--top-p", "0"], "top_p must be in (0, 1] (or None); got 0.0"),
     (["--top-p", "1.5"], "top_p must be in (0, 1] (or None); got 1.5"),

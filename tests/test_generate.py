@@ -12,12 +12,12 @@ from flax import nnx
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import idefics_jax
-from idefics_jax.ops import decode_weights as _cpu
-from idefics_jax.generation import decode as _decode
-from idefics_jax.generation import api as generation
 import reference as testing
-from idefics_jax.model.idefics import Decoder, KVCache, causal_mask
+from idefics_jax.generation import decode as _decode
+from idefics_jax.generation.prompt import bucket
+from idefics_jax.model.decoder import Decoder, KVCache, causal_mask
 from idefics_jax.model.idefics import positions_from_mask
+from idefics_jax.ops.decode_weights import BitsLayers, LayerList, StackedLayers, decode_layers
 
 CASES = ["one_image_split_padded", "batch_1_and_2_images", "text_only"]
 N_NEW = 24
@@ -95,12 +95,13 @@ def test_stream_chunks_equal_generate(model, cases):
 
 def test_prompt_lengths_share_a_bucket(model, processor):
     """Prompts of 33 and 37 tokens both pad to 40: no new compilation for the second one."""
-    assert generation.bucket(33) == generation.bucket(37) == 40 and generation.bucket(16) == 16
+    assert bucket(33) == bucket(37) == 40 and bucket(16) == 16
     ids = lambda n: np.asarray([[2] + [20 + (i % 50) for i in range(n - 1)]])  # noqa: E731
     idefics_jax.generate(model, ids(33), max_new_tokens=3, eos_token_id=[])
-    sizes = _decode.prefill._cache_size(), _decode.decode._cache_size()
+    compiled = lambda: [f._cache_size() for f in (_decode.prefill, _decode.insert, _decode.decode)]  # noqa: E731
+    sizes = compiled()
     idefics_jax.generate(model, ids(37), max_new_tokens=3, eos_token_id=[])
-    assert (_decode.prefill._cache_size(), _decode.decode._cache_size()) == sizes
+    assert compiled() == sizes
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -108,11 +109,11 @@ def test_cpu_weight_views_change_nothing(lively_hf, cases, monkeypatch, dtype):
     """On the CPU decoding reads zero-copy per-layer views (fp32) or bf16 bits (bf16); the stacked weights, as
     used elsewhere, give the same tokens."""
     model = idefics_jax.load_pretrained(lively_hf, dtype=dtype)
-    lw = _cpu.layer_weights(model)
-    assert isinstance(lw, list if dtype == "float32" else dict)  # None would mean a copy was needed
+    layers = decode_layers(model.text.layers.weights())
+    assert type(layers) is (LayerList if dtype == "float32" else BitsLayers)  # Stacked would mean a copy was needed
     inputs = cases["batch_1_and_2_images"]
     a = idefics_jax.generate(model, **inputs, max_new_tokens=8, eos_token_id=[])
-    monkeypatch.setattr(generation, "layer_weights", lambda m: None)
+    monkeypatch.setattr(_decode, "decode_layers", StackedLayers)
     np.testing.assert_array_equal(a, idefics_jax.generate(model, **inputs, max_new_tokens=8, eos_token_id=[]))
 
 

@@ -9,12 +9,22 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import idefics_jax
-from idefics_jax.generation.sampling import SamplingConfig, SamplingParams, choose_tokens, process_logits
+from idefics_jax.generation.sampling import Rows, SamplingConfig, choose_tokens, process_logits
 
 
-def params(temperature=1.0, top_p=1.0, min_new_tokens=0, eos=(), seed=0):
-    return SamplingParams(jnp.float32(temperature), jnp.float32(top_p), jnp.int32(min_new_tokens), jnp.int32(0),
-                          jnp.asarray(eos, jnp.int32).reshape(-1), jax.random.key(seed))
+def rows(n, temperature=1.0, top_p=1.0, min_new_tokens=0, seed=0):
+    """n rows with these settings, each with its own key."""
+    keys = jax.random.key_data(jax.random.split(jax.random.key(seed), n))
+    return Rows(jnp.full(n, temperature, jnp.float32), jnp.full(n, top_p, jnp.float32),
+                jnp.full(n, min_new_tokens, jnp.int32), jnp.full(n, 1000, jnp.int32), jnp.zeros(n, bool), keys)
+
+
+def eos(*ids):
+    return jnp.asarray(ids, jnp.int32).reshape(-1)
+
+
+def step(n, i):
+    return jnp.full(n, i, jnp.int32)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, None), (0.7, None, 0.9), (1.3, 20, 0.5),
@@ -26,7 +36,7 @@ def test_filters_remove_what_transformers_removes(temperature, top_k, top_p):
              ([TopPLogitsWarper(top_p)] if top_p else []):
         ref = w(None, ref)
     cfg = SamplingConfig(do_sample=True, top_k=top_k, use_top_p=top_p is not None)
-    ours = np.asarray(process_logits(jnp.asarray(logits), 0, cfg, params(temperature, top_p or 1.0)))
+    ours = np.asarray(process_logits(jnp.asarray(logits), step(6, 0), cfg, rows(6, temperature, top_p or 1.0), eos()))
     ref = ref.numpy()
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
     kept = ~np.isinf(ref)
@@ -38,23 +48,25 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = np.array([[0.5, 0.3, 0.15, 0.05]], np.float32)
     cfg = SamplingConfig(do_sample=True, use_top_p=True)
     for p, kept in [(0.5, 1), (0.79, 2), (0.81, 3), (0.96, 4)]:
-        out = np.asarray(process_logits(jnp.log(probs), 0, cfg, params(top_p=p)))
+        out = np.asarray(process_logits(jnp.log(probs), step(1, 0), cfg, rows(1, top_p=p), eos()))
         assert np.isfinite(out).sum() == kept, p
 
 
 def test_min_new_tokens_forbids_eos_until_reached():
     logits = jnp.asarray([[0.0, 5.0, 1.0, 4.0]])
     greedy = SamplingConfig()
-    p = params(min_new_tokens=2, eos=(1, 3))
-    assert int(choose_tokens(logits, 1, greedy, p)[0]) == 2
-    assert int(choose_tokens(logits, 2, greedy, p)[0]) == 1
+    p = rows(1, min_new_tokens=2)
+    assert int(choose_tokens(logits, step(1, 1), greedy, p, eos(1, 3))[0]) == 2
+    assert int(choose_tokens(logits, step(1, 2), greedy, p, eos(1, 3))[0]) == 1
 
 
 def test_draws_follow_the_softmax():
-    """20000 rows of the same logits: frequencies within 4 standard errors of softmax(logits / T)."""
+    """20000 rows of the same logits, each with its own key: frequencies within 4 standard errors of
+    softmax(logits / T)."""
     logits = jnp.asarray(np.log([0.1, 0.2, 0.3, 0.4]) * 2.0, jnp.float32)
     n = 20000
-    draws = np.asarray(choose_tokens(jnp.tile(logits, (n, 1)), 3, SamplingConfig(do_sample=True), params(2.0)))
+    draws = np.asarray(choose_tokens(jnp.tile(logits, (n, 1)), step(n, 3), SamplingConfig(do_sample=True), rows(n, 2.0),
+                                     eos()))
     freq = np.bincount(draws, minlength=4) / n
     want = np.array([0.1, 0.2, 0.3, 0.4])
     assert np.all(np.abs(freq - want) <= 4 * np.sqrt(want * (1 - want) / n)), freq

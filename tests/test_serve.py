@@ -25,13 +25,15 @@ import urllib.request
 import numpy as np
 import pytest
 
+from idefics_jax.checkpoints.checkpoint import quantized_format
+from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.generation import decode as _decode
-
-from idefics_jax.serve import slots
-from idefics_jax.generation.chat import Chat, user_turn
-from idefics_jax.checkpoints.checkpoint import quantized_format, resolve
 from idefics_jax.generation.api import generate
+from idefics_jax.generation.chat import Chat, user_turn
+from idefics_jax.generation.sampling import SamplingParams
+from idefics_jax.ops import attention as _attention
 from idefics_jax.ops.quantize import QuantizedWeight
+from idefics_jax.serve import slots
 from idefics_jax.serve.engine import Engine, EngineStopped, QueueFull, Request
 from reference import random_image
 
@@ -78,7 +80,8 @@ def test_prefill_many_batches_greedy_prompts(lively_chat):
     dec = slots.SlotDecoder(lively_chat.model, slots=4, max_len=176)
     prompts = lively_prompts()
     inputs = [lively_chat.inputs(m, i) for m, i in prompts]
-    opts = [dict(max_new_tokens=5)] * 4 + [dict(max_new_tokens=5), dict(max_new_tokens=5, temperature=0.7, seed=3)]
+    opts = [dict(sampling=SamplingParams(max_new_tokens=5))] * 5 + [
+        dict(sampling=SamplingParams(max_new_tokens=5, do_sample=True, temperature=0.7, seed=3))]
     prepared = [dec.prepare(**x, **o) for x, o in zip(inputs, opts)]
     many = dec.prefill_many(prepared)
     assert [p.row for p in many] == [0, 1, 2, 3, 0, 0]
@@ -122,8 +125,8 @@ def test_engine_serves_a_quantized_model(lively_hf):
     assert quantized_format(chat.model) == "int4"
     reqs = lively_requests(6, seed=2)  # each prompt once, 2 slots: they free and refill
     with Engine(chat.model, chat, slots=2, max_len=176, steps=3) as engine:
-        lw = engine.decoder.lw  # on the CPU: per-layer views of the codes
-        assert isinstance((lw[0] if isinstance(lw, list) else lw)["q"], QuantizedWeight)  # codes, not a copy
+        weights = engine.decoder.core.layers.weights  # on the CPU: per-layer views of the codes
+        assert isinstance((weights[0] if isinstance(weights, list) else weights)["q"], QuantizedWeight)  # no copy
         results = [h.result(timeout=300) for h in [engine.submit(r, wait=True) for r in reqs]]
     # Greedy answers are prefixes of longer ones: one `generate` length for all (fewer compiles).
     longest = max(r.max_tokens for r in reqs)
@@ -145,30 +148,62 @@ def test_engine_sampling_is_generates(lively_chat):
         assert res.tokens == want
 
 
-def test_engine_prompts_use_the_attention_backend_given(lively_chat, monkeypatch):
-    """`Engine(attention=...)` reaches the package's one attention entry point for the prompt (a structured Mask
-    to the backend named), and the answers stay `generate`'s; an unknown backend is refused up front."""
-    from idefics_jax.model import decoder as _decoder
-
+def test_engine_prompts_use_the_models_attention_backend(lively_chat, monkeypatch):
+    """The backend set on the model (`set_attention`) reaches the package's one attention entry point for the
+    prompt (a structured Mask to the backend named), and the answers stay `generate`'s; an unknown backend is
+    refused up front."""
     seen = set()
 
     def spy(q, k, v, mask, backend=None, part=None):
         seen.add((type(mask).__name__, backend))
         return attend(q, k, v, mask, backend, part)
 
-    attend = _decoder.attend
-    monkeypatch.setattr(_decoder, "attend", spy)
+    attend = _attention.attend
+    monkeypatch.setattr(_attention, "attend", spy)
     reqs = lively_requests(2, seed=2)
-    with Engine(lively_chat.model, lively_chat, slots=2, max_len=96, attention="cudnn") as engine:
-        results = [h.result(timeout=300) for h in [engine.submit(r) for r in reqs]]
+    model = lively_chat.model
+    try:
+        model.set_attention("cudnn")
+        with Engine(model, lively_chat, slots=2, max_len=96) as engine:
+            results = [h.result(timeout=300) for h in [engine.submit(r) for r in reqs]]
+    finally:
+        model.set_attention(None)
     assert ("Mask", "cudnn") in seen  # the prompt, as a structured mask
-    # One-token decode steps (if traced here: their jit may be cached) pass dense column masks, backend unset.
-    assert all(b is None for kind, b in seen if kind != "Mask")
-    monkeypatch.setattr(_decoder, "attend", attend)
+    assert {b for _, b in seen} == {"cudnn"}  # decode steps too (their dense column masks take the einsum path)
+    monkeypatch.setattr(_attention, "attend", attend)
     for r, res in zip(reqs, results):
         assert res.tokens == solo(lively_chat, r.messages, r.images, r.max_tokens)
     with pytest.raises(ValueError, match="attention backend 'flash'"):
-        Engine(lively_chat.model, lively_chat, slots=1, max_len=96, attention="flash")
+        model.set_attention("flash")
+
+
+def test_generate_and_the_engine_share_the_decode_core(lively_chat, monkeypatch):
+    """`generate` and the engine run the same prefill, insert, decode loop and decode step (`generation.decode`),
+    and give the same greedy tokens."""
+    import collections
+
+    import jax
+
+    calls, who = collections.Counter(), ["generate"]
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            calls[name, who[0]] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    for name in ("prefill", "insert", "decode", "step"):
+        monkeypatch.setattr(_decode, name, spy(name, getattr(_decode, name)))
+    r = lively_requests(1, seed=4)[0]
+    jax.clear_caches()  # the loops trace again, so the step inside them is seen
+    want = solo(lively_chat, r.messages, r.images, r.max_tokens)
+    who[0] = "engine"
+    jax.clear_caches()
+    with Engine(lively_chat.model, lively_chat, slots=2, max_len=96) as engine:
+        got = engine.submit(r).result(timeout=300).tokens
+    assert got == want
+    for w in ("generate", "engine"):
+        assert all(calls[name, w] >= 1 for name in ("prefill", "insert", "decode", "step")), calls
 
 
 def test_engine_steady_state_does_not_recompile(lively_chat):
@@ -177,8 +212,8 @@ def test_engine_steady_state_does_not_recompile(lively_chat):
     def req(text, max_tokens, temperature=0.0):
         return Request(user_turn(text), None, max_tokens=max_tokens, temperature=temperature, seed=5)
 
-    sizes = lambda: (_decode.prefill._cache_size(), slots._insert._cache_size(),  # noqa: E731
-                     slots._decode._cache_size(), slots._release._cache_size())
+    sizes = lambda: (_decode.prefill._cache_size(), _decode.insert._cache_size(),  # noqa: E731
+                     _decode.decode._cache_size(), _decode.release._cache_size())
     with Engine(lively_chat.model, lively_chat, slots=2, max_len=96) as engine:
         engine.answer_all([req("what is this", 5), req("why the dots", 3, 0.8)])
         h = engine.submit(req("show the red", 60))

@@ -1,5 +1,18 @@
-"""The jitted generation loop: `prefill` runs the prompt and picks the first token, `decode` feeds one token at a
-time inside a `lax.while_loop` over a small state, until a step limit or every row is done."""
+"""The decode core: rows of one KV cache, each with its own request, prefilled, inserted and decoded together.
+`generate` runs it with every row starting at once; the serving engine refills rows as requests come and go.
+
+The cache is a ring of S columns shared by the rows. Decode step t writes every row's new key and value in column
+t % S, so one scalar cache index serves all rows while each row keeps its own position counter and its own mask
+of valid columns. A request's prompt is prefilled (`prefill`: the vision tower runs here, once, and picks the
+first token), then its keys and values are written into a row in the columns that end just before the next one
+written (`insert`); from then on it decodes with the others (`decode`, a `lax.while_loop` over `step`, the one
+decode step). A request fits when its bucketed prompt plus its new tokens span at most S columns: a row's older
+columns belong to earlier requests and are masked out. Attention sees the same keys in any column order, so a
+row's tokens do not depend on where or when it was inserted.
+
+Shapes are static: prompts are padded to buckets (`prompt.prepare`), so a steady stream of requests compiles one
+prefill and one insert per bucket and one decode loop.
+"""
 
 from __future__ import annotations
 
@@ -10,67 +23,153 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from idefics_jax.ops.decode_weights import per_layer
-from idefics_jax.model.idefics import IdeficsModel, KVCache, Mask, positions_from_mask
-from idefics_jax.generation.sampling import SamplingParams, choose_tokens, is_eos
+from idefics_jax.generation.prompt import Prompt, Tokens
+from idefics_jax.generation.sampling import Rows, SamplingConfig, choose_tokens, is_eos
+from idefics_jax.model.idefics import IdeficsModel, KVCache, positions_from_mask
+from idefics_jax.ops.decode_weights import Layers, decode_layers
+from idefics_jax.ops.platform import one_image_at_a_time
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """What the decode loop carries. Slots [0, start) hold the left-padded prompt, new token i sits at slot
-    start + i of `tokens_BS`, and the cache holds the keys and values of every slot fed to the model so far."""
+    """B rows over S ring columns. Free and finished rows have done_B set (they still run, masked, unread)."""
 
-    cache: KVCache
-    tokens_BS: jax.Array  # int32
-    valid_BS: jax.Array  # bool: the slot holds a real (not padding) token
-    pos_B: jax.Array  # position id of the next token fed (the mask's cumsum, as transformers)
-    done_B: jax.Array  # bool: the row produced an eos token
-    step: jax.Array  # int32 scalar: new tokens produced so far
-    start: jax.Array  # int32 scalar: slot of the first new token
+    cache: KVCache  # (L, B, K, S, H), or per-layer lists (see `ops.decode_weights`)
+    valid_BS: jax.Array  # bool: the column holds a key of the row's current request
+    keypos_BS: jax.Array  # int32: position id of that key (sliding windows compare positions)
+    t: jax.Array  # int32 scalar: decode steps run so far; the next one writes column t % S
+    last_B: jax.Array  # int32: the newest token, fed next
+    pos_B: jax.Array  # int32: its position id
+    step_B: jax.Array  # int32: new tokens produced so far (the prefill's first one included)
+    done_B: jax.Array  # bool
+    rows: Rows  # each row's sampling and limits
+
+    @property
+    def columns(self) -> int:
+        return self.valid_BS.shape[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "slots", "cpu", "attention"))
-def prefill(graphdef, params, lw, ids_BT, mask_BT, pixel_values, pixel_mask, sp: SamplingParams, *, cfg, slots,
-            cpu, attention=None):
+def empty_state(model: IdeficsModel, rows: int, columns: int, layers: Layers, t: int = 0) -> DecodeState:
+    """`rows` free rows over `columns` cache columns; the first decode step writes column `t`."""
+    B, S = rows, columns
+    return DecodeState(model.init_cache(B, S, layers), jnp.zeros((B, S), bool), jnp.zeros((B, S), jnp.int32),
+                       jnp.int32(t), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32),
+                       jnp.ones(B, bool), Rows.empty(B))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "one_image_at_a_time"))
+def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pixel_mask, rows: Rows, eos_E, *,
+            cfg: SamplingConfig, one_image_at_a_time: bool):
+    """Runs left-padded prompts (B, T) -> (their cache of T columns, first tokens (B,), done (B,): the first token
+    ended the request: an eos, or a one-token limit)."""
     model: IdeficsModel = nnx.merge(graphdef, params)
-    c = model.config.text
-    B, T = ids_BT.shape
-    x = model.embed(ids_BT, pixel_values, pixel_mask, one_image_at_a_time=cpu, attention=attention)
-    # A cache of exactly T slots keeps prefill attention at T x T; it grows to all slots once, below. Prefill is
-    # compute-bound: it scans the stacked weights (as bits when bf16), whatever groups decoding uses.
-    cache = KVCache.zeros(c, B, T, model.dtype, model.partitioning)
-    h, cache = model.text(x, positions_from_mask(mask_BT), Mask.decoder(mask_BT, c.sliding_window), cache, 0,
-                          layer_weights=None if isinstance(lw, list) else lw, attention=attention)
-    grow = ((0, 0), (0, 0), (0, 0), (0, slots - T), (0, 0))
-    cache = per_layer(KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow)), lw)
-    first = choose_tokens(model.lm_logits(h[:, -1:])[:, 0], 0, cfg, sp)
-    tokens = jnp.zeros((B, slots), jnp.int32).at[:, :T].set(ids_BT).at[:, T].set(first)
-    valid = jnp.zeros((B, slots), bool).at[:, :T].set(mask_BT.astype(bool))
-    return DecodeState(cache, tokens, valid, pos_B=jnp.sum(mask_BT, axis=-1, dtype=jnp.int32),
-                       done_B=is_eos(first, sp.eos_ids_E), step=jnp.int32(1), start=jnp.int32(T))
+    logits, cache = model.prefill(ids_BT, mask_BT, pixel_values, pixel_mask, layers, one_image_at_a_time)
+    step = jnp.zeros(ids_BT.shape[0], jnp.int32)
+    first = choose_tokens(logits, step, cfg, rows, eos_E)
+    done = (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
+    return cache, first, done
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def decode(graphdef, params, lw, state: DecodeState, limit, sp: SamplingParams, *, cfg):
-    """Decodes until `limit` new tokens exist or every row is done."""
-    model: IdeficsModel = nnx.merge(graphdef, params)
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(state: DecodeState, cache: KVCache, src_R, dst_R, mask_RT, first_R, rows: Rows) -> DecodeState:
+    """Puts prefilled requests into rows: `cache`'s row src_R[r] (its T prompt columns) into row dst_R[r], in the
+    T columns that end just before the next one written; with its first token, its prompt mask (T,) and its
+    sampling (`rows`, one entry per request). They decode from the next `decode` on."""
+    S, T = state.columns, mask_RT.shape[1]
+    cols_T = (state.t - T + jnp.arange(T)) % S
+
+    def put(a, b):  # (..., B, K, S, H): stacked (a layer axis first) or one layer
+        # Two index arrays apart: numpy puts their (R, T) dims first in the indexed view.
+        return a.at[..., dst_R[:, None], :, cols_T[None, :], :].set(
+            jnp.moveaxis(b[..., src_R, :, :T, :], (-4, -2), (0, 1)).astype(a.dtype))
+
+    cache = jax.tree.map(put, state.cache, cache)
+    valid = state.valid_BS.at[dst_R].set(False).at[dst_R[:, None], cols_T[None, :]].set(mask_RT.astype(bool))
+    keypos = state.keypos_BS.at[dst_R[:, None], cols_T[None, :]].set(positions_from_mask(mask_RT))
+    return dataclasses.replace(
+        state, cache=cache, valid_BS=valid, keypos_BS=keypos, last_B=state.last_B.at[dst_R].set(first_R),
+        pos_B=state.pos_B.at[dst_R].set(jnp.sum(mask_RT, axis=1, dtype=jnp.int32)),
+        step_B=state.step_B.at[dst_R].set(1), done_B=state.done_B.at[dst_R].set(False),
+        rows=jax.tree.map(lambda a, b: a.at[dst_R].set(b), state.rows, rows))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state: DecodeState, row) -> DecodeState:
+    """Stops `row` (a cancelled request); it is free for `insert`."""
+    return dataclasses.replace(state, done_B=state.done_B.at[row].set(True))
+
+
+def step(model: IdeficsModel, layers: Layers, s: DecodeState, eos_E, pad, cfg: SamplingConfig):
+    """The one decode step of every row: feeds each active row's newest token, picks its next one -> (state, next
+    tokens (B,) (pad for inactive rows), rows that ended now (B,))."""
     window = model.config.text.sliding_window
-    slot_S = jnp.arange(state.tokens_BS.shape[1])
+    q = s.t % s.columns
+    active = ~s.done_B
+    valid = s.valid_BS.at[:, q].set(active)
+    keypos = s.keypos_BS.at[:, q].set(s.pos_B)
+    mask = valid if window is None else valid & (keypos > s.pos_B[:, None] - window)
+    logits, cache = model.step(s.last_B, s.pos_B, mask, s.cache, q, layers)
+    nxt = jnp.where(active, choose_tokens(logits, s.step_B, cfg, s.rows, eos_E, active), pad)
+    ends = active & ((is_eos(nxt, eos_E) & ~s.rows.ignore_eos_B) | (s.step_B + 1 >= s.rows.limit_B))
+    s = dataclasses.replace(
+        s, cache=cache, valid_BS=valid, keypos_BS=keypos, t=s.t + 1, last_B=jnp.where(active, nxt, s.last_B),
+        pos_B=s.pos_B + active, step_B=s.step_B + active, done_B=s.done_B | ends)
+    return s, nxt, ends
 
-    def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done_B)
 
-    def body(s: DecodeState):
-        q = s.start + s.step - 1  # slot of the token fed now (the newest one)
-        tok_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BS, q, 1, axis=1)
-        valid = s.valid_BS | (slot_S == q)[None]
-        mask = valid if window is None else valid & (slot_S > q - window)[None]
-        h, cache = model.text(model.embed(tok_B1), s.pos_B[:, None], mask[:, None, :], s.cache, q, layer_weights=lw)
-        nxt = choose_tokens(model.lm_logits(h)[:, 0], s.step, cfg, sp)
-        nxt = jnp.where(s.done_B, sp.pad_token_id, nxt)  # finished rows are padded, as in transformers
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens_BS, nxt[:, None], q + 1, axis=1)
-        return DecodeState(cache, tokens, valid, s.pos_B + 1, s.done_B | is_eos(nxt, sp.eos_ids_E), s.step + 1,
-                           s.start)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnames=("state",))
+def decode(graphdef, params, layers: Layers, state: DecodeState, steps, stop_on_finish, eos_E, pad, *,
+           cfg: SamplingConfig, width: int):
+    """Up to `steps` (<= width) decode steps of every row; stops early when every row is done, or when
+    `stop_on_finish` and some row finished (so that a waiting request can take it). Returns the state, the
+    tokens produced (B, width) (the first `count` columns written) and `count`."""
+    model: IdeficsModel = nnx.merge(graphdef, params)
 
-    return jax.lax.while_loop(cond, body, state)
+    def cond(carry):
+        s, _, i, finished = carry
+        return (i < steps) & ~jnp.all(s.done_B) & ~(stop_on_finish & finished)
+
+    def body(carry):
+        s, out, i, finished = carry
+        s, nxt, ends = step(model, layers, s, eos_E, pad, cfg)
+        return s, out.at[:, i].set(nxt), i + 1, finished | jnp.any(ends)
+
+    out = jnp.zeros((state.done_B.shape[0], width), jnp.int32)
+    state, out, count, _ = jax.lax.while_loop(cond, body, (state, out, jnp.int32(0), jnp.bool_(False)))
+    return state, out, count
+
+
+class Core:
+    """The decode core of one model: its split parameters, the layer loop's form of its weights (made once, see
+    `ops.decode_weights`), the eos / pad ids and the static sampling config, with the jitted functions above
+    called on them. `generate` and the serving engine both drive one."""
+
+    def __init__(self, model: IdeficsModel, tokens: Tokens, cfg: SamplingConfig):
+        self.model, self.tokens, self.cfg = model, tokens, cfg
+        self.graphdef, self.params = nnx.split(model)
+        self.layers = decode_layers(model.text.layers.weights())
+        self.one_image_at_a_time = one_image_at_a_time(jax.tree.leaves(self.params))
+        self.eos_E = jnp.asarray(tokens.eos, jnp.int32).reshape(-1)
+        self.pad = jnp.int32(tokens.pad)
+
+    def empty(self, rows: int, columns: int, t: int = 0) -> DecodeState:
+        return empty_state(self.model, rows, columns, self.layers, t)
+
+    def prefill(self, prompt: Prompt, rows: Rows):
+        """-> (cache of the prompt's columns, first tokens (B,), done (B,)), on the device."""
+        return prefill(self.graphdef, self.params, self.layers, prompt.ids, prompt.mask, prompt.pixel_values,
+                       prompt.pixel_mask, rows, self.eos_E, cfg=self.cfg,
+                       one_image_at_a_time=self.one_image_at_a_time)
+
+    def insert(self, state: DecodeState, cache: KVCache, src, dst, mask_RT, first_R, rows: Rows) -> DecodeState:
+        i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+        return insert(state, cache, i32(src), i32(dst), i32(mask_RT), i32(first_R), rows)
+
+    def release(self, state: DecodeState, row: int) -> DecodeState:
+        return release(state, jnp.int32(row))
+
+    def decode(self, state: DecodeState, steps: int, stop_on_finish: bool = False, *, width: int):
+        """-> (state, tokens (B, width) on the device, count)."""
+        return decode(self.graphdef, self.params, self.layers, state, jnp.int32(steps), jnp.bool_(stop_on_finish),
+                      self.eos_E, self.pad, cfg=self.cfg, width=width)

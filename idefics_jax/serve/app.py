@@ -297,8 +297,8 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
     if allow_local_images is not None and not os.path.isdir(allow_local_images):
         raise ValueError(f"--allow-local-images {allow_local_images}: no such directory")
     chat = Chat.load(model, dtype=dtype, quantize=quantize, group_size=group_size)
-    engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue,
-                    attention=attention)
+    chat.model.set_attention(attention)
+    engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue)
     name = os.path.basename(os.path.normpath(model))
     app = create_app(engine, name, allow_local_images=allow_local_images, max_images=max_images,
                      max_image_pixels=max_image_pixels, drain_timeout=drain_timeout)

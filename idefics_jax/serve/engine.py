@@ -30,8 +30,9 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from idefics_jax.generation.chat import Chat
+from idefics_jax.generation.sampling import SamplingParams
 from idefics_jax.model.idefics import IdeficsModel
-from idefics_jax.serve.slots import SlotDecoder
+from idefics_jax.serve.slots import SlotDecoder, prompt_columns
 
 
 class QueueFull(RuntimeError):
@@ -139,11 +140,10 @@ class Engine:
     """Continuous batching of chat requests over `slots` decode slots with `max_len` cache positions each (prompt
     bucket + max_tokens must fit; default: the model's positions, at most 2048). `steps` decode steps run per round
     between admissions (1: a freed slot is refilled at once, more: less host work per token). `max_queue`
-    bounds the waiting requests. `attention`: the prompts' attention backend (`SlotDecoder`). See the module
-    docstring."""
+    bounds the waiting requests. The prompts' attention backend is the model's. See the module docstring."""
 
     def __init__(self, model: IdeficsModel, processor_or_chat, *, slots: int = 8, max_len: int | None = None,
-                 steps: int = 4, max_queue: int = 64, attention: str | None = None):
+                 steps: int = 4, max_queue: int = 64):
         self.chat = processor_or_chat if isinstance(processor_or_chat, Chat) else Chat(model, processor_or_chat)
         self.model = model
         if max_len is None:
@@ -152,7 +152,7 @@ class Engine:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if not _positive_int(max_queue):
             raise ValueError(f"max_queue must be a positive integer; got {max_queue!r}")
-        self.decoder = SlotDecoder(model, slots=slots, max_len=max_len, attention=attention)
+        self.decoder = SlotDecoder(model, slots=slots, max_len=max_len)
         self.slots, self.max_len, self.steps, self.max_queue = slots, max_len, steps, max_queue
         self._cv = threading.Condition()
         self._waiting: collections.deque[tuple[Handle, dict]] = collections.deque()
@@ -191,17 +191,16 @@ class Engine:
         with self._cv:
             return {"active": len(self._active), "waiting": len(self._waiting)}
 
-    def _prepare(self, request: Request) -> dict:
-        """The request's model inputs, or ValueError naming what is wrong with it."""
+    def _prepare(self, request: Request) -> tuple[dict, SamplingParams]:
+        """The request's model inputs and sampling, or ValueError naming what is wrong with it."""
         r = request
-        if r.max_tokens is not None and not _positive_int(r.max_tokens):
-            raise ValueError(f"max_tokens must be a positive integer; got {r.max_tokens!r}")
-        if not (isinstance(r.temperature, numbers.Real) and math.isfinite(r.temperature) and r.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy); got {r.temperature!r}")
-        if not (isinstance(r.top_p, numbers.Real) and 0 < r.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1]; got {r.top_p!r}")
-        if not (isinstance(r.seed, numbers.Integral) and not isinstance(r.seed, bool)):
-            raise ValueError(f"seed must be an integer; got {r.seed!r}")
+        try:
+            # No max_tokens: as many as fit, known once the prompt is (below).
+            sampling = SamplingParams.from_temperature(
+                r.temperature, r.top_p, max_new_tokens=1 if r.max_tokens is None else r.max_tokens, seed=r.seed,
+                ignore_eos=r.ignore_eos)
+        except ValueError as e:  # the request's own field names
+            raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
         if isinstance(r.stop, str) or not all(isinstance(s, str) and s for s in r.stop):
             raise ValueError("stop must be a list of non-empty strings")
         inputs = self.chat.inputs(r.messages, r.images)
@@ -210,20 +209,19 @@ class Engine:
         if T > limit:
             raise ValueError(f"the prompt has {T} tokens but the model has {limit} positions; shorten it or use "
                              "fewer / smaller images")
-        room = self.max_len - self.decoder.prompt_columns(T)
+        room = self.max_len - prompt_columns(T)
         if room < 1:
             raise ValueError(f"the prompt has {T} tokens: too long for the {self.max_len} positions per slot")
         if r.max_tokens is not None and r.max_tokens > room:
             raise ValueError(f"max_tokens {r.max_tokens} is too large: the prompt has {T} tokens and at most "
                              f"{room} new tokens fit (max_len {self.max_len})")
-        inputs["max_tokens"] = room if r.max_tokens is None else r.max_tokens
-        return inputs
+        return inputs, dataclasses.replace(sampling, max_new_tokens=room if r.max_tokens is None else r.max_tokens)
 
     def submit(self, request: Request, *, on_event: Callable[[tuple], None] | None = None,
                wait: bool = False) -> Handle:
         """Queues `request` -> its Handle. Raises ValueError for a bad request, QueueFull when `max_queue`
         requests wait (with wait=True: blocks until there is room), EngineStopped when stopping."""
-        inputs = self._prepare(request)
+        inputs, sampling = self._prepare(request)
         h = Handle(request, on_event)
         h._engine = self
         h.prompt_tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else \
@@ -237,7 +235,7 @@ class Engine:
                 if not wait:
                     raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
                 self._cv.wait()
-            self._waiting.append((h, inputs))
+            self._waiting.append((h, (inputs, sampling)))
             self.stats["submitted"] += 1
             self._cv.notify_all()
         return h
@@ -298,13 +296,9 @@ class Engine:
         """Prefills the requests given slots this round (together where `SlotDecoder.prefill_many` can) and puts
         each into its slot."""
         ready = []
-        for h, inputs, slot in admitted:
-            r, inputs = h.request, dict(inputs)
-            max_tokens = inputs.pop("max_tokens")
+        for h, (inputs, sampling), slot in admitted:
             try:
-                ready.append((h, slot, self.decoder.prepare(
-                    **inputs, max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
-                    ignore_eos=r.ignore_eos)))
+                ready.append((h, slot, self.decoder.prepare(**inputs, sampling=sampling)))
             except Exception as e:  # checked at submit; anything left fails this request only
                 self._fail(h, e)
         if not ready:
