@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -18,10 +17,11 @@ from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp1
 from flax import nnx
 
-from idefics_jax.model import sharding as shd
+from idefics_jax.model import sharding
 from idefics_jax.model.config import ModelConfig
 from idefics_jax.checkpoints.hf_config import from_hf_file, read_generation_defaults
 from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.checkpoints.orbax_adapter import chunked_writes, open_param_store
 from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.ops.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
 
@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32,
-                   partitioning: shd.Partitioning | None = None) -> IdeficsModel:
+                   partitioning: sharding.Partitioning | None = None) -> IdeficsModel:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
     return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
 
@@ -66,7 +66,7 @@ def _nest(flat: dict[str, object]) -> dict:
     return out
 
 
-def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=shd.RULES,
+def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=None, rules=sharding.RULES,
                       quantize: str | None = None, group: int | None = None):
     """Builds the model around host arrays keyed by path, placing each one (sharded when `mesh` is given), and
     quantizing the matmul weights as they come when `quantize` is "int8" or "int4" (see `quantize_param`).
@@ -74,16 +74,16 @@ def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], mesh=N
     `arrays` may be any mapping that makes each array when asked for it: then one parameter exists at a time in
     full precision."""
     dtype = arrays.dtype if hasattr(arrays, "dtype") else next(iter(arrays.values())).dtype
-    part = shd.partitioning(mesh, rules)
-    model = abstract_model(config, dtype, part)
+    partitioning = sharding.partitioning(mesh, rules)
+    model = abstract_model(config, dtype, partitioning)
     graphdef, state = nnx.split(model)
 
     def place(path, var):
         key = "/".join(map(str, path))
         arr, meta = arrays[key], var.get_metadata()
         if quantize and eligible(key, meta.get("fan_in")):
-            return var.replace(quantize_param(key, arr, meta, quantize, group, part))
-        return var.replace(jax.device_put(arr, shd.sharding_for(meta["axes"], arr.shape, part)))
+            return var.replace(quantize_param(key, arr, meta, quantize, group, partitioning))
+        return var.replace(jax.device_put(arr, sharding.sharding_for(meta["axes"], arr.shape, partitioning)))
 
     flat = [(p, place(p, v)) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -100,18 +100,19 @@ def quantized_shape(path: str, meta: dict, fmt: str, group: int | None, shape, d
     return jax.eval_shape(_quantize_fn(path, meta, fmt, group), jax.ShapeDtypeStruct(shape, dtype))
 
 
-def quantized_shardings(q: QuantizedWeight, meta: dict, part: shd.Partitioning | None) -> QuantizedWeight:
+def quantized_shardings(q: QuantizedWeight, meta: dict, partitioning: sharding.Partitioning | None) -> QuantizedWeight:
     """Where the leaves of a quantized weight go: by the logical axes `leaf_axes` derives from its weight's."""
     va, sa = leaf_axes(meta["axes"], meta["fan_in"], q.format)
-    return dataclasses.replace(q, values=shd.sharding_for(va, q.values.shape, part),
-                               scales=shd.sharding_for(sa, q.scales.shape, part))
+    return dataclasses.replace(q, values=sharding.sharding_for(va, q.values.shape, partitioning),
+                               scales=sharding.sharding_for(sa, q.scales.shape, partitioning))
 
 
-def quantize_param(path: str, array, meta: dict, fmt: str, group: int | None, part: shd.Partitioning | None = None):
+def quantize_param(path: str, array, meta: dict, fmt: str, group: int | None,
+                   partitioning: sharding.Partitioning | None = None):
     """One weight (host or device array, any sharding) -> its QuantizedWeight, placed (sharded over the mesh as
     its weight would be). Only this one weight is ever in full precision."""
     target = quantized_shape(path, meta, fmt, group, array.shape, array.dtype)
-    where = quantized_shardings(target, meta, part)
+    where = quantized_shardings(target, meta, partitioning)
     return jax.jit(_quantize_fn(path, meta, fmt, group), out_shardings=where)(array)
 
 
@@ -120,14 +121,14 @@ def quantize_model(model: IdeficsModel, fmt: str, group: int | None = None) -> I
     their weights are. Loading quantized (`load_pretrained(quantize=...)`) never holds the full-precision model;
     this is for models built in memory (random initialisation, training)."""
     check_quantize(model.config, fmt, group)
-    part = model.partitioning
+    partitioning = model.partitioning
     graphdef, state = nnx.split(model)
 
     def one(path, var):
         key, value = "/".join(map(str, path)), var.get_value()
         if isinstance(value, QuantizedWeight) or not eligible(key, var.get_metadata().get("fan_in")):
             return var
-        return var.replace(quantize_param(key, value, var.get_metadata(), fmt, group, part))
+        return var.replace(quantize_param(key, value, var.get_metadata(), fmt, group, partitioning))
 
     model = nnx.merge(graphdef, nnx.from_flat_state([(p, one(p, v)) for p, v in nnx.to_flat_state(state)]))
     return model
@@ -151,46 +152,12 @@ def quantized_format(model) -> str | None:
     return None
 
 
-def chunk_shape(shape, axes, itemsize: int, rules=shd.RULES) -> tuple[int, ...]:
+def chunk_shape(shape, axes, itemsize: int, rules=sharding.RULES) -> tuple[int, ...]:
     """The stored chunk of a parameter: dimensions the rules may shard in up to CHUNK_PARTS pieces, others whole."""
     if math.prod(shape) * itemsize < MIN_SPLIT_BYTES:
         return tuple(shape)
     shardable = {name for name, target in rules if target}
     return tuple(d // math.gcd(d, CHUNK_PARTS) if a in shardable else d for d, a in zip(shape, axes))
-
-
-@contextlib.contextmanager
-def _chunked_writes(chunks: dict[str, tuple[int, ...]]):
-    """Orbax's numpy writer with our chunk shapes (keyed by the array's tree path, "text.layers.q").
-
-    Orbax would store each host array as one chunk (up to 2 GB), which every process must then read whole whatever
-    its slice. Its partial save builds its own numpy handler, so the writer method is swapped for the duration of
-    the save; `tests/test_sharding.py` measures the bytes each process reads and fails if this stops working.
-    """
-    handler = ocp.type_handlers.NumpyHandler
-    original = handler._open_and_write
-
-    async def write(self, value, tspec, ts_context):
-        shape = chunks.get(tspec["kvstore"].get("path", ""))
-        if shape is not None:
-            tspec = {**tspec, "metadata": _with_read_chunks(tspec.get("driver"), tspec["metadata"], list(shape))}
-        return await original(self, value, tspec, ts_context)
-
-    handler._open_and_write = write
-    try:
-        yield
-    finally:
-        handler._open_and_write = original
-
-
-def _with_read_chunks(driver: str, metadata: dict, shape: list[int]) -> dict:
-    """zarr: the chunks themselves; zarr3 (what the partial save writes): the inner chunks of its sharding codec,
-    which tensorstore reads one by one."""
-    if driver == "zarr":
-        return {**metadata, "chunks": shape}
-    sharded = lambda c: {**c, "configuration": {**c["configuration"], "chunk_shape": shape}}  # noqa: E731
-    codecs = [sharded(c) if c.get("name") == "sharding_indexed" else c for c in metadata.get("codecs", [])]
-    return {**metadata, "codecs": codecs}
 
 
 def param_metadata(config: ModelConfig) -> dict[str, dict]:
@@ -205,7 +172,7 @@ def save_partial(directory: str, path: str, array: np.ndarray, axes) -> None:
     Saving the whole tree at once makes Orbax hold about one extra model-size of buffers; one array at a time it
     holds one array's.
     """
-    with _chunked_writes({path.replace("/", "."): chunk_shape(array.shape, axes, array.itemsize)}):
+    with chunked_writes({path.replace("/", "."): chunk_shape(array.shape, axes, array.itemsize)}):
         ocp1.partial.save(os.path.abspath(directory), _nest({path: array}))
 
 
@@ -221,8 +188,6 @@ def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
     cancelling the others: left pending, they fail later as unraisable exceptions (pages of TensorStore specs,
     "Event loop is closed"). So a checkpoint that does not match or is damaged is refused here, not by a read.
     """
-    import tensorstore as ts
-
     def damaged(e: Exception):
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         return CheckpointError(f"{path}: parameters missing or damaged ({detail})")
@@ -233,11 +198,7 @@ def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
     # metadata record. Orbax's metadata() below opens the arrays on its asyncio loop, so it must not be the read
     # that finds the damage.
     try:
-        # The store as Orbax opens it for the restore: a bucket through its driver, a local path through files.
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-
-        spec = ts_utils.build_kvstore_tspec(os.fspath(params_dir), use_ocdbt=True)
-        store = ts.KvStore.open(spec, context=ts_utils.get_ts_context(use_ocdbt=True)).result()
+        store = open_param_store(params_dir)
         keys = store.list().result()
         # Orbax names each array's store after its path with dots.
         present = {k.decode().split("/")[0] for k in keys if k.endswith(b"/zarr.json")}
@@ -285,8 +246,8 @@ def _restore(params_dir: str, target: dict, where: str, partial: bool = False) -
 
 
 def _get(tree: dict, path: str):
-    for part in path.split("/"):
-        tree = tree[part]
+    for key in path.split("/"):
+        tree = tree[key]
     return tree
 
 
@@ -299,7 +260,7 @@ def read_meta(path: str) -> dict:
     return json.loads(meta_path.read_text())
 
 
-def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str | None = None,
+def load_orbax(path: str, dtype=None, mesh=None, rules=sharding.RULES, quantize: str | None = None,
                group: int | None = None) -> IdeficsModel:
     """The model in an Orbax checkpoint directory written by `idefics-jax convert` (see `load_pretrained`).
 
@@ -318,8 +279,8 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str 
                             "unquantized model)")
     stored = jnp.dtype(meta["dtype"])
     dtype = jnp.dtype(dtype or stored)
-    part = shd.partitioning(mesh, rules)
-    graphdef, state = nnx.split(abstract_model(config, stored, part))
+    partitioning = sharding.partitioning(mesh, rules)
+    graphdef, state = nnx.split(abstract_model(config, stored, partitioning))
     flat = nnx.to_flat_state(state)
     params_dir = as_path(path) / PARAMS_DIR / STATE_DIR
 
@@ -328,9 +289,9 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str 
         m = v.get_metadata()
         if stored_q and eligible(key, m.get("fan_in")):
             q = quantized_shape(key, m, stored_q, meta["quantize"].get("group_size"), v.shape)
-            where = quantized_shardings(q, m, part)
+            where = quantized_shardings(q, m, partitioning)
             return jax.tree.map(lambda a, w: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=w), q, where)
-        return jax.ShapeDtypeStruct(v.shape, dtype, sharding=shd.sharding_for(m["axes"], v.shape, part))
+        return jax.ShapeDtypeStruct(v.shape, dtype, sharding=sharding.sharding_for(m["axes"], v.shape, partitioning))
 
     shapes = {"/".join(map(str, p)): abstract("/".join(map(str, p)), v) for p, v in flat}
     target = {k: a for key, leaf in shapes.items() for k, a in _flat_leaves(key, leaf).items()}
@@ -342,7 +303,9 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=shd.RULES, quantize: str 
             key = "/".join(map(str, p))
             arr = _restore(params_dir, {key: shapes[key]}, path, partial=True)[key]
             m = v.get_metadata()
-            values[key] = quantize_param(key, arr, m, quantize, group, part) if eligible(key, m.get("fan_in")) else arr
+            if eligible(key, m.get("fan_in")):
+                arr = quantize_param(key, arr, m, quantize, group, partitioning)
+            values[key] = arr
             del arr
     else:
         restored = _restore(params_dir, target, path)
