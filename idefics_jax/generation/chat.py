@@ -1,6 +1,7 @@
 """Chat: a model with its checkpoint's own processor and chat template; messages and images in, answer text out.
 
     chat = Chat.load("smolvlm-256m-orbax")
+    print(chat("What is this?", images=["statue.jpg"]))  # a string: one user turn, the images before the text
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     print(chat(messages, images=["statue.jpg"], max_new_tokens=200))
     for piece in chat.stream(messages, images=["statue.jpg"]):
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -33,6 +35,61 @@ def user_turn(text: str, n_images: int = 0) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
 
 
+def _files(value, name: str, what: str, pil: bool) -> list | None:
+    """`value` (None or a list of images / video files) as a list, or a one-line TypeError naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {what}; got {type(value).__name__} (one goes in a list: [x])")
+    import PIL.Image
+
+    kinds = (str, os.PathLike, PIL.Image.Image) if pil else (str, os.PathLike)
+    for i, item in enumerate(value):
+        if not isinstance(item, kinds):
+            raise TypeError(f"{name}[{i}] must be one of {what}; got {type(item).__name__}")
+    return list(value)
+
+
+def _messages(messages, name: str, n_images: int, n_videos: int) -> list[dict]:
+    """`messages` as a list of message dicts whose content is a list of entries. A string is one user turn: a
+    video entry per video, an image entry per image, then the text. A message's string content becomes one text
+    entry (the chat templates iterate the content). Other types: a one-line TypeError naming `name`."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": [{"type": "video"}] * n_videos + [{"type": "image"}] * n_images
+                 + [{"type": "text", "text": messages}]}]
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"{name} must be a string (one user turn) or a list of {{'role', 'content'}} dicts; "
+                        f"got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise TypeError(f"{name}[{i}] must be a dict with a 'role' string and a 'content'; "
+                            f"got {type(m).__name__ if not isinstance(m, dict) else sorted(m)}")
+        content = m["content"]
+        if isinstance(content, str):
+            m = {**m, "content": [{"type": "text", "text": content}]}
+        elif not isinstance(content, (list, tuple)):
+            raise TypeError(f"{name}[{i}]['content'] must be a string or a list of entries; got "
+                            f"{type(content).__name__}")
+        else:
+            for j, item in enumerate(content):
+                if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                    raise TypeError(f"{name}[{i}]['content'][{j}] must be a dict with a 'type' "
+                                    f"('text', 'image' or 'video'); got {item!r:.80}")
+            m = {**m, "content": list(content)}
+        out.append(m)
+    return out
+
+
+def _conversation(messages, images, videos=None, name: str = "") -> tuple[list[dict], list | None, list | None]:
+    """(messages, images, videos) as `Chat` takes them, checked and normalised (see `_messages`); `name` prefixes
+    the argument names in errors (a batch's row)."""
+    images = _files(images, f"{name}images", "images (PIL images, paths or URLs)", pil=True)
+    videos = _files(videos, f"{name}videos", "video files (paths)", pil=False)
+    messages = _messages(messages, f"{name}messages", len(images or ()), len(videos or ()))
+    return messages, images, videos
+
+
 def _image_slots(messages: list[dict], kind: str = "image") -> int:
     return sum(1 for m in messages if isinstance(m.get("content"), list)
                for item in m["content"] if item.get("type") == kind)
@@ -40,6 +97,20 @@ def _image_slots(messages: list[dict], kind: str = "image") -> int:
 
 def _visual(messages: list[dict]) -> bool:
     return bool(_image_slots(messages) or _image_slots(messages, "video"))
+
+
+def _conversations(conversations) -> list[tuple[list[dict], list | None, list | None]]:
+    """Each (messages, images) or (messages, images, videos) row checked and normalised (`_conversation`)."""
+    if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence):
+        raise TypeError(f"conversations must be a list of (messages, images) tuples; got "
+                        f"{type(conversations).__name__}")
+    out = []
+    for i, row in enumerate(conversations):
+        if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
+            raise TypeError(f"conversations[{i}] must be a (messages, images) or (messages, images, videos) tuple; "
+                            f"got {type(row).__name__}{f' of {len(row)}' if isinstance(row, (tuple, list)) else ''}")
+        out.append(_conversation(*row, name=f"conversations[{i}]: "))
+    return out
 
 
 class Chat:
@@ -119,19 +190,21 @@ class Chat:
             out_msgs.append({**m, "content": content})
         return out_msgs, out_imgs
 
-    def inputs(self, messages: list[dict], images: Sequence[Any] | None = None,
+    def inputs(self, messages: str | list[dict], images: Sequence[Any] | None = None,
                videos: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The processor's numpy inputs for `messages`, with the generation prompt appended."""
-        return self.batch_inputs([(messages, images, videos)])
+        """The processor's numpy inputs for `messages` (a list of message dicts, or a string: one user turn with
+        `images` and `videos` before its text), with the generation prompt appended: input_ids (1, T),
+        pixel_values (1, I, 3, H, W) and masks."""
+        return self.batch_inputs([_conversation(messages, images, videos)])
 
     def batch_inputs(self, conversations: Sequence[tuple]) -> dict[str, np.ndarray]:
-        """One left-padded batch of (messages, images) or (messages, images, videos) conversations: input_ids
-        (B, T), pixel_values (B, I, 3, H, W) and masks. Either every conversation has images (or videos) or none
-        has."""
+        """One left-padded batch of (messages, images) or (messages, images, videos) conversations (messages as in
+        `inputs`): input_ids (B, T), pixel_values (B, I, 3, H, W) and masks. Either every conversation has images
+        (or videos) or none has."""
         prompts, images, has_video = [], [], False
-        for messages, imgs, *videos in conversations:
+        for messages, imgs, videos in _conversations(conversations):
             has_video |= bool(_image_slots(messages, "video"))
-            messages, loaded = self._with_videos(messages, self._images(messages, imgs), videos[0] if videos else None)
+            messages, loaded = self._with_videos(messages, self._images(messages, imgs), videos)
             images.append(loaded)
             prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
         if any(images) and not all(images):
@@ -144,7 +217,7 @@ class Chat:
     def answers(self, conversations: Sequence[tuple[list[dict], Sequence[Any] | None]], *, max_new_tokens: int = 256,
                 batch_size: int = 32, **generate_kwargs) -> list[str]:
         """The answer to each (messages, images) conversation, generated `batch_size` at a time."""
-        conversations = list(conversations)
+        conversations = _conversations(conversations)
         out: list[str] = [""] * len(conversations)
         for start in range(0, len(conversations), batch_size):
             rows = range(start, min(start + batch_size, len(conversations)))
@@ -163,9 +236,10 @@ class Chat:
         return [self.processor.tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True).strip()
                 for row in tokens_BT]
 
-    def stream(self, messages: list[dict], images: Sequence[Any] | None = None, *, videos: Sequence[str] | None = None,
-               max_new_tokens: int = 256, **generate_kwargs) -> Iterator[str]:
-        """Yields the answer text piece by piece as tokens are produced (special tokens dropped)."""
+    def stream(self, messages: str | list[dict], images: Sequence[Any] | None = None, *,
+               videos: Sequence[str] | None = None, max_new_tokens: int = 256, **generate_kwargs) -> Iterator[str]:
+        """Yields the answer text piece by piece as tokens are produced (special tokens dropped); `messages`,
+        `images` and `videos` as in `inputs`."""
         tok = self.processor.tokenizer
         new: list[int] = []
         shown = ""
@@ -179,9 +253,10 @@ class Chat:
                 yield text[len(shown):]
                 shown = text
 
-    def __call__(self, messages: list[dict], images: Sequence[Any] | None = None, *,
+    def __call__(self, messages: str | list[dict], images: Sequence[Any] | None = None, *,
                  videos: Sequence[str] | None = None, max_new_tokens: int = 256, **generate_kwargs) -> str:
-        """The answer text."""
+        """The answer text to `messages` (a string: one user turn with `images` and `videos` before its text; or a
+        list of message dicts)."""
         new = np.concatenate(list(generate_stream(
             self.model, **self.inputs(messages, images, videos), max_new_tokens=max_new_tokens,
             chunk_size=max_new_tokens, **generate_kwargs)), axis=1)
