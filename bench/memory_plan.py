@@ -223,7 +223,7 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         out["params"] = _per_device_bytes(frozen) + _per_device_bytes(state.trainable)
         out["optimizer"] = _per_device_bytes(state.opt_state)
         batch = _batch(w, part, labels=True, config=config)
-        # attention=None: the platform's default (`_layers.default_backend`): the splash kernel on TPU devices.
+        # The model's attention is the platform's default (`ops.attention.default_backend`): splash on TPU devices.
         step = train.make_train_step(s, tx, remat="full", lora=lcfg)
         args = (state, frozen, batch)
         lowered = step.lower(*args)
@@ -252,7 +252,7 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
         args = (state, batch)
         lowered = jitted.lower(*args)
     _compile(lowered, out, t0, args)
-    # On TPUs the attention is the splash kernel (`_layers.attend`), which holds no (heads, T, T) scores.
+    # On TPUs the attention is the splash kernel (`ops.attention.attend`), which holds no (heads, T, T) scores.
     out["hand"] = hand_estimate(w, out["mesh"], config, fused_attention=out["platform"] == "tpu")
     return out
 
@@ -426,7 +426,7 @@ LoRA: rank-16 adapters on the decoder's q, k, v, o, everything else frozen.
   per chip: both fit 16 GiB with room.
 - **The splash kernel runs on a mesh.** XLA cannot split a Mosaic kernel call over devices, so on any TPU mesh
   with more than one device the kernel did not compile at all ("Mosaic kernels cannot be automatically
-  partitioned"). `_layers.attend` now runs it under `shard_map`, each device on its own samples and kv heads
+  partitioned"). `ops.attention.attend` now runs it under `shard_map`, each device on its own samples and kv heads
   (as the mesh's rules lay them out; tested on 8 simulated devices), and picks kernel or interpreter by the
   platform of the model's mesh rather than of the host, so that a program compiled ahead of time for TPU
   devices from a CPU host holds the kernel, not its interpreter.
@@ -530,7 +530,7 @@ def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
                                    jax.tree.map(abstract, jax.eval_shape(tx.init, trainable)))
     out["params"] = _per_device_bytes(parts.frozen) + _per_device_bytes(trainable)
     out["optimizer"] = _per_device_bytes(train_state.opt_state)
-    step = train.make_train_step(parts, tx, compute_dtype=jnp.bfloat16, remat=True, lora=QLORA)
+    step = train.make_train_step(parts, tx, compute_dtype=jnp.bfloat16, remat="full", lora=QLORA)
     args = (train_state, parts.frozen, _batch(w, part, labels=True, config=config))
     lowered = step.lower(*args)
     _compile(lowered, out, t0, args)

@@ -82,11 +82,11 @@ def side_jax(a) -> dict:
 
     batch = dict(np.load(os.path.join(a.workdir, "batch.npz")))
     batch = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in batch.items()}
-    model = idefics_jax.load_pretrained(os.path.join(a.workdir, "ckpt"))
+    model = idefics_jax.load_pretrained(os.path.join(a.workdir, "ckpt")).set_attention(a.attention)
     parts = step_lib.split(model)
     del model
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5, weight_decay=0.01))
-    step = step_lib.make_train_step(parts, tx, remat=a.remat, attention=a.attention)
+    step = step_lib.make_train_step(parts, tx, remat=a.remat)
     state = step_lib.init_state(parts.trainable, tx)
     frozen = parts.frozen
     times, losses, faults = [], [], []

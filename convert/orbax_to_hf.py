@@ -18,7 +18,7 @@ from idefics_jax.checkpoints.hf_config import to_hf_dict
 from idefics_jax.checkpoints.paths import as_path, building, check_new, copy_side_files
 from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.runtime.progress import bytes_progress
-from idefics_jax.ops.quantize import QuantizedWeight
+from idefics_jax.ops.weights import dense
 
 SHARD_BYTES = 4 * 2**30
 
@@ -37,7 +37,7 @@ def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
 
 
 def _full(value, dtype) -> np.ndarray:
-    return np.asarray(value.dequantize(dtype) if isinstance(value, QuantizedWeight) else value)
+    return np.asarray(dense(value, dtype))
 
 
 def export(src: str, dst: str, progress: bool = True) -> None:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idefics_jax.model.layers import Mask, attend
+from idefics_jax.ops.attention import Mask, attend
 
 B, T, N, K, H = 2, 40, 4, 2, 8  # GQA (2 query heads per kv head); T is no multiple of the kernel's tile
 
@@ -89,7 +89,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backen
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 from idefics_jax.model import sharding as shd
-from idefics_jax.model.layers import Mask, attend, default_backend
+from idefics_jax.ops.attention import Mask, attend, default_backend
 
 B, T, N, K, H = 4, 40, 8, 2, 8
 part = shd.Partitioning(shd.make_mesh((2, 2, 2)))

@@ -158,3 +158,54 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m != FACADE))
 def test_every_module_has_a_layer(module):
     layer_of(module)
+
+
+def test_folders_are_the_layers():
+    """Inside idefics_jax/ every module lives in a folder that is one layer of the table (only the facade and the
+    CLI sit at the top); each layer's names are folders (packages), so the tree on disk is the table."""
+    loose = sorted(p.name for p in (ROOT / "idefics_jax").glob("*.py") if p.name not in ("__init__.py", "cli.py"))
+    assert not loose, f"modules outside a layer's folder: {loose}"
+    for layer, names in LAYERS:
+        for name in names:
+            if name == "idefics_jax.cli":
+                continue
+            assert name in MODULES and MODULES[name].name == "__init__.py", f"layer {layer}: {name} is not a folder"
+
+
+# What only ops/ may look at: the platform a program runs on, and how a weight is stored.
+PLATFORM_CALLS = {"default_backend", "devices", "local_devices", "device_count"}
+WEIGHT_TYPES = {"QuantizedWeight", "AdaptedWeight"}
+
+
+def _branches(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) for every platform or weight-representation check in a module."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "platform":
+            out.append((node.lineno, ".platform"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "default_backend":
+            out.append((node.lineno, "default_backend()"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} | \
+                    {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+            if names & WEIGHT_TYPES:
+                out.append((node.lineno, f"isinstance(..., {'/'.join(sorted(names & WEIGHT_TYPES))})"))
+        elif isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in ("cpu", "gpu", "tpu")
+                                                   for c in [node.left, *node.comparators]):
+            out.append((node.lineno, "a comparison with a platform name"))
+    return out
+
+
+def test_only_ops_branches_on_the_platform_or_the_weight_format():
+    bad = [f"{MODULES[m].relative_to(ROOT)}:{line}: {what}"
+           for m in MODULES if not m.startswith("idefics_jax.ops")
+           for line, what in _branches(ast.parse(MODULES[m].read_text()))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_branch_finder_finds_branches():
+    """The check above is not vacuous: it sees each kind of branch."""
+    src = ("jax.default_backend()\nx.devices()[0].platform\nisinstance(w, QuantizedWeight)\n"
+           "isinstance(w, (q.AdaptedWeight, int))\nif p == 'tpu': pass\n")
+    assert [line for line, _ in _branches(ast.parse(src))] == [1, 2, 3, 4, 5]

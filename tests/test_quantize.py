@@ -16,7 +16,7 @@ from flax import nnx
 import idefics_jax
 from idefics_jax import cli
 from idefics_jax.ops import int4_cpu as _int4_cpu
-from idefics_jax.model.layers import matmul
+from idefics_jax.ops.matmul import matmul
 from idefics_jax.checkpoints.checkpoint import META_FILE, quantized_format
 from idefics_jax.convert.hf_to_orbax import convert
 from idefics_jax.ops.quantize import QuantizedWeight, QuantizeError, group_size, quantize

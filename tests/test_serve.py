@@ -154,9 +154,9 @@ def test_engine_prompts_use_the_models_attention_backend(lively_chat, monkeypatc
     refused up front."""
     seen = set()
 
-    def spy(q, k, v, mask, backend=None, part=None):
+    def spy(q, k, v, mask, backend=None, partitioning=None):
         seen.add((type(mask).__name__, backend))
-        return attend(q, k, v, mask, backend, part)
+        return attend(q, k, v, mask, backend, partitioning)
 
     attend = _attention.attend
     monkeypatch.setattr(_attention, "attend", spy)

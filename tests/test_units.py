@@ -14,7 +14,8 @@ import pytest
 
 from idefics_jax.model.connector import pixel_shuffle
 from idefics_jax.model.decoder import causal_mask
-from idefics_jax.model.layers import apply_rope, attend, rope_inv_freq
+from idefics_jax.model.layers import apply_rope, rope_inv_freq
+from idefics_jax.ops.attention import attend
 from idefics_jax.model.vision import position_ids
 from idefics_jax.model.config import RopeConfig
 from idefics_jax.generation.api import bucket

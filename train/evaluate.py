@@ -19,10 +19,10 @@ from idefics_jax.train.records import decode_images, from_example
 class Evaluator:
     """`evaluator(state, frozen) -> {"eval_loss", "eval_exact_match"}` for the trainable state of a run."""
 
-    def __init__(self, cfg: TrainConfig, parts: step_lib.Split, collator: Collator, part):
-        self.cfg, self.parts, self.collator, self.part = cfg, parts, collator, part
+    def __init__(self, cfg: TrainConfig, parts: step_lib.Split, collator: Collator, partitioning):
+        self.cfg, self.parts, self.collator, self.partitioning = cfg, parts, collator, partitioning
         self.source = sources.source(cfg.data.eval, "eval", cfg)
-        self.loss_fn = step_lib.make_loss(parts, lora=cfg.lora, attention=cfg.attention or None)
+        self.loss_fn = step_lib.make_loss(parts, lora=cfg.lora)
         n = min(cfg.eval_batches * cfg.data.batch_size, len(self.source))
         self.records = [from_example(self.source[i]) for i in range(n)]
 
@@ -44,7 +44,7 @@ class Evaluator:
                 b = next(it)
             except StopIteration:
                 break
-            t, c = self.loss_fn(state.trainable, frozen, step_lib.put_batch(b, self.part))
+            t, c = self.loss_fn(state.trainable, frozen, step_lib.put_batch(b, self.partitioning))
             total, count = total + float(t), count + float(c)
         return total / max(count, 1)
 
@@ -61,6 +61,6 @@ class Evaluator:
             conversations.append((user_turn(r.texts[0].user, len(images)), images))
         answers = chat.answers(conversations, max_new_tokens=cfg.eval_generate_tokens,
                                batch_size=cfg.data.batch_size, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, attention=cfg.attention or None)
+                               pad_token_id=tok.pad_token_id)
         right = sum(a == r.texts[0].assistant.strip() for a, r in zip(answers, self.records))
         return right / max(len(self.records), 1)

@@ -76,7 +76,7 @@ def load_model(config: TrainConfig, partitioning: Partitioning | None):
     model, model_dir = _load_model(config, partitioning)
     if config.quantize:  # a checkpoint was quantized while loading; a random or trained model is quantized here
         model = quantize_model(model, config.quantize, config.group_size or None)
-    return model, model_dir
+    return model.set_attention(config.attention or None), model_dir
 
 
 def _load_model(config: TrainConfig, partitioning: Partitioning | None):

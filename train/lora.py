@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from idefics_jax.ops.quantize import AdaptedWeight, QuantizedWeight
+from idefics_jax.ops.weights import adapt
 from idefics_jax.train.config import LoraConfig
 
 
@@ -43,11 +43,5 @@ def apply(params: dict[str, jax.Array], adapters: dict, cfg: LoraConfig, merge: 
     scale = cfg.alpha / cfg.rank
     out = dict(params)
     for path, ab in adapters.items():
-        w = params[path]
-        if isinstance(w, QuantizedWeight):
-            adapted = AdaptedWeight(w, ab["a"], ab["b"], scale)
-            out[path] = adapted.dequantize() if merge else adapted
-            continue
-        delta = jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"]) * scale
-        out[path] = w + delta.reshape(w.shape).astype(w.dtype)
+        out[path] = adapt(params[path], ab["a"], ab["b"], scale, merge)
     return out

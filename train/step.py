@@ -23,10 +23,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from idefics_jax.model import sharding as shd
+from idefics_jax.model import sharding as sharding
 from idefics_jax.model.idefics import matmul_fan_in
 from idefics_jax.ops import heap
-from idefics_jax.ops.quantize import AdaptedWeight, QuantizedWeight
+from idefics_jax.ops.weights import cast, dense, weight_format
 from idefics_jax.train import lora as lora_lib
 from idefics_jax.train.collate import IGNORE_INDEX
 from idefics_jax.train.config import LoraConfig
@@ -124,8 +124,9 @@ def split(model, freeze: tuple[str, ...] = (), lora: LoraConfig | None = None, k
     if lora is not None and lora.rank > 0:
         adapters = lora_lib.init(matmul_fan_in(model), params, lora, key if key is not None else jax.random.key(0))
         return Split(graphdef, tuple(flat), adapters, params)
+    # Quantized weights (QLoRA's base) are fixed.
     frozen = {p: v for p, v in params.items()
-              if isinstance(v, QuantizedWeight) or any(p == f or p.startswith(f + "/") for f in freeze)}
+              if weight_format(v) is not None or any(p == f or p.startswith(f + "/") for f in freeze)}
     return Split(graphdef, tuple(flat), {p: v for p, v in params.items() if p not in frozen}, frozen)
 
 
@@ -162,37 +163,32 @@ def full_params(frozen: dict, trainable: dict, lora: LoraConfig | None = None, m
     return lora_lib.apply(frozen, trainable, lora, merge=merge)
 
 
-def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: bool | str, lora: LoraConfig | None,
-          attention: str | None = None):
+def _loss(s: Split, trainable, frozen, batch, *, compute_dtype, remat: str, lora: LoraConfig | None):
     """(summed loss, scored tokens) of the model with `trainable` over `frozen` on `batch` (a batch with
     `segment_ids` holds packed rows)."""
     params = full_params(frozen, trainable, lora)
-    if compute_dtype is not None:  # quantized weights compute in the activations' dtype by themselves
-        params = {p: v.astype(compute_dtype) if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
-                  else v for p, v in params.items()}
+    if compute_dtype is not None:
+        params = {p: cast(v, compute_dtype) for p, v in params.items()}
     model = merge(s, params)
-    h = model.hidden(*(batch.get(k) for k in MODEL_INPUTS), remat=remat, attention=attention,
-                     segment_ids=batch.get("segment_ids"))
-    w = model.lm_weight()
-    if isinstance(w, (QuantizedWeight, AdaptedWeight)):  # QLoRA's frozen head: the loss's chunks need it dense
-        w = w.dequantize(h.dtype)
+    h = model.hidden(*(batch.get(k) for k in MODEL_INPUTS), remat=remat, segment_ids=batch.get("segment_ids"))
+    w = dense(model.lm_weight(), h.dtype)  # QLoRA's frozen head: the loss's chunks need it dense
     return chunked_cross_entropy(h, w, batch["labels"])
 
 
-def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype=None, remat: bool | str = False,
-                    lora: LoraConfig | None = None, grad_accum: int = 1, attention: str | None = None) -> Callable:
+def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype=None, remat: str = "none",
+                    lora: LoraConfig | None = None, grad_accum: int = 1) -> Callable:
     """-> jitted `step(state, frozen, batch) -> (state, metrics)`; the old state is donated.
 
     compute_dtype: cast every parameter to it inside the step (bf16 compute over fp32 master weights).
     grad_accum: the batch is cut into this many micro-batches, run one after another, and their gradients summed
     before the single update; the loss is the mean over all scored tokens of the whole batch.
-    remat: "none", "full" or "matmuls" (see `_layers.checkpointed`). attention: the backend (`_layers.attend`).
+    remat: "none", "full" or "matmuls" (see `model.layers.checkpointed`). The attention backend is the model's
+    (`IdeficsModel.set_attention`, before `split`).
     """
     heap.for_cpu_training()  # before the first step: XLA:CPU then reuses freed memory instead of faulting it in
 
     def total_loss(trainable, frozen, batch):
-        return _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype, remat=remat, lora=lora,
-                     attention=attention)
+        return _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype, remat=remat, lora=lora)
 
     grad_fn = jax.value_and_grad(total_loss, has_aux=True)
 
@@ -219,15 +215,14 @@ def make_train_step(s: Split, tx: optax.GradientTransformation, *, compute_dtype
     return jax.jit(step, donate_argnums=(0,))
 
 
-def make_loss(s: Split, *, compute_dtype=None, lora: LoraConfig | None = None,
-              attention: str | None = None) -> Callable:
+def make_loss(s: Split, *, compute_dtype=None, lora: LoraConfig | None = None) -> Callable:
     """-> jitted `loss(trainable, frozen, batch) -> (summed loss, scored tokens)`, for evaluation."""
     return jax.jit(lambda trainable, frozen, batch: _loss(s, trainable, frozen, batch, compute_dtype=compute_dtype,
-                                                          remat=False, lora=lora, attention=attention))
+                                                          remat="none", lora=lora))
 
 
-def put_batch(batch: dict, part: shd.Partitioning | None) -> dict:
+def put_batch(batch: dict, partitioning: sharding.Partitioning | None) -> dict:
     """This host's batch as its rows of global arrays split over the batch axes of the mesh (several processes:
     each contributes its own rows, see `train.data`)."""
-    return {k: shd.put_process_local(v, ("batch",) + (None,) * (np.ndim(v) - 1), part)
+    return {k: sharding.put_process_local(v, ("batch",) + (None,) * (np.ndim(v) - 1), partitioning)
             for k, v in batch.items() if v is not None}

@@ -244,7 +244,7 @@ def _setup(config: TrainConfig) -> _Setup:
     parts = step_lib.split(model, config.freeze, config.lora, jax.random.key(config.seed))
     tx = optim.make(config.optim, config.steps, parts.fan_in, parts.trainable)
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=config.remat, lora=config.lora,
-                                          grad_accum=config.optim.grad_accum, attention=config.attention or None)
+                                          grad_accum=config.optim.grad_accum)
     collator, data = _data(config, model_dir)
     evaluator = Evaluator(config, parts, collator, partitioning) if config.eval_every and config.data.eval else None
     throughput = _Throughput(flops_per_token(model), peak_flops(compute or jnp.float32) * jax.device_count())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.generation.decode import Core

@@ -58,15 +58,15 @@ def empty_state(model: IdeficsModel, rows: int, columns: int, layers: Layers, t:
                        jnp.ones(B, bool), Rows.empty(B))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "one_image_at_a_time"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "one_image_at_a_time"))
 def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pixel_mask, rows: Rows, eos_E, *,
-            cfg: SamplingConfig, one_image_at_a_time: bool):
+            config: SamplingConfig, one_image_at_a_time: bool):
     """Runs left-padded prompts (B, T) -> (their cache of T columns, first tokens (B,), done (B,): the first token
     ended the request: an eos, or a one-token limit)."""
     model: IdeficsModel = nnx.merge(graphdef, params)
     logits, cache = model.prefill(ids_BT, mask_BT, pixel_values, pixel_mask, layers, one_image_at_a_time)
     step = jnp.zeros(ids_BT.shape[0], jnp.int32)
-    first = choose_tokens(logits, step, cfg, rows, eos_E)
+    first = choose_tokens(logits, step, config, rows, eos_E)
     done = (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
     return cache, first, done
 
@@ -100,7 +100,7 @@ def release(state: DecodeState, row) -> DecodeState:
     return dataclasses.replace(state, done_B=state.done_B.at[row].set(True))
 
 
-def step(model: IdeficsModel, layers: Layers, s: DecodeState, eos_E, pad, cfg: SamplingConfig):
+def step(model: IdeficsModel, layers: Layers, s: DecodeState, eos_E, pad, config: SamplingConfig):
     """The one decode step of every row: feeds each active row's newest token, picks its next one -> (state, next
     tokens (B,) (pad for inactive rows), rows that ended now (B,))."""
     window = model.config.text.sliding_window
@@ -110,7 +110,7 @@ def step(model: IdeficsModel, layers: Layers, s: DecodeState, eos_E, pad, cfg: S
     keypos = s.keypos_BS.at[:, q].set(s.pos_B)
     mask = valid if window is None else valid & (keypos > s.pos_B[:, None] - window)
     logits, cache = model.step(s.last_B, s.pos_B, mask, s.cache, q, layers)
-    nxt = jnp.where(active, choose_tokens(logits, s.step_B, cfg, s.rows, eos_E, active), pad)
+    nxt = jnp.where(active, choose_tokens(logits, s.step_B, config, s.rows, eos_E, active), pad)
     ends = active & ((is_eos(nxt, eos_E) & ~s.rows.ignore_eos_B) | (s.step_B + 1 >= s.rows.limit_B))
     s = dataclasses.replace(
         s, cache=cache, valid_BS=valid, keypos_BS=keypos, t=s.t + 1, last_B=jnp.where(active, nxt, s.last_B),
@@ -118,9 +118,9 @@ def step(model: IdeficsModel, layers: Layers, s: DecodeState, eos_E, pad, cfg: S
     return s, nxt, ends
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "width"), donate_argnames=("state",))
 def decode(graphdef, params, layers: Layers, state: DecodeState, steps, stop_on_finish, eos_E, pad, *,
-           cfg: SamplingConfig, width: int):
+           config: SamplingConfig, width: int):
     """Up to `steps` (<= width) decode steps of every row; stops early when every row is done, or when
     `stop_on_finish` and some row finished (so that a waiting request can take it). Returns the state, the
     tokens produced (B, width) (the first `count` columns written) and `count`."""
@@ -132,7 +132,7 @@ def decode(graphdef, params, layers: Layers, state: DecodeState, steps, stop_on_
 
     def body(carry):
         s, out, i, finished = carry
-        s, nxt, ends = step(model, layers, s, eos_E, pad, cfg)
+        s, nxt, ends = step(model, layers, s, eos_E, pad, config)
         return s, out.at[:, i].set(nxt), i + 1, finished | jnp.any(ends)
 
     out = jnp.zeros((state.done_B.shape[0], width), jnp.int32)
@@ -145,8 +145,8 @@ class Core:
     `ops.decode_weights`), the eos / pad ids and the static sampling config, with the jitted functions above
     called on them. `generate` and the serving engine both drive one."""
 
-    def __init__(self, model: IdeficsModel, tokens: Tokens, cfg: SamplingConfig):
-        self.model, self.tokens, self.cfg = model, tokens, cfg
+    def __init__(self, model: IdeficsModel, tokens: Tokens, config: SamplingConfig):
+        self.model, self.tokens, self.config = model, tokens, config
         self.graphdef, self.params = nnx.split(model)
         self.layers = decode_layers(model.text.layers.weights())
         self.one_image_at_a_time = one_image_at_a_time(jax.tree.leaves(self.params))
@@ -159,7 +159,7 @@ class Core:
     def prefill(self, prompt: Prompt, rows: Rows):
         """-> (cache of the prompt's columns, first tokens (B,), done (B,)), on the device."""
         return prefill(self.graphdef, self.params, self.layers, prompt.ids, prompt.mask, prompt.pixel_values,
-                       prompt.pixel_mask, rows, self.eos_E, cfg=self.cfg,
+                       prompt.pixel_mask, rows, self.eos_E, config=self.config,
                        one_image_at_a_time=self.one_image_at_a_time)
 
     def insert(self, state: DecodeState, cache: KVCache, src, dst, mask_RT, first_R, rows: Rows) -> DecodeState:
@@ -172,4 +172,4 @@ class Core:
     def decode(self, state: DecodeState, steps: int, stop_on_finish: bool = False, *, width: int):
         """-> (state, tokens (B, width) on the device, count)."""
         return decode(self.graphdef, self.params, self.layers, state, jnp.int32(steps), jnp.bool_(stop_on_finish),
-                      self.eos_E, self.pad, cfg=self.cfg, width=width)
+                      self.eos_E, self.pad, config=self.config, width=width)

@@ -118,7 +118,7 @@ def is_eos(tokens_B, eos_ids_E):
     return jnp.any(tokens_B[:, None] == eos_ids_E[None, :], axis=-1)
 
 
-def process_logits(logits_BV, step_B, cfg: SamplingConfig, rows: Rows, eos_ids_E):
+def process_logits(logits_BV, step_B, config: SamplingConfig, rows: Rows, eos_ids_E):
     """The processed scores transformers samples from (or takes the argmax of), in its order: min-new-tokens
     (eos impossible before `min_new_tokens` new tokens), then, when sampling, temperature, top-k, top-p.
     Removed tokens get -inf. `step_B` is each row's number of new tokens already produced."""
@@ -126,14 +126,14 @@ def process_logits(logits_BV, step_B, cfg: SamplingConfig, rows: Rows, eos_ids_E
     logits = logits_BV.astype(jnp.float32)
     eos_V = jnp.any(jnp.arange(V)[:, None] == eos_ids_E[None, :], axis=-1)
     logits = jnp.where((step_B < rows.min_new_B)[:, None] & eos_V[None], -jnp.inf, logits)
-    if not cfg.do_sample:
+    if not config.do_sample:
         return logits
     logits = logits / rows.temperature_B[:, None]
-    if cfg.top_k is not None:
+    if config.top_k is not None:
         # Keep every token scoring at least the k-th best (ties with it included, as transformers does).
-        kth = jax.lax.top_k(logits, min(cfg.top_k, V))[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(config.top_k, V))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if cfg.use_top_p:
+    if config.use_top_p:
         # Ascending sort: the removed tokens are a prefix whose cumulative probability is <= 1 - top_p; the best
         # token always stays. Keep everything scoring at least the first kept one.
         sorted_BV = jnp.sort(logits, axis=-1)
@@ -144,18 +144,18 @@ def process_logits(logits_BV, step_B, cfg: SamplingConfig, rows: Rows, eos_ids_E
     return logits
 
 
-def choose_tokens(logits_BV, step_B, cfg: SamplingConfig, rows: Rows, eos_ids_E, active_B=None):
+def choose_tokens(logits_BV, step_B, config: SamplingConfig, rows: Rows, eos_ids_E, active_B=None):
     """Each row's next token (B,) int32: the argmax (first index on ties, as torch) for greedy rows, else a draw
     from the row's processed distribution with its key folded with its step. The sampling branch runs only when
     some (active) row samples."""
     greedy = jnp.argmax(process_logits(logits_BV, step_B, SamplingConfig(), rows, eos_ids_E), axis=-1)
     greedy = greedy.astype(jnp.int32)
-    if not cfg.do_sample:
+    if not config.do_sample:
         return greedy
     sampling = rows.temperature_B > 0
 
     def draw():
-        scores = process_logits(logits_BV, step_B, cfg, rows, eos_ids_E)
+        scores = process_logits(logits_BV, step_B, config, rows, eos_ids_E)
 
         def one(scores_V, step, key2):
             key = jax.random.fold_in(jax.random.wrap_key_data(key2), step)

@@ -22,7 +22,8 @@ from idefics_jax.ops.matmul import matmul, tie_to_input
 # The connector is chosen by the type of its config; only the perceiver attends.
 CONNECTORS = {
     PixelShuffleConfig: lambda c, rngs, dtype, attention: PixelShuffleConnector(c, rngs=rngs, dtype=dtype),
-    PerceiverConfig: lambda c, rngs, dtype, attention: PerceiverConnector(c, rngs=rngs, dtype=dtype, attention=attention),
+    PerceiverConfig: lambda c, rngs, dtype, attention: PerceiverConnector(c, rngs=rngs, dtype=dtype,
+                                                                          attention=attention),
 }
 
 
@@ -133,10 +134,10 @@ class IdeficsModel(nnx.Module):
         # the table whole instead holds all of it on every device, and in training its gradient too: a
         # scatter-add into the whole table (3 GiB per device for Idefics3-8B in bf16 on the CPU compile,
         # docs/memory-plan.md), where the width-sharded one is an eighth.
-        part = self.partitioning
-        ids = constrain(input_ids_BT, (None, None), part)
-        x = constrain(jnp.take(self.text.embed[...], ids, axis=0), (None, None, "embed"), part)
-        x = constrain(x, ("batch", None, None), part)
+        partitioning = self.partitioning
+        ids = constrain(input_ids_BT, (None, None), partitioning)
+        x = constrain(jnp.take(self.text.embed[...], ids, axis=0), (None, None, "embed"), partitioning)
+        x = constrain(x, ("batch", None, None), partitioning)
         if pixel_values is None:
             return x
         if one_image_at_a_time:
@@ -196,8 +197,9 @@ class IdeficsModel(nnx.Module):
         x = self.embed(input_ids_BT, pixel_values, pixel_attention_mask, one_image_at_a_time=one_image_at_a_time)
         # A cache of exactly T columns keeps prefill attention at T x T.
         cache = KVCache.zeros(c, input_ids_BT.shape[0], input_ids_BT.shape[1], self.dtype, self.partitioning)
-        h, cache = self.text(x, positions_from_mask(attention_mask_BT), Mask.decoder(attention_mask_BT, c.sliding_window),
-                             cache, 0, layers=None if layers is None else layers.for_prefill())
+        mask = Mask.decoder(attention_mask_BT, c.sliding_window)
+        h, cache = self.text(x, positions_from_mask(attention_mask_BT), mask, cache, 0,
+                             layers=None if layers is None else layers.for_prefill())
         cache = cache if layers is None else cache.laid_out(layers)
         return self.lm_logits(h[:, -1:])[:, 0], cache
 

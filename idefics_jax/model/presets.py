@@ -5,7 +5,8 @@ Values are those of each checkpoint's `config.json`; `tests/test_config.py` chec
 
 import dataclasses
 
-from idefics_jax.model.config import ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig, VisionConfig
+from idefics_jax.model.config import (ModelConfig, PerceiverConfig, PixelShuffleConfig, RopeConfig, TextConfig,
+                                      VisionConfig)
 
 _SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16)
 _SIGLIP_B16_512 = VisionConfig(

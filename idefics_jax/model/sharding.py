@@ -226,37 +226,37 @@ def partitioning(mesh: Mesh | None, rules: Rules = RULES) -> Partitioning | None
     return None if mesh is None else Partitioning(mesh, rules)
 
 
-def sharding_for(axes, shape, part: Partitioning | None):
+def sharding_for(axes, shape, partitioning: Partitioning | None):
     """Where an array with logical `axes` goes: laid out over the mesh, or on the first local device."""
-    if part is None:
+    if partitioning is None:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return part.sharding(axes, shape)
+    return partitioning.sharding(axes, shape)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
+def constrain(x: jax.Array, axes: Sequence[str | None], partitioning: Partitioning | None) -> jax.Array:
     """`x` laid out by its logical `axes` (inside jit); the identity when there is no mesh."""
-    if part is None:
+    if partitioning is None:
         return x
-    return jax.lax.with_sharding_constraint(x, part.sharding(axes, x.shape))
+    return jax.lax.with_sharding_constraint(x, partitioning.sharding(axes, x.shape))
 
 
-def put(x, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
+def put(x, axes: Sequence[str | None], partitioning: Partitioning | None) -> jax.Array:
     """A host array, the same on every process, as a global array laid out by `axes`; each process places
     only its own devices' slices."""
     x = np.asarray(x)
-    if part is None:
+    if partitioning is None:
         return jax.device_put(x)
-    return jax.make_array_from_callback(x.shape, part.sharding(axes, x.shape), lambda index: x[index])
+    return jax.make_array_from_callback(x.shape, partitioning.sharding(axes, x.shape), lambda index: x[index])
 
 
-def put_process_local(x, axes: Sequence[str | None], part: Partitioning | None) -> jax.Array:
+def put_process_local(x, axes: Sequence[str | None], partitioning: Partitioning | None) -> jax.Array:
     """This process's rows of a global array split over processes along axis 0 (each host its own data): the
     global array has process_count times the rows, laid out by `axes`. One process: `put`."""
-    if part is None or jax.process_count() == 1:
-        return put(x, axes, part)
+    if partitioning is None or jax.process_count() == 1:
+        return put(x, axes, partitioning)
     x = np.asarray(x)
     shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(part.sharding(axes, shape), x, shape)
+    return jax.make_array_from_process_local_data(partitioning.sharding(axes, shape), x, shape)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

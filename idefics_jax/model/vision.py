@@ -33,9 +33,9 @@ def _layer_spec(c: VisionConfig) -> dict:
     }
 
 
-def _layer(eps: float, part: Partitioning | None, attention: Attention):
+def _layer(eps: float, partitioning: Partitioning | None, attention: Attention):
     # Images over data/fsdp (they are the batch here), heads and MLP width over tensor.
-    shard = lambda x, *axes: constrain(x, axes, part)  # noqa: E731
+    shard = lambda x, *axes: constrain(x, axes, partitioning)  # noqa: E731
 
     def fn(x_ISD, w, mask: Mask):
         h = layer_norm(x_ISD, w["ln1_scale"], w["ln1_bias"], eps)

@@ -55,10 +55,10 @@ class Mask:
 BACKENDS = ("xla", "cudnn", "pallas")
 
 
-def default_backend(part=None) -> str:
+def default_backend(partitioning=None) -> str:
     """The platform's fused attention: splash attention (Pallas) on TPUs, cuDNN (`jax.nn.dot_product_attention`)
     on GPUs, the einsum path on CPUs (the platform: `target_platform(part)`)."""
-    return {"tpu": "pallas", "gpu": "cudnn"}.get(target_platform(part), "xla")
+    return {"tpu": "pallas", "gpu": "cudnn"}.get(target_platform(partitioning), "xla")
 
 
 def check_backend(name: str | None) -> str | None:
@@ -83,7 +83,7 @@ class Attention:
         return attend(q_BTNH, k_BSKH, v_BSKH, mask, self.backend, self.partitioning)
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None, part=None):
+def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None, partitioning=None):
     """Scaled dot-product attention with grouped kv heads; softmax in fp32. The one attention of the package.
 
     mask: a `Mask`, or a (B, T, S) bool array (True where query t may see key s; the decode loop's cache masks),
@@ -94,7 +94,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None, part=None):
     and heads (XLA cannot partition a Mosaic kernel call: on a multi-device mesh it would not compile), and its
     devices' platform picks the default backend and kernel or interpreter.
     """
-    backend = check_backend(backend) or default_backend(part)
+    backend = check_backend(backend) or default_backend(partitioning)
     if not isinstance(mask, Mask) or backend == "xla":
         return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask.dense() if isinstance(mask, Mask) else mask)
     if backend == "cudnn":
@@ -103,7 +103,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask, backend: str | None = None, part=None):
         out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=dense, is_causal=mask.causal,
                                            local_window_size=window)
         return out.astype(q_BTNH.dtype)
-    return _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask, part)
+    return _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask, partitioning)
 
 
 def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
@@ -125,7 +125,7 @@ def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 _BLOCK = 128  # the kernel's tile: sequences are padded to a multiple of it
 
 
-def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, part=None):
+def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, partitioning=None):
     """Splash attention: one kernel call per (sample, kv head) with its G query heads (MQA form), under vmap; on a
     mesh, under shard_map over the batch and kv heads as the rules lay them out.
 
@@ -143,7 +143,7 @@ def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, part=None):
     q = (pad(q_BTNH, Tp).astype(jnp.float32) * H**-0.5).astype(q_BTNH.dtype)
     q = q.reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = (jnp.swapaxes(pad(x, Sp), 1, 2) for x in (k_BSKH, v_BSKH))  # B K S H
-    kernel = _splash_kernel(Tp, Sp, G, mask.causal, mask.window, target_platform(part) != "tpu")
+    kernel = _splash_kernel(Tp, Sp, G, mask.causal, mask.window, target_platform(partitioning) != "tpu")
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     def one(q_KGTH, k_KSH, v_KSH, qs_T, ks_S):
@@ -151,12 +151,12 @@ def _attend_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, part=None):
         return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(q_KGTH, k_KSH, v_KSH)
 
     run = jax.vmap(one)
-    if part is not None and part.mesh.size > 1:
+    if partitioning is not None and partitioning.mesh.size > 1:
         # Query heads n = k * G + g: splitting the kv heads splits the query heads with them.
-        q_spec = part.spec(("batch", "kv_heads", None, None, None), q.shape)
-        kv_spec = part.spec(("batch", "kv_heads", None, None), k.shape)
-        seg_spec = part.spec(("batch", None), qseg.shape)
-        run = jax.shard_map(run, mesh=part.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        q_spec = partitioning.spec(("batch", "kv_heads", None, None, None), q.shape)
+        kv_spec = partitioning.spec(("batch", "kv_heads", None, None), k.shape)
+        seg_spec = partitioning.spec(("batch", None), qseg.shape)
+        run = jax.shard_map(run, mesh=partitioning.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                             out_specs=q_spec, check_vma=False)
     out = run(q, k, v, qseg, kseg)  # B K G T H
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T].astype(q_BTNH.dtype)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import jax
 
 
-def target_platform(part=None) -> str:
+def target_platform(partitioning=None) -> str:
     """The platform the program is built for: that of `part`'s mesh (a `sharding.Partitioning`), else jax's
     default backend."""
-    if part is not None:
-        return part.mesh.devices.flat[0].platform
+    if partitioning is not None:
+        return partitioning.mesh.devices.flat[0].platform
     return jax.default_backend()
 
 

@@ -4,7 +4,7 @@ A quantized weight is a `QuantizedWeight` pytree (codes + scales) that takes the
 `nnx.Param`, under the same path and metadata (`axes`, `fan_in`). Everything that walks parameters as pytrees
 works on it unchanged: stacking and `lax.scan` over layers (both leaves keep the leading layer axis), Orbax
 (two arrays per weight, "<path>/values" and "<path>/scales"), and sharding (each leaf has logical axes derived
-from its weight's: `leaf_axes`). The layers multiply with `_layers.matmul`, which dequantizes inside the layer:
+from its weight's: `leaf_axes`). The layers multiply with `ops.matmul.matmul`, which dequantizes inside the layer:
 a decode step reads the codes and dequantizes one layer at a time, never a whole full-precision copy.
 
 Layouts, for a weight (*lead, *in, *out) with `fan_in` = len(in) contracted dims of total width C:
@@ -107,7 +107,7 @@ class QuantizedWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AdaptedWeight:
-    """A frozen quantized weight with a low-rank update, w + scale * a @ b, kept apart (QLoRA): `_layers.matmul`
+    """A frozen quantized weight with a low-rank update, w + scale * a @ b, kept apart (QLoRA): `ops.matmul.matmul`
     computes x @ w + scale * (x @ a) @ b, so the base stays quantized and no full-precision copy of it (or of its
     gradient) is ever made. a (*lead, C, r), b (*lead, r, O) for a weight (*lead, *in, *out) of width C -> O."""
 
