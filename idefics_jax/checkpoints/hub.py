@@ -57,11 +57,3 @@ def download(repo_id: str, revision: str | None = None) -> str:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def resolve_model(name) -> str:
-    """`idefics_jax.checkpoints.registry.resolve`, for the callers that still import it from here (Chat.load)."""
-    # TODO(issue 24): remove once generation/chat.py calls registry.resolve (this import closes a cycle).
-    from idefics_jax.checkpoints import registry
-
-    return registry.resolve(name)

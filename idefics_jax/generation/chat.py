@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from idefics_jax.checkpoints.hub import resolve_model
+from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.generation.api import generate, generate_stream
 from idefics_jax.generation.images import load_image
@@ -143,7 +143,7 @@ class Chat:
         `quantize` / `group_size` as in `load_pretrained`."""
         from transformers import AutoProcessor
 
-        path = resolve_model(path)
+        path = resolve(path)
         model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size)
         return cls(model, AutoProcessor.from_pretrained(local_side_files(path)), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge, max_frames=max_frames, fps=fps)
