@@ -61,8 +61,7 @@ def _generate(a):
 
     distributed.initialize()
     chat = load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size)
-    chat.model.set_attention(a.attention)
+                     longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size, attention=a.attention)
     out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
@@ -86,11 +85,12 @@ def _version() -> str:
 
 def _serve(a):
     from idefics_jax.serve.app import serve
+    from idefics_jax.train.loading import load_chat
 
     _check_quantize_options(a)
-    serve(a.model, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue, dtype=a.dtype,
-          allow_local_images=a.allow_local_images, max_images=a.max_images, max_image_pixels=a.max_image_pixels,
-          quantize=a.quantize, group_size=a.group_size, attention=a.attention)
+    serve(a.model, load=load_chat, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue,
+          dtype=a.dtype, allow_local_images=a.allow_local_images, max_images=a.max_images,
+          max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention)
 
 
 def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -112,10 +112,11 @@ def _check_quantize_options(a) -> None:
 
 def _eval(a):
     from idefics_jax.evaluate.runner import run
+    from idefics_jax.train.loading import load_chat
 
     r = run(a.model, a.task, a.data, a.out or os.path.join("eval-out", a.task), limit=a.limit,
             batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, shard=a.shard, dtype=a.dtype,
-            max_len=a.max_len)
+            max_len=a.max_len, load=load_chat)
     print(json.dumps({k: r[k] for k in ("task", "metric", "score", "count")}))
 
 

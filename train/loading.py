@@ -21,7 +21,7 @@ from idefics_jax.checkpoints.paths import as_path, building, local_side_files
 from idefics_jax.checkpoints.registry import RUN_CHECKPOINTS, RUN_CONFIG, resolve, run_step
 from idefics_jax.model.idefics import IdeficsModel
 from idefics_jax.model.sharding import Partitioning
-from idefics_jax.ops.quantize import QuantizedWeight
+from idefics_jax.ops.weights import cast, is_leaf
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, step as step_lib
 from idefics_jax.train.config import TrainConfig
@@ -123,10 +123,11 @@ def trained_model(workdir: str, step: int | None = None):
 
 
 def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize: str | None = None,
-                 group_size: int | None = None, **chat_options):
+                 group_size: int | None = None, attention: str | None = None, **chat_options):
     """A Chat over the model of the run in `workdir` (newest step by default, LoRA adapters merged), cast to
-    `dtype` and quantized with `quantize` / `group_size` as `Chat.load` does, keeping the run's generation defaults
-    (eos, pad); `chat_options` as `Chat.load` (do_image_splitting, longest_edge, ...)."""
+    `dtype`, quantized with `quantize` / `group_size` and with the `attention` backend as `Chat.load` does, keeping
+    the run's generation defaults (eos, pad); `chat_options` as `Chat.load` (do_image_splitting, longest_edge,
+    ...)."""
     from transformers import AutoProcessor
 
     from idefics_jax.generation.chat import Chat
@@ -135,12 +136,12 @@ def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize:
     defaults = model.generation_defaults  # a model rebuilt below does not carry them
     if dtype is not None:  # the full-precision weights; a QLoRA run's quantized base stays as it is
         graphdef, state = nnx.split(model)
-        cast = lambda x: x if isinstance(x, QuantizedWeight) else x.astype(dtype)  # noqa: E731
-        model = nnx.merge(graphdef, jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: cast(x, dtype), state, is_leaf=is_leaf))
     if quantize:
         model = quantize_model(model, quantize, group_size)
     model.generation_defaults = defaults
-    return Chat(model, AutoProcessor.from_pretrained(local_side_files(model_dir)), **chat_options)
+    return Chat(model.set_attention(attention), AutoProcessor.from_pretrained(local_side_files(model_dir)),
+                **chat_options)
 
 
 def load_chat(name: str, **options):

@@ -24,6 +24,7 @@ from idefics_jax.model.idefics import IdeficsModel
 from idefics_jax.checkpoints.orbax_adapter import chunked_writes, open_param_store
 from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.ops.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
+from idefics_jax.ops.weights import from_stored, stored, weight_format
 
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
@@ -126,7 +127,7 @@ def quantize_model(model: IdeficsModel, fmt: str, group: int | None = None) -> I
 
     def one(path, var):
         key, value = "/".join(map(str, path)), var.get_value()
-        if isinstance(value, QuantizedWeight) or not eligible(key, var.get_metadata().get("fan_in")):
+        if weight_format(value) is not None or not eligible(key, var.get_metadata().get("fan_in")):
             return var
         return var.replace(quantize_param(key, value, var.get_metadata(), fmt, group, partitioning))
 
@@ -146,10 +147,7 @@ def check_quantize(config: ModelConfig, fmt: str, group: int | None) -> None:
 
 def quantized_format(model) -> str | None:
     """"int8" / "int4" when the model's matmul weights are quantized, else None."""
-    for _, v in nnx.to_flat_state(nnx.state(model)):
-        if isinstance(v.get_value(), QuantizedWeight):
-            return v.get_value().format
-    return None
+    return next((f for _, v in nnx.to_flat_state(nnx.state(model)) if (f := weight_format(v.get_value()))), None)
 
 
 def chunk_shape(shape, axes, itemsize: int, rules=sharding.RULES) -> tuple[int, ...]:
@@ -226,9 +224,7 @@ def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
 
 def _flat_leaves(path: str, leaf) -> dict[str, object]:
     """A parameter's stored arrays by checkpoint path: the array itself, or a quantized weight's two."""
-    if isinstance(leaf, QuantizedWeight):
-        return {f"{path}/values": leaf.values, f"{path}/scales": leaf.scales}
-    return {path: leaf}
+    return {path + suffix: a for suffix, a in stored(leaf).items()}
 
 
 def _restore(params_dir: str, target: dict, where: str, partial: bool = False) -> dict:
@@ -310,8 +306,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=sharding.RULES, quantize:
     else:
         restored = _restore(params_dir, target, path)
         for key, leaf in shapes.items():
-            values[key] = (dataclasses.replace(leaf, values=restored[f"{key}/values"], scales=restored[f"{key}/scales"])
-                           if isinstance(leaf, QuantizedWeight) else restored[key])
+            values[key] = from_stored(leaf, {s: restored[key + s] for s in stored(leaf)})
     new = [(p, v.replace(values["/".join(map(str, p))])) for p, v in flat]
     model = nnx.merge(graphdef, nnx.from_flat_state(new))
     model.generation_defaults = read_generation_defaults(path)

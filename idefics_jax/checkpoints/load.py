@@ -10,10 +10,11 @@ from idefics_jax.checkpoints.registry import resolve, run_step
 from idefics_jax.convert.hf_to_orbax import HFCheckpoint
 from idefics_jax.model import sharding
 from idefics_jax.model.idefics import IdeficsModel
+from idefics_jax.ops.attention import check_backend
 
 
 def load_pretrained(path: str, *, dtype=None, mesh=None, rules=sharding.RULES, quantize: str | None = None,
-                    group_size: int | None = None) -> IdeficsModel:
+                    group_size: int | None = None, attention: str | None = None) -> IdeficsModel:
     """Loads a model from an Orbax checkpoint written by `idefics-jax convert`, an HF directory, a model shipped
     with the package by name ("tiny-shapes"), a preset's published checkpoint ("smolvlm-256m") or a hub id
     ("HuggingFaceTB/SmolVLM-256M-Instruct", "org/name@revision"); see `idefics_jax.checkpoints.registry.resolve`.
@@ -22,8 +23,10 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=sharding.RULES, q
     over it by the logical-axis `rules`. quantize: "int8" (per output channel) or "int4" (groups of `group_size`
     along the contraction; default 128, or the largest power of two below it that divides the width) quantizes
     the matmul weights while loading, one tensor at a time; a checkpoint written by `convert --quantize` loads
-    quantized without it.
+    quantized without it. attention: the backend of the model's attention ("xla", "cudnn", "pallas"; None: the
+    platform's; `IdeficsModel.set_attention` changes it later).
     """
+    check_backend(attention)
     name, path = path, resolve(path)
     if run_step(path) is not None:  # the run's trainable state: its model is built by the training layer
         raise CheckpointError(f"{name}: a training run's WORKDIR; load it with "
@@ -33,7 +36,7 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=sharding.RULES, q
     if not p.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     if (p / PARAMS_DIR).is_dir():
-        return load_orbax(path, dtype, mesh, rules, quantize, group_size)
+        return load_orbax(path, dtype, mesh, rules, quantize, group_size).set_attention(attention)
     if any(f.name.endswith(".safetensors") or f.name.endswith(".safetensors.index.json") for f in p.iterdir()):
         ckpt = HFCheckpoint(path, dtype)
         if quantize is not None:
@@ -43,7 +46,7 @@ def load_pretrained(path: str, *, dtype=None, mesh=None, rules=sharding.RULES, q
         raise CheckpointError(f"{path}: neither an idefics-jax checkpoint ({PARAMS_DIR}/) nor an HF model "
                               "(*.safetensors)")
     model.generation_defaults = read_generation_defaults(path)
-    return model
+    return model.set_attention(attention)
 
 
 class _Lazy:

@@ -134,9 +134,11 @@ def _record(task: Task, s: Sample, prompt: str, prediction: str) -> dict:
 
 def run(model, task: str | Task, data: str, out: str, *, limit: int | None = None, batch_size: int = 16,
         max_new_tokens: int | None = None, shard: str | tuple[int, int] | None = None,
-        answer_fn: AnswerFn | None = None, progress: bool = True, dtype=None, max_len: int | None = None) -> dict:
-    """Evaluates `model` (a checkpoint path, a shipped model's name, a `Chat`, or a started serving `Engine`, which
-    is left running) on `task` over `data` (see `idefics_jax.evaluate.data`), the first `limit` samples; answers
+        answer_fn: AnswerFn | None = None, progress: bool = True, dtype=None, max_len: int | None = None,
+        load: Callable | None = None) -> dict:
+    """Evaluates `model` (any model name `Chat.load` takes, or with `load` whatever it takes, e.g. the training
+    layer's `load_chat` for a WORKDIR; a `Chat`; or a started serving `Engine`, which is left running) on `task`
+    over `data` (see `idefics_jax.evaluate.data`), the first `limit` samples; answers
     come from a serving engine with `batch_size` slots of `max_len` cache positions (prompt + answer; default the
     engine's: the model's positions, at most 2048), or from `answer_fn`. Returns results.json's content; for a
     shard that is not the last to finish, its own shard's results (also in OUT/results.<i>-of-<n>.json)."""
@@ -170,7 +172,7 @@ def run(model, task: str | Task, data: str, out: str, *, limit: int | None = Non
                 answer_fn = engine_answerer(model)
             else:
                 t = time.perf_counter()
-                chat = model if isinstance(model, Chat) else Chat.load(model, dtype=dtype)
+                chat = model if isinstance(model, Chat) else (load or Chat.load)(model, dtype=dtype)
                 load_s = time.perf_counter() - t
                 engine = Engine(chat.model, chat, slots=min(batch_size, len(mine) - len(done)),
                                 max_len=max_len).start()

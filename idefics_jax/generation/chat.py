@@ -137,14 +137,14 @@ class Chat:
     @classmethod
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
              longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None,
-             quantize: str | None = None, group_size: int | None = None) -> "Chat":
+             quantize: str | None = None, group_size: int | None = None, attention: str | None = None) -> "Chat":
         """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one), a
         shipped model ("tiny-shapes"), a preset ("smolvlm-256m") or a hub id ("org/name[@revision]");
-        `quantize` / `group_size` as in `load_pretrained`."""
+        `quantize` / `group_size` / `attention` as in `load_pretrained`."""
         from transformers import AutoProcessor
 
         path = resolve(path)
-        model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size)
+        model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention)
         return cls(model, AutoProcessor.from_pretrained(local_side_files(path)), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge, max_frames=max_frames, fps=fps)
 

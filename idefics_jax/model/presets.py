@@ -118,17 +118,3 @@ TINY_IDEFICS2 = ModelConfig(
     connector=PerceiverConfig(num_latents=6, depth=2, num_heads=4, head_dim=10, num_kv_heads=2, rms_norm_eps=1e-6),
     image_token_id=5,  # `<image>` in tests.reference.char_tokenizer
 )
-
-PRESETS = {
-    "idefics2-8b": IDEFICS2_8B,
-    "idefics2-8b-base": IDEFICS2_8B,
-    "idefics3-8b-llama3": IDEFICS3_8B_LLAMA3,
-    "smolvlm-256m": SMOLVLM_256M,
-    "smolvlm-500m": SMOLVLM_500M,
-    "smolvlm-2.2b": SMOLVLM_2_2B,
-    "smolvlm2-256m": SMOLVLM2_256M,
-    "smolvlm2-500m": SMOLVLM2_500M,
-    "smolvlm2-2.2b": SMOLVLM2_2_2B,
-    "tiny": TINY,
-    "tiny-idefics2": TINY_IDEFICS2,
-}

@@ -27,7 +27,7 @@ import secrets
 import signal
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI resolves the (string) annotation here
 
@@ -286,18 +286,18 @@ def create_app(engine: Engine, model_name: str, *, allow_local_images: str | Non
 def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
           max_len: int | None = None, max_queue: int = 64, dtype=None, allow_local_images: str | None = None,
           max_images: int = 8, max_image_pixels: int = MAX_IMAGE_PIXELS, drain_timeout: float = 30.0,
-          quantize: str | None = None, group_size: int | None = None, attention: str | None = None) -> None:
-    """Loads `model` (a checkpoint directory or a shipped model's name; `quantize` / `group_size` as in
-    `load_pretrained`) and serves it until SIGTERM / Ctrl-C. `attention`: the prompts' attention backend (None: the
-    platform's)."""
+          quantize: str | None = None, group_size: int | None = None, attention: str | None = None,
+          load: Callable | None = None) -> None:
+    """Loads `model` (any name `Chat.load` takes, or with `load` whatever it takes, e.g. the training layer's
+    `load_chat` for a WORKDIR; `quantize` / `group_size` / `attention` as in `load_pretrained`) and serves it until
+    SIGTERM / Ctrl-C."""
     import uvicorn
 
     from idefics_jax.generation.chat import Chat
 
     if allow_local_images is not None and not os.path.isdir(allow_local_images):
         raise ValueError(f"--allow-local-images {allow_local_images}: no such directory")
-    chat = Chat.load(model, dtype=dtype, quantize=quantize, group_size=group_size)
-    chat.model.set_attention(attention)
+    chat = (load or Chat.load)(model, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention)
     engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue)
     name = os.path.basename(os.path.normpath(model))
     app = create_app(engine, name, allow_local_images=allow_local_images, max_images=max_images,
