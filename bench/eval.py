@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # reference.py
+
 
 def write_samples(folder: str, n: int, seed: int = 0) -> str:
     """`n` random 512 px images with short questions, as an eval JSONL file."""

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # reference.py
+
 
 def make_requests(n: int, lo: int, hi: int, lengths: str = "uniform", seed: int = 0):
     """n text questions -> [(messages, max_tokens)]; max_tokens uniform or log-uniform (many short answers, a

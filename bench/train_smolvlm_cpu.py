@@ -18,6 +18,9 @@ from idefics_jax import PRESETS
 import reference as testing
 from idefics_jax.convert import hf_files
 from idefics_jax.train import config as config_lib, trainer
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # reference.py
 
 
 def main() -> None:

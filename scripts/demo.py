@@ -1,7 +1,7 @@
 """The parity demo: build a small random SmolVLM-style checkpoint offline, convert it with `idefics-jax convert`,
 answer a question about an image in JAX, and check logits and generated tokens against transformers.
 
-    python -m scripts.demo [--workdir out/demo]
+    python3 scripts/demo.py [--workdir out/demo]
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # reference.py
 
 
 def main(argv=None) -> int:
