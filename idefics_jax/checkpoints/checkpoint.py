@@ -24,7 +24,7 @@ from idefics_jax.model.idefics import IdeficsModel
 from idefics_jax.checkpoints.orbax_adapter import chunked_writes, open_param_store
 from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.ops.quantize import QuantizedWeight, check_format, eligible, leaf_axes, quantize
-from idefics_jax.ops.weights import from_stored, stored, weight_format
+from idefics_jax.ops import weights
 
 PARAMS_DIR = "params"
 STATE_DIR = "state"  # where Orbax's partial save puts the tree inside PARAMS_DIR
@@ -127,7 +127,7 @@ def quantize_model(model: IdeficsModel, fmt: str, group: int | None = None) -> I
 
     def one(path, var):
         key, value = "/".join(map(str, path)), var.get_value()
-        if weight_format(value) is not None or not eligible(key, var.get_metadata().get("fan_in")):
+        if weights.weight_format(value) is not None or not eligible(key, var.get_metadata().get("fan_in")):
             return var
         return var.replace(quantize_param(key, value, var.get_metadata(), fmt, group, partitioning))
 
@@ -147,7 +147,8 @@ def check_quantize(config: ModelConfig, fmt: str, group: int | None) -> None:
 
 def quantized_format(model) -> str | None:
     """"int8" / "int4" when the model's matmul weights are quantized, else None."""
-    return next((f for _, v in nnx.to_flat_state(nnx.state(model)) if (f := weight_format(v.get_value()))), None)
+    formats = (weights.weight_format(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(model)))
+    return next((f for f in formats if f is not None), None)
 
 
 def chunk_shape(shape, axes, itemsize: int, rules=sharding.RULES) -> tuple[int, ...]:
@@ -224,7 +225,7 @@ def _check_stored(path: str, params_dir: epath.Path, target: dict) -> None:
 
 def _flat_leaves(path: str, leaf) -> dict[str, object]:
     """A parameter's stored arrays by checkpoint path: the array itself, or a quantized weight's two."""
-    return {path + suffix: a for suffix, a in stored(leaf).items()}
+    return {path + suffix: a for suffix, a in weights.stored(leaf).items()}
 
 
 def _restore(params_dir: str, target: dict, where: str, partial: bool = False) -> dict:
@@ -306,7 +307,7 @@ def load_orbax(path: str, dtype=None, mesh=None, rules=sharding.RULES, quantize:
     else:
         restored = _restore(params_dir, target, path)
         for key, leaf in shapes.items():
-            values[key] = from_stored(leaf, {s: restored[key + s] for s in stored(leaf)})
+            values[key] = weights.from_stored(leaf, {s: restored[key + s] for s in weights.stored(leaf)})
     new = [(p, v.replace(values["/".join(map(str, p))])) for p, v in flat]
     model = nnx.merge(graphdef, nnx.from_flat_state(new))
     model.generation_defaults = read_generation_defaults(path)
