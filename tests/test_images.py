@@ -117,9 +117,9 @@ def test_a_pil_image_of_any_mode_is_accepted():
 @pytest.fixture
 def no_device_work(monkeypatch):
     """"Before any device work": the jitted prefill fails the test if it is reached."""
-    from idefics_jax.generation import api as generation
+    from idefics_jax.generation import decode
 
-    monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
+    monkeypatch.setattr(decode, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
 
 
 @pytest.mark.parametrize("kwargs, message", [
