@@ -21,7 +21,7 @@ import numpy as np
 from idefics_jax.convert.hf_to_orbax import hf_tensor_shapes
 from idefics_jax.convert.orbax_to_hf import write_safetensors
 from idefics_jax import PRESETS, to_hf_dict
-from reference import char_tokenizer
+from idefics_jax.convert.hf_files import char_tokenizer
 
 
 def write_random_checkpoint(path: str, preset: str, shards: int) -> int:

@@ -1,4 +1,4 @@
-"""Held-out accuracy of the shipped tiny-shapes model (issue 7's acceptance), idefics_jax vs transformers.
+"""Held-out accuracy of the shipped tiny-shapes model, idefics_jax vs transformers.
 
     python3 bench/eval_tiny_shapes.py [--model tiny-shapes] [--images 300] [--questions N] [--jsonl DIR]
     python3 bench/eval_tiny_shapes.py --images 2     # smallest: seconds

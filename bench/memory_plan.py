@@ -415,33 +415,31 @@ its own 2048 slots, which then grows to the 4096 slots per sample of 2048 prompt
 preset `FSDP_TP` (tensor 4, the rest FSDP). A v4-8 or v5p-8 is 4 chips, which jax sees as 4 devices (megacore).
 LoRA: rank-16 adapters on the decoder's q, k, v, o, everything else frozen.
 
-## What changed (issue 16)
+## How the plan is built
 
-- **The TPU rows are TPU programs.** Until now every row was compiled for simulated CPU devices, where the
-  Pallas kernel cannot be lowered and XLA:CPU computes bf16 in fp32 (it converted whole stacked bf16 weights,
-  gradients and saved layer inputs to fp32 outside the layer loops: about 5 GiB per device at the peak), so
-  the plan measured the CPU compiler more than the model: full bf16 fine-tuning at 2048 tokens on a v5e-8
-  read 15.76 GiB and LoRA at 8192 tokens 36.89 GiB (the H100 rows below still do). Compiled by libtpu for a
-  v5e-8 they peak at **{v5e("fine-tune, bf16 params + AdamW")} GiB** and **{v5e("LoRA r16, bf16, 8192 tokens")} GiB**
-  per chip: both fit 16 GiB with room.
-- **The splash kernel runs on a mesh.** XLA cannot split a Mosaic kernel call over devices, so on any TPU mesh
-  with more than one device the kernel did not compile at all ("Mosaic kernels cannot be automatically
-  partitioned"). `ops.attention.attend` now runs it under `shard_map`, each device on its own samples and kv heads
-  (as the mesh's rules lay them out; tested on 8 simulated devices), and picks kernel or interpreter by the
-  platform of the model's mesh rather than of the host, so that a program compiled ahead of time for TPU
-  devices from a CPU host holds the kernel, not its interpreter.
-- **Inference is the prefill `generate` runs.** The plan used to compile a prefill of its own that attended
-  over all 4096 cache slots through a dense (B, T, S) mask, so XLA's attention and fp32 scores of
-  B x heads x 2048 x 4096 (2 GiB per copy on a v4-8, 33 GiB peak there). `generate` attends over the prompt's
-  own slots with a causal mask, the platform's kernel, and grows the cache afterwards; the row now compiles that.
-- **The loss no longer holds the logits.** Cross-entropy runs over the vocabulary 512 tokens at a time, each
-  chunk's gradient taken at once (`train.step.chunked_cross_entropy`, a custom VJP): instead of the fp32
-  (B, T, 128259) logits held about three times (3 GiB per 2048-token sample), one chunk's scores (0.25 GiB).
-- **The token embedding stays sharded.** It used to gather the 128,259 x 4096 table whole on every device
-  before the lookup, and its gradient was a scatter-add into a whole table too: 3.7 GiB of temporaries at once.
-  Now each device looks up its eighth of the width for every token id and the rows move to their batch shard;
-  the gradient lands in the device's own slice.
-- **Full bf16 fine-tuning at 8192 tokens still does not fit a v5e-8** ({full_8k} GiB). From the compiled
+- **The TPU rows are TPU programs**, compiled by libtpu ahead of time. Compiled for simulated CPU devices (the
+  H100 rows), the Pallas kernel cannot be lowered and XLA:CPU computes bf16 in fp32 (it converts whole stacked
+  bf16 weights, gradients and saved layer inputs to fp32 outside the layer loops: about 5 GiB per device at the
+  peak), so those rows measure the CPU compiler as much as the model: on a v5e-8 the same full bf16 fine-tuning
+  at 2048 tokens reads 15.76 GiB there against
+  **{v5e("fine-tune, bf16 params + AdamW")} GiB** from libtpu, and LoRA at 8192 tokens 36.89 GiB against
+  **{v5e("LoRA r16, bf16, 8192 tokens")} GiB** per chip.
+- **The splash kernel runs on a mesh.** XLA cannot split a Mosaic kernel call over devices ("Mosaic kernels
+  cannot be automatically partitioned"), so `ops.attention.attend` runs it under `shard_map`, each device on its
+  own samples and kv heads (as the mesh's rules lay them out; tested on 8 simulated devices), and picks kernel or
+  interpreter by the platform of the model's mesh rather than of the host: a program compiled ahead of time for
+  TPU devices from a CPU host holds the kernel, not its interpreter.
+- **Inference is the prefill `generate` runs**: the prompt attends over its own columns with a causal mask and
+  the platform's kernel, and the cache grows afterwards. A prefill attending over all 4096 cache columns through
+  a dense (B, T, S) mask would hold fp32 scores of B x heads x 2048 x 4096 (2 GiB per copy on a v4-8).
+- **The loss holds no logits.** Cross-entropy runs over the vocabulary 512 tokens at a time, each chunk's
+  gradient taken at once (`train.step.chunked_cross_entropy`, a custom VJP): one chunk's scores (0.25 GiB)
+  instead of the fp32 (B, T, 128259) logits held about three times (3 GiB per 2048-token sample).
+- **The token embedding stays sharded.** Each device looks up its eighth of the width for every token id and
+  the rows move to their batch shard; the gradient lands in the device's own slice. Gathering the 128,259 x 4096
+  table whole on every device, with a scatter-add gradient into a whole table, would take 3.7 GiB of
+  temporaries at once.
+- **Full bf16 fine-tuning at 8192 tokens does not fit a v5e-8** ({full_8k} GiB). From the compiled
   program's buffer assignment (XLA dump, memory-usage report), beside the 6 GiB of parameters and moments: the
   remat boundaries, one layer input per layer (32 x 8192 x 4096 bf16 = 2 GiB), the gradients (2 GiB, the
   stacked MLP ones 1.3 GiB of it), the recomputed layer's MLP activations (8192 x 14336 bf16 = 224 MiB each,
@@ -611,7 +609,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the whole memory plan (markdown) to this file")
     ap.add_argument("--smoke", action="store_true", help="the tiny test model on 1 and 8 devices (checks the "
                     "programs, the quantized ones too)")
-    ap.add_argument("--quantized", action="store_true", help="only the quantized rows (issue 15): rewrites their "
+    ap.add_argument("--quantized", action="store_true", help="only the quantized rows: rewrites their "
                     "section of --out")
     ap.add_argument("--platforms", default="", help="comma-separated platform names to keep (default: all)")
     a = ap.parse_args(argv)

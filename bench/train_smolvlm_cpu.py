@@ -11,16 +11,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 
-from idefics_jax import PRESETS
-
-import reference as testing
-from idefics_jax.convert import hf_files
-from idefics_jax.train import config as config_lib, trainer
-import sys
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # reference.py
+
+import reference as testing  # noqa: E402
+from idefics_jax import PRESETS  # noqa: E402
+from idefics_jax.convert import hf_files  # noqa: E402
+from idefics_jax.train import config as config_lib, trainer  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Idefics2, Idefics3 and SmolVLM in JAX / Flax NNX.
 
-The public names, gathered from the layers (see the README's layout section): the model core, conversion, and
+The public names, gathered from the layers (see docs/layout.md): the model core, conversion, and
 generation. Modules inside the package import from the module that defines a name, never from here.
 """
 

@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = {"idefics_jax": "idefics_jax", "convert": "idefics_jax.convert", "train": "idefics_jax.train",
             "configs": "idefics_jax.configs"}
 
-# Lowest first: a module may import its own layer and the layers before it, never a later one. The README's
-# layout section shows the same table.
+# Lowest first: a module may import its own layer and the layers before it, never a later one. docs/layout.md
+# shows the same table.
 LAYERS = [
     ("runtime", ["idefics_jax.runtime", "idefics_jax.configs"]),
     ("ops", ["idefics_jax.ops"]),
@@ -49,7 +49,7 @@ def layer_of(module: str) -> int:
     for i, (_, prefixes) in enumerate(LAYERS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and the README's layout section)")
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and docs/layout.md)")
 
 
 def imports(path: pathlib.Path, known: set[str]) -> list[tuple[int, str]]:

@@ -1,4 +1,4 @@
-"""The synthetic visual task behind the `tiny-shapes` model (issue 7).
+"""The synthetic visual task behind the `tiny-shapes` model.
 
 White RGB images, 64-160 px a side, with 1-4 non-overlapping filled circles, squares and triangles in red, green,
 blue or yellow, each at least 14 px across. Three exactly worded questions, each answered with one lowercase word:
