@@ -36,12 +36,12 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     prompt = prepare(model, input_ids, attention_mask, pixel_values, pixel_attention_mask)
     B = prompt.ids.shape[0]
     # Row b draws with seed + b: a batch samples what its rows would alone with those seeds.
-    rows = [params if b == 0 else dataclasses.replace(params, seed=seed + b) for b in range(B)]
+    rows = Rows.of([params if b == 0 else dataclasses.replace(params, seed=seed + b) for b in range(B)])
     core = Core(model, Tokens.of(model, eos_token_id, pad_token_id), params.config)
     columns = bucket(prompt.columns + max_new_tokens)
     state = core.empty(B, columns, t=prompt.columns)
-    cache, first, done = core.prefill(prompt, Rows.of(rows))
-    state = core.insert(state, cache, np.arange(B), np.arange(B), prompt.mask, first, Rows.of(rows))
+    cache, first, done = core.prefill(prompt, rows)
+    state = core.insert(state, cache, np.arange(B), np.arange(B), prompt.mask, first, rows)
     yield np.asarray(first)[:, None]
     produced, done = 1, np.asarray(done)
     while produced < max_new_tokens and not done.all():
