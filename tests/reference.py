@@ -108,21 +108,23 @@ def random_image(rng: np.random.Generator, height: int, width: int):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def write_hub_cache(cache_dir: str, repo_id: str, snapshots: dict[str, str], refs: dict[str, str]) -> str:
+def write_hub_cache(cache_dir: str, repo_id: str, snapshots: dict[str, str], refs: dict[str, str],
+                    repo_type: str = "model") -> str:
     """Lays out model directories as `huggingface_hub` caches a download, so loading by hub id can be tested offline:
-    `cache_dir/models--org--name/` with `blobs/` (files named by their hash: sha256 for weights, which the hub
-    stores in LFS, the git blob sha1 for the rest), `snapshots/<commit>/` (relative symlinks into blobs/) and
-    `refs/<branch or tag>` (a commit). `snapshots` maps a 40-hex commit to a directory; returns the repo folder."""
+    `cache_dir/models--org--name/` (`datasets--org--name/` for repo_type "dataset") with `blobs/` (files named by
+    their hash: sha256 for weights and parquet shards, which the hub stores in LFS, the git blob sha1 for the rest),
+    `snapshots/<commit>/` (relative symlinks into blobs/) and `refs/<branch or tag>` (a commit). `snapshots` maps a
+    40-hex commit to a directory; returns the repo folder."""
     import hashlib
 
-    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    repo = os.path.join(cache_dir, f"{repo_type}s--" + repo_id.replace("/", "--"))
     os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
     for commit, src in snapshots.items():
         for root, _, files in os.walk(src):
             for name in files:
                 rel = os.path.relpath(os.path.join(root, name), src)
                 data = open(os.path.join(root, name), "rb").read()
-                lfs = name.endswith(".safetensors")
+                lfs = name.endswith((".safetensors", ".parquet"))
                 digest = (hashlib.sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)).hexdigest()
                 blob = os.path.join(repo, "blobs", digest)
                 if not os.path.exists(blob):

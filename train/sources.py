@@ -1,16 +1,20 @@
 """Data sources: a config's data spec (`data.train`, `data.eval`) -> a random-access sequence of stored records.
 
-A spec is the name of a registered source ("shapes": the synthetic task, generated into WORKDIR once) or a TFDS
-data directory written by `train.tfds_builder`, "DIR" or "DIR:SPLIT". A new kind of data registers a factory:
+A spec is the name of a registered source ("shapes": the synthetic task, generated into WORKDIR once), a TFDS
+data directory written by `train.tfds_builder`, "DIR" or "DIR:SPLIT", or a hub dataset,
+`org/name[@revision][:subset][:split]` (built once into records, see `hub`). A new kind of data registers a factory:
 
     register("mytask", lambda split, cfg: sources.generated(cfg, split, lambda: my_records(split)))
 """
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.parse
 from typing import Callable, Sequence
 
+from idefics_jax.checkpoints import hub_data
 from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.shapes import task as shapes
 from idefics_jax.train.config import TrainConfig
@@ -33,7 +37,51 @@ def names() -> list[str]:
 def source(spec: str, split: str, cfg: TrainConfig) -> Sequence:
     """The records `spec` names, for `split` ("train" or "eval"; a "DIR:SPLIT" spec picks its own split)."""
     factory = _REGISTRY.get(spec)
-    return factory(split, cfg) if factory is not None else tfds_directory(spec, split)
+    if factory is not None:
+        return factory(split, cfg)
+    if hub_data.parse(spec) is not None and not as_path(spec.partition(":")[0]).exists():
+        return hub(spec, split, cfg)
+    return tfds_directory(spec, split)
+
+
+def hub(spec: str, split: str, cfg: TrainConfig) -> Sequence:
+    """A hub dataset's split as records (an omitted split: `train` for training, else `validation` or `test`).
+    Its parquet shards are built once into HF_HOME/idefics-jax/records/ORG--NAME/COMMIT/SUBSET/SPLIT and reused
+    by every run that names the same repository, revision, subset and split. The commit a run first resolves is
+    kept in WORKDIR/hub-data.json: a resumed run reads the records it started with, wherever the branch moved."""
+    import filelock
+    import jax
+    from huggingface_hub import constants
+
+    from idefics_jax.train import tfds_builder
+
+    pins_file = as_path(cfg.workdir) / "hub-data.json"
+    pins = json.loads(pins_file.read_text()) if pins_file.exists() else {}
+    key = f"{split}:{spec}"
+    data = hub_data.resolve(pins.get(key, spec), default_split="train" if split == "train" else ("validation", "test"))
+    if key not in pins and jax.process_index() == 0:
+        pins_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pins_file.parent / (pins_file.name + ".tmp")
+        tmp.write_text(json.dumps({**pins, key: data.name}, indent=2) + "\n")
+        tmp.replace(pins_file)
+    parts = (data.repo.replace("/", "--"), data.commit, data.subset, data.split)
+    path = os.path.join(constants.HF_HOME, "idefics-jax", "records", *(urllib.parse.quote(p, safe="") for p in parts))
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in data.split)  # a TFDS split name
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with filelock.FileLock(path + ".lock"):  # one build, however many runs start at once
+        if not tfds_builder.is_built(path):
+            _check_columns(data)
+            tfds_builder.build(path, {name: tfds_builder.ParquetSource(data.files)}, replace_incomplete=True)
+    return tfds_builder.data_source(path, name)
+
+
+def _check_columns(data: hub_data.Split) -> None:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(data.files[0]).names
+    if not {"images", "texts"} <= set(names):
+        raise ValueError(f"{data.name}: not in The Cauldron's layout (training reads columns images and texts; "
+                         f"this split has {', '.join(names)})")
 
 
 def tfds_directory(spec: str, split: str) -> Sequence:

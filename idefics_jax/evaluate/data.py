@@ -1,6 +1,9 @@
-"""Evaluation data: the parquet shards the benchmarks publish on the hub (downloaded by the user), or a JSONL file.
+"""Evaluation data: the parquet shards the benchmarks publish on the hub, named as a hub dataset
+(`org/name[@revision][:subset][:split]`, see `idefics_jax.checkpoints.hub_data`) or downloaded by the user; or a
+JSONL file.
 
-Parquet: a file or a folder of `*.parquet` (searched recursively, read in name order), with the columns of
+Parquet: a file or a folder of `*.parquet` (searched recursively, read in name order), or a hub dataset's split,
+with the columns of
   VQAv2 (lmms-lab/VQAv2): question, image, answers [{answer, answer_confidence, answer_id}], question_id
   TextVQA (lmms-lab/textvqa): question, image, answers [str], question_id
   DocVQA (lmms-lab/DocVQA): question, image, answers [str], questionId
@@ -22,8 +25,9 @@ import glob
 import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+from idefics_jax.checkpoints import hub_data
 MMMU_MAX_IMAGES = 7
 QUESTION_COLUMNS = ("question", "query")
 ANSWER_COLUMNS = ("answers", "label", "answer", "multiple_choice_answer")
@@ -56,13 +60,20 @@ class Sample:
 
 
 class Dataset:
-    """The samples of `path` (see the module docstring), in order; `len` without reading the rows."""
+    """The samples of `path` (see the module docstring), in order; `len` without reading the rows. A hub dataset
+    whose split is omitted is read at the first of `split` it has. `name`: the data as results record it (a local
+    path made absolute, a hub dataset at its commit)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, split: str | Sequence[str] = ("validation", "test")):
         self.path = path
-        if not os.path.exists(path):
+        self.name = os.path.abspath(path)
+        hub = hub_data.parse(path) if not os.path.exists(path) else None
+        if hub is not None:
+            resolved = hub_data.resolve(hub, default_split=split)
+            self.files, self.name = list(resolved.files), resolved.name
+        elif not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such data file or folder")
-        if os.path.isdir(path):
+        elif os.path.isdir(path):
             self.files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
             if not self.files:
                 raise ValueError(f"{path}: a folder with no .parquet files")

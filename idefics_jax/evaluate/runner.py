@@ -23,6 +23,10 @@ from idefics_jax.evaluate.data import Dataset, Sample
 from idefics_jax.evaluate.tasks import Task, get
 from idefics_jax.runtime.progress import Progress
 
+# The split each task is scored on (lmms-eval's `test_split`): what a hub dataset's omitted split means.
+EVAL_SPLITS = {"vqav2": "validation", "textvqa": "validation", "docvqa": "validation", "chartqa": "test",
+               "mmmu": "validation"}
+
 # (messages, images, max_new_tokens) -> answer text. By default the serving engine answers (engine_answerer).
 Query = tuple[list[dict], list, int]
 AnswerFn = Callable[[Sequence[Query]], list[str]]
@@ -148,11 +152,11 @@ def run(model, task: str | Task, data: str, out: str, *, limit: int | None = Non
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1; got {limit}")
     shard = shard if isinstance(shard, tuple) else parse_shard(shard)
-    dataset = Dataset(data)
+    dataset = Dataset(data, split=EVAL_SPLITS.get(task.name, ("validation", "test")))
     total = len(dataset) if limit is None else min(limit, len(dataset))
     n_new = max_new_tokens or task.max_new_tokens
     config = {"model": model if isinstance(model, str) else type(model).__name__, "task": task.name,
-              "data": os.path.abspath(data), "limit": limit, "batch_size": batch_size, "max_new_tokens": n_new,
+              "data": dataset.name, "limit": limit, "batch_size": batch_size, "max_new_tokens": n_new,
               "shards": shard[1]}
     os.makedirs(out, exist_ok=True)
     _check_run(out, config)
