@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = parser("eval", help="score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, ...)")
     v.add_argument("--model", default="tiny-shapes", help="checkpoint directory or a shipped model's name")
     v.add_argument("--task", required=True, choices=list(TASKS))
-    v.add_argument("--data", required=True, help="a .jsonl file, a .parquet file or a folder of parquet shards")
+    v.add_argument("--data", required=True, help="a hub dataset, org/name[@revision][:subset][:split], or a .jsonl "
+                   "file, a .parquet file or a folder of parquet shards")
     v.add_argument("--limit", type=int, default=None, help="the first N samples only")
     v.add_argument("--batch-size", type=int, default=16, help="requests the serving engine decodes together")
     v.add_argument("--max-len", type=int, default=None,

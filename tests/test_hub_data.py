@@ -200,6 +200,18 @@ def test_unknown_or_ambiguous_parts_are_one_line(offline, name, message):
     assert str(e.value).startswith(name)
 
 
+def test_an_unreachable_hub_falls_back_to_the_cache(offline, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refuses connections
+    assert hub_data.resolve(f"{VQA}:shapes:test").files[0].endswith("shapes/test-00000-of-00001.parquet")
+    with pytest.raises(hub_data.DatasetError, match=r"^acme/absent:x: not a local path; cannot reach the hub and "
+                                                    r"not in the cache \(.*\): .*refused"):
+        hub_data.resolve("acme/absent:x")
+
+
 def test_names_resolve_offline(offline):
     got = hub_data.resolve(f"{VQA}:shapes", default_split=("validation", "test"))
     assert (got.commit, got.subset, got.split) == (MAIN, "shapes", "validation")
@@ -249,3 +261,97 @@ def test_names():
     assert hub_data.parse("a/b:x") == hub_data.Spec("a/b", None, "x", None, single=True)
     for not_hub in ("shapes", "./a/b", "/data/x", "gs://bucket/x", "a/b:c:d:e", "../a/b"):
         assert hub_data.parse(not_hub) is None, not_hub
+
+
+class FakeHub:
+    """The hub's HTTP API over the source folders, as much of it as huggingface_hub asks for here: repo info, the
+    tree listing, and file downloads (HEAD + GET), recording which files were downloaded."""
+
+    def __init__(self, repos: dict):  # repo id -> (commit, folder)
+        import hashlib
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.repos, self.downloads = repos, []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _file(self, repo, rel):
+                data = open(os.path.join(hub.repos[repo][1], rel), "rb").read()
+                return data, hashlib.sha256(data).hexdigest()
+
+            def _send(self, code, body=b"", headers=(), head=False):
+                self.send_response(code)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def do_HEAD(self):
+                self.do_GET(head=True)
+
+            def do_GET(self, head=False):
+                path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "datasets"]:
+                    repo, kind = "/".join(parts[2:4]), (parts[4:] or ["revision"])[0]
+                    commit, folder = hub.repos[repo]
+                    files = sorted(os.path.relpath(os.path.join(r, n), folder)
+                                   for r, _, ns in os.walk(folder) for n in ns)
+                    if kind == "revision":
+                        body = {"id": repo, "sha": commit, "private": False,
+                                "siblings": [{"rfilename": f} for f in files]}
+                    else:  # tree
+                        body = []
+                        for f in files:
+                            data, digest = self._file(repo, f)
+                            entry = {"type": "file", "path": f, "size": len(data), "oid": digest[:40]}
+                            if f.endswith(".parquet"):
+                                entry["lfs"] = {"oid": digest, "size": len(data), "pointerSize": 130}
+                            body.append(entry)
+                    return self._send(200, json.dumps(body).encode(), [("Content-Type", "application/json")], head)
+                if parts[0] == "datasets" and parts[3] == "resolve":
+                    repo, rel = "/".join(parts[1:3]), "/".join(parts[5:])
+                    data, digest = self._file(repo, rel)
+                    if not head:
+                        hub.downloads.append(rel)
+                    return self._send(200, data, [("X-Repo-Commit", hub.repos[repo][0]), ("ETag", f'"{digest}"')],
+                                      head)
+                self._send(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
+    """Online (a hub at HF_ENDPOINT, an empty cache): the README and the named split's shards are downloaded, no
+    other file; in a program of its own, as huggingface_hub reads HF_ENDPOINT when it is imported."""
+    import subprocess
+    import sys
+
+    hub = FakeHub({VQA: (MAIN, str(os.path.join(os.path.dirname(hf_home), "src-vqa")))})
+    script = ("import json\nfrom idefics_jax.checkpoints import hub_data\n"
+              f"s = hub_data.resolve('{VQA}:shapes', default_split=('validation', 'test'))\n"
+              "print('RESULT', json.dumps([s.commit, s.split, s.files]))\n")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    try:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        hub.server.shutdown()
+    assert r.returncode == 0, r.stderr[-3000:]
+    commit, split, files = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert sorted(hub.downloads) == ["README.md", "shapes/validation-00000-of-00002.parquet",
+                                     "shapes/validation-00001-of-00002.parquet"]
+    assert (commit, split) == (MAIN, "validation")
+    assert all(f.startswith(str(tmp_path / "home" / "hub" / "datasets--acme--shapes-vqa" / "snapshots" / MAIN))
+               for f in files)
+    assert [pq.read_table(f).num_rows for f in files] == [3, 3]

@@ -300,6 +300,15 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _network_error(e: Exception) -> bool:
+    """No network, a refused connection, a timeout, the hub down: the HTTP library's errors (httpx or its fork,
+    whichever huggingface_hub uses) and the hub's own."""
+    from huggingface_hub import errors
+
+    http = type(e).__module__.split(".")[0] in {"httpx", "httpx2", "requests", "urllib3"}
+    return http or isinstance(e, (OSError, errors.HfHubHTTPError, errors.OfflineModeIsEnabled))
+
+
 def _storage(repo: str) -> str:
     from huggingface_hub import constants
 
@@ -342,7 +351,9 @@ def _listing(spec: Spec) -> tuple[str, list[str], str | None, str | None]:
             raise DatasetError(f"{where}: no such dataset on the hub (a private one needs HF_TOKEN)") from None
         except errors.HFValidationError as e:
             raise DatasetError(f"{where}: not a valid hub id ({str(e).splitlines()[0][:120]})") from None
-        except (OSError, errors.HfHubHTTPError) as e:  # no network, a refused connection, the hub down
+        except Exception as e:
+            if not _network_error(e):
+                raise
             reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
     snap = _cached_snapshot(spec)
     if snap is None:
@@ -371,7 +382,9 @@ def _download(repo: str, commit: str, files: list[str]) -> str:
     try:
         return hf.snapshot_download(repo, repo_type="dataset", revision=commit, token=_token(),
                                     allow_patterns=[glob.escape(f) for f in files])  # fnmatch patterns
-    except (OSError, hf.errors.HfHubHTTPError) as e:
+    except Exception as e:
+        if not _network_error(e):
+            raise
         raise DatasetError(f"{repo}@{commit}: downloading {len(files)} parquet files failed: "
                            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
 
