@@ -142,7 +142,7 @@ def test_training_data_from_the_hub_cache_offline(offline, tmp_path):
     """`data.train: org/name:subset:train`: the trainer's batches come from the split, built once into records
     keyed by repository, commit, subset and split; the run's commit pinned in its WORKDIR."""
     from idefics_jax.checkpoints.registry import resolve
-    from idefics_jax.train import config as config_lib, trainer
+    from idefics_jax.train import config as config_lib, sources, trainer
 
     cfg = config_lib.load("configs/tiny.yaml", [f"workdir={tmp_path / 'run'}", f"data.train={CAULDRON}:shapes:train",
                                                 "data.batch_size=4"])
@@ -154,6 +154,10 @@ def test_training_data_from_the_hub_cache_offline(offline, tmp_path):
     assert info["splits"][0]["shardLengths"] == ["24"]
     pins = json.load(open(tmp_path / "run" / "hub-data.json"))
     assert pins == {f"train:{CAULDRON}:shapes:train": f"{CAULDRON}@{MAIN}:shapes:train"}
+    # A dataset not in The Cauldron's layout is one line naming its columns.
+    with pytest.raises(ValueError, match=rf"^{VQA}@{MAIN}:shapes:validation: not in The Cauldron's layout "
+                                         r"\(training reads columns images and texts; this split has question_id, "):
+        sources.source(f"{VQA}:shapes", "eval", cfg)
 
 
 def test_training_records_are_reused_and_a_run_keeps_its_commit(hf_home, offline, tmp_path, monkeypatch):

@@ -70,18 +70,32 @@ def hub(spec: str, split: str, cfg: TrainConfig) -> Sequence:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with filelock.FileLock(path + ".lock"):  # one build, however many runs start at once
         if not tfds_builder.is_built(path):
-            _check_columns(data)
-            tfds_builder.build(path, {name: tfds_builder.ParquetSource(data.files)}, replace_incomplete=True)
+            _build(data, path, name)
     return tfds_builder.data_source(path, name)
 
 
-def _check_columns(data: hub_data.Split) -> None:
+def _build(data: hub_data.Split, path: str, name: str) -> None:
+    import sys
+
     import pyarrow.parquet as pq
+
+    from idefics_jax.runtime.progress import Progress
+    from idefics_jax.train import tfds_builder
 
     names = pq.read_schema(data.files[0]).names
     if not {"images", "texts"} <= set(names):
         raise ValueError(f"{data.name}: not in The Cauldron's layout (training reads columns images and texts; "
                          f"this split has {', '.join(names)})")
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in data.files)
+    # On a terminal TFDS draws its own bars; elsewhere (a log) this line is the build's progress.
+    bar = Progress(f"records of {data.name}", total, unit="rows", enabled=not sys.stderr.isatty())
+
+    def rows():
+        for row in tfds_builder.ParquetSource(data.files).rows():
+            yield row
+            bar.update()
+
+    tfds_builder.build(path, {name: tfds_builder.GeneratedSource(rows)}, replace_incomplete=True)
 
 
 def tfds_directory(spec: str, split: str) -> Sequence:
