@@ -135,7 +135,8 @@ def test_eval_from_the_hub_cache_offline(offline, tmp_path, capsys):
     assert cli.main(["eval", "--task", "vqav2", "--data", f"{VQA}:shapes:train", "--out", str(tmp_path / "e4")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == ("idefics-jax eval: error: acme/shapes-vqa:shapes:train: no split 'train' in "
-                                        "subset 'shapes' (splits: validation, test)")
+                                        "subset 'shapes' (splits: validation, test); read from the hub cache, "
+                                        "which holds what was downloaded")
 
 
 def test_training_data_from_the_hub_cache_offline(offline, tmp_path):
@@ -214,6 +215,18 @@ def test_an_unreachable_hub_falls_back_to_the_cache(offline, monkeypatch):
     with pytest.raises(hub_data.DatasetError, match=r"^acme/absent:x: not a local path; cannot reach the hub and "
                                                     r"not in the cache \(.*\): .*refused"):
         hub_data.resolve("acme/absent:x")
+
+
+def test_a_split_cached_in_part_is_refused_offline(offline, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    part = write(tmp_path / "src", {"README.md": VQA_README,
+                                    "shapes/validation-00001-of-00002.parquet": vqa_rows(1, seed=1)})
+    testing.write_hub_cache(str(tmp_path / "hub"), VQA, {MAIN: part}, {"main": MAIN}, repo_type="dataset")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(hub_data.DatasetError, match=r"^acme/shapes-vqa:shapes: the hub cache holds 1 of the 2 "
+                                                    r"shards shapes/validation-\*; download the rest"):
+        hub_data.resolve(f"{VQA}:shapes", default_split="validation")
 
 
 def test_names_resolve_offline(offline):

@@ -86,7 +86,7 @@ def parse(name: str) -> Spec | None:
     return Spec(m["repo"], m["rev"], a or None, b or None)
 
 
-def resolve(name: str | Spec, default_split: str | Sequence[str] = "train", download: bool = True) -> Split:
+def resolve(name: str | Spec, default_split: str | Sequence[str] = "train") -> Split:
     """The split `name` means (see the module docstring), its parquet shards downloaded when missing.
     `default_split`: the split (or splits, first present wins) an omitted split means."""
     spec = name if isinstance(name, Spec) else parse(name)
@@ -99,21 +99,35 @@ def resolve(name: str | Spec, default_split: str | Sequence[str] = "train", down
         raise DatasetError(f"{spec}: no parquet files in {spec.repo}" + (" (cached)" if cached else "") +
                            "; the hub keeps a parquet copy of most datasets at revision refs/convert/parquet "
                            f"({spec.repo}@refs/convert/parquet)")
-    subset, split = _choose(spec, subsets, default, defaults)
-    chosen = [s for s in (subsets if subset == ALL else [subset]) if split in subsets[s]]
-    wanted = [f for s in chosen for f in subsets[s][split]]
-    if not wanted:
-        raise DatasetError(f"{spec}: split '{split}' of subset '{subset}' matches no files")
+    try:
+        subset, split = _choose(spec, subsets, default, defaults)
+    except DatasetError as e:
+        if cached:
+            raise DatasetError(f"{e}; read from the hub cache, which holds what was downloaded") from None
+        raise
+    wanted = [f for s in (subsets if subset == ALL else [subset]) for f in subsets[s].get(split, [])]
     bad = [f for f in wanted if not f.endswith(".parquet")]
     if bad:
         raise DatasetError(f"{spec}: {bad[0]} is not parquet (parquet shards are read); try the hub's parquet "
                            f"copy, {spec.repo}@refs/convert/parquet")
-    local = cached if cached else (_download(spec.repo, commit, wanted) if download else None)
-    if local is None:
-        return Split(spec.repo, commit, subset, split, tuple(wanted))
+    if cached:
+        _check_complete(spec, wanted)
+    local = cached or _download(spec.repo, commit, wanted)
     return Split(spec.repo, commit, subset, split, tuple(os.path.join(local, f) for f in wanted))
 
 
+def _check_complete(spec: Spec, files: list[str]) -> None:
+    """Shards named `<split>-00002-of-00005...` in the cache: all five of them, or a one-line error (a download
+    cut short would otherwise train or evaluate on part of the split)."""
+    groups: dict[tuple[str, int], set[int]] = {}
+    for f in files:
+        m = re.search(r"^(.*-)(\d{5})-of-(\d{5})[^/]*$", f)
+        if m:
+            groups.setdefault((m[1], int(m[3])), set()).add(int(m[2]))
+    for (prefix, total), have in groups.items():
+        if len(have) < total:
+            raise DatasetError(f"{spec}: the hub cache holds {len(have)} of the {total} shards {prefix}*; download "
+                               "the rest with network access (HF_HUB_OFFLINE unset)")
 def _choose(spec: Spec, subsets: dict, default: str | None, defaults: tuple[str, ...]) -> tuple[str, str]:
     names = list(subsets)
     listed = ", ".join(names)
