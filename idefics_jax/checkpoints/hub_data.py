@@ -9,7 +9,8 @@ Which files make a subset's split follows `datasets`: the `configs:` YAML of the
 (`config_name`, `data_files` as a pattern, a list, or `{split, path}` entries, `data_dir`, `default: true`);
 without one, the parquet files' names: `data/<split>-00000-of-00003*.parquet` (one subset, "default"), then
 `<subset>/<split>-00000-of-00001*.parquet` or `<subset>/<split>/*.parquet` (the hub's parquet conversion,
-revision `refs/convert/parquet`) as one subset per folder, then split keywords in folder or file names
+revision `refs/convert/parquet`) as one subset per folder (where `datasets`, without the YAML, would see one
+subset), then split keywords in folder or file names
 (train/training, validation/valid/val/dev, test/testing/eval/evaluation), then every file as `train`.
 Subset `*` means every subset, one after the other (MMMU's thirty subjects).
 
@@ -19,7 +20,8 @@ error listing the choices.
 
 Only the shards of the chosen split are downloaded (huggingface_hub's cache, its progress bar, HF_HOME /
 HF_HUB_CACHE, HF_TOKEN). With HF_HUB_OFFLINE, or when the hub cannot be reached, the cached snapshot of the
-revision is read: its subsets and splits are the files the cache holds.
+revision is read: its subsets and splits are the files the cache holds, and a split whose numbered shards
+(`-00001-of-00005`) are there only in part is refused.
 """
 
 from __future__ import annotations
