@@ -192,8 +192,8 @@ def test_training_records_are_reused_and_a_run_keeps_its_commit(hf_home, offline
 @pytest.mark.parametrize("name, message", [
     (f"{VQA}:nope:validation", f"no subset 'nope' in {VQA} (subsets: shapes, colors)"),
     (f"{VQA}:shapes:train", "no split 'train' in subset 'shapes' (splits: validation, test)"),
-    (f"{VQA}", f"{VQA} has 2 subsets; name one as {VQA}:SUBSET (subsets: shapes, colors)"),
-    (f"{VQA}::validation", f"{VQA} has 2 subsets; name one as {VQA}:SUBSET (subsets: shapes, colors)"),
+    (f"{VQA}", f"which of 2 subsets? name one as {VQA}:SUBSET (subsets: shapes, colors)"),
+    (f"{VQA}::validation", f"which of 2 subsets? name one as {VQA}:SUBSET (subsets: shapes, colors)"),
     (f"{VQA}:nope", f"no subset or split 'nope' in {VQA} (subsets: shapes, colors)"),
     (f"{VQA}@v9:shapes", f"{VQA}@v9:shapes: not a local path, nor a dataset in the hub cache"),
     ("acme/absent:x:y", "acme/absent:x:y: not a local path, nor a dataset in the hub cache"),

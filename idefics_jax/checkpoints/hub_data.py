@@ -154,7 +154,7 @@ def _choose(spec: Spec, subsets: dict, default: str | None, defaults: tuple[str,
     if subset is None:
         subset = implicit_subset()
         if subset is None:
-            raise DatasetError(f"{spec}: {spec.repo} has {len(names)} subsets; name one as {spec.repo}:SUBSET "
+            raise DatasetError(f"{spec}: which of {len(names)} subsets? name one as {spec.repo}:SUBSET "
                                f"(subsets: {listed})")
     if subset != ALL and subset not in subsets:
         raise DatasetError(f"{spec}: no subset '{subset}' in {spec.repo} (subsets: {listed})")
