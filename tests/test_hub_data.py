@@ -165,7 +165,7 @@ def test_training_records_are_reused_and_a_run_keeps_its_commit(hf_home, offline
     from idefics_jax.train import config as config_lib, records, sources, tfds_builder
 
     cfg = config_lib.load("configs/tiny.yaml", [f"workdir={tmp_path / 'run'}"])
-    first = sources.source(f"{CAULDRON}:shapes", "train", cfg)  # the only split
+    first = sources.source(f"{CAULDRON}:shapes", "train", cfg)  # train
     assert len(first) == 24
 
     def no_build(*a, **k):
@@ -236,7 +236,9 @@ def test_names_resolve_offline(offline):
                                                         "validation-00001-of-00002.parquet"]
     assert all(os.path.isfile(f) for f in got.files)
     assert hub_data.resolve(f"{VQA}@{MAIN}:shapes:test").split == "test"
-    assert hub_data.resolve(f"{VQA}:colors", default_split="test").split == "validation"  # its only split
+    with pytest.raises(hub_data.DatasetError, match="subset 'colors' has no split test; name one as "
+                                                    r"acme/shapes-vqa:colors:SPLIT \(splits: validation\)"):
+        hub_data.resolve(f"{VQA}:colors", default_split="test")  # not its only split: no silent stand-in
     every = hub_data.resolve(f"{VQA}:*:validation")
     assert [f.split("/")[-2] for f in every.files] == ["shapes", "shapes", "colors"]
     only = hub_data.resolve(f"{CAULDRON}")  # one subset, train by default

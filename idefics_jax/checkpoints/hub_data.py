@@ -15,7 +15,7 @@ subset), then split keywords in folder or file names
 Subset `*` means every subset, one after the other (MMMU's thirty subjects).
 
 An omitted subset is the only one (or the one the README marks default); an omitted split the first of
-`default_split` the subset has, or its only split. A part that names nothing, or an ambiguous one, is a one-line
+`default_split` the subset has. A part that names nothing, or an ambiguous one, is a one-line
 error listing the choices.
 
 Only the shards of the chosen split are downloaded (huggingface_hub's cache, its progress bar, HF_HOME /
@@ -160,7 +160,8 @@ def _choose(spec: Spec, subsets: dict, default: str | None, defaults: tuple[str,
         raise DatasetError(f"{spec}: no subset '{subset}' in {spec.repo} (subsets: {listed})")
     splits = list(dict.fromkeys(s for n in (names if subset == ALL else [subset]) for s in subsets[n]))
     if split is None:
-        split = next((s for s in defaults if s in splits), splits[0] if len(splits) == 1 else None)
+        # Never the only split as a stand-in: evaluation would silently read a training split.
+        split = next((s for s in defaults if s in splits), None)
         if split is None:
             raise DatasetError(f"{spec}: subset '{subset}' has no split {' or '.join(defaults)}; name one as "
                                f"{spec.repo}:{subset}:SPLIT (splits: {', '.join(splits)})")
