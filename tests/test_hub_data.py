@@ -356,9 +356,13 @@ def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
     import sys
 
     hub = FakeHub({VQA: (MAIN, str(os.path.join(os.path.dirname(hf_home), "src-vqa")))})
-    script = ("import json\nfrom idefics_jax.checkpoints import hub_data\n"
+    script = ("import json, os\nfrom idefics_jax.checkpoints import hub_data\n"
               f"s = hub_data.resolve('{VQA}:shapes', default_split=('validation', 'test'))\n"
-              "print('RESULT', json.dumps([s.commit, s.split, s.files]))\n")
+              "print('RESULT', json.dumps([s.commit, s.split, s.files]))\n"
+              # Then offline: the split not downloaded is refused, not taken for absent.
+              "os.environ['HF_HUB_OFFLINE'] = '1'\n"
+              f"try:\n    hub_data.resolve('{VQA}:shapes:test')\n"
+              "except hub_data.DatasetError as e:\n    print('OFFLINE', e)\n")
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "home"),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("HF_HUB_CACHE", None)
@@ -374,3 +378,10 @@ def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
     assert all(f.startswith(str(tmp_path / "home" / "hub" / "datasets--acme--shapes-vqa" / "snapshots" / MAIN))
                for f in files)
     assert [pq.read_table(f).num_rows for f in files] == [3, 3]
+    offline = next(x for x in r.stdout.splitlines() if x.startswith("OFFLINE "))
+    import huggingface_hub
+
+    if hasattr(huggingface_hub, "get_cached_repo_tree"):  # the listing the download kept
+        assert "holds 0 of the split's 1 files (not shapes/test-00000-of-00001.parquet)" in offline
+    else:
+        assert "no split 'test' in subset 'shapes' (splits: validation)" in offline

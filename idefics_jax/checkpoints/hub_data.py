@@ -20,8 +20,9 @@ error listing the choices.
 
 Only the shards of the chosen split are downloaded (huggingface_hub's cache, its progress bar, HF_HOME /
 HF_HUB_CACHE, HF_TOKEN). With HF_HUB_OFFLINE, or when the hub cannot be reached, the cached snapshot of the
-revision is read: its subsets and splits are the files the cache holds, and a split whose numbered shards
-(`-00001-of-00005`) are there only in part is refused.
+revision is read: its subsets and splits are those of the listing a download kept (huggingface_hub 2), else of
+the files the cache holds; a split whose files, or numbered shards (`-00001-of-00005`), are there only in part
+is refused.
 """
 
 from __future__ import annotations
@@ -113,8 +114,16 @@ def resolve(name: str | Spec, default_split: str | Sequence[str] = "train") -> S
         raise DatasetError(f"{spec}: {bad[0]} is not parquet (parquet shards are read); try the hub's parquet "
                            f"copy, {spec.repo}@refs/convert/parquet")
     if cached:
+        missing = [f for f in wanted if not os.path.isfile(os.path.join(cached, f))]
+        if missing:
+            raise DatasetError(f"{spec}: the hub cache holds {len(wanted) - len(missing)} of the split's "
+                               f"{len(wanted)} files (not {missing[0]}); download them with network access "
+                               "(HF_HUB_OFFLINE unset)")
         _check_complete(spec, wanted)
-    local = cached or _download(spec.repo, commit, wanted)
+        local = cached
+    else:
+        local = _download(spec.repo, commit, wanted)
+        _remember_revision(spec, commit)
     return Split(spec.repo, commit, subset, split, tuple(os.path.join(local, f) for f in wanted))
 
 
@@ -385,11 +394,33 @@ def _listing(spec: Spec) -> tuple[str, list[str], str | None, str | None]:
     files = []
     for root, _, names in os.walk(folder):
         files += [os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/") for n in names]
+    import huggingface_hub as hf
+
+    cached_tree = getattr(hf, "get_cached_repo_tree", None)  # huggingface_hub 2: the listing a download kept
+    if cached_tree is not None:
+        try:
+            files = [e.path for e in cached_tree(spec.repo, repo_type="dataset", revision=commit)]
+        except Exception as e:  # no listing cached (files put there by hand, or by an older huggingface_hub)
+            if type(e).__name__ != "CachedRepoTreeNotFoundError":
+                raise
     readme = None
     if os.path.isfile(os.path.join(folder, "README.md")):
         with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
             readme = f.read()
     return commit, files, readme, folder
+
+
+def _remember_revision(spec: Spec, commit: str) -> None:
+    """refs/<branch or tag> -> the commit, as huggingface_hub records it, so that the name reads offline too (the
+    shards were fetched by commit, which records no ref)."""
+    rev = spec.revision or "main"
+    if rev == commit:
+        return
+    ref = os.path.join(_storage(spec.repo), "refs", rev)
+    os.makedirs(os.path.dirname(ref), exist_ok=True)
+    with open(ref + ".tmp", "w") as f:
+        f.write(commit)
+    os.replace(ref + ".tmp", ref)
 
 
 def _download(repo: str, commit: str, files: list[str]) -> str:
