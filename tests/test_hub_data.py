@@ -292,7 +292,7 @@ class FakeHub:
         import threading
         import urllib.parse
 
-        self.repos, self.downloads = repos, []
+        self.repos, self.downloads, self.gated = repos, [], {r for r in repos if "gated" in r}
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -337,6 +337,9 @@ class FakeHub:
                     return self._send(200, json.dumps(body).encode(), [("Content-Type", "application/json")], head)
                 if parts[0] == "datasets" and parts[3] == "resolve":
                     repo, rel = "/".join(parts[1:3]), "/".join(parts[5:])
+                    if repo in hub.gated:
+                        return self._send(403, b"Access to this dataset is restricted.",
+                                          [("X-Error-Code", "GatedRepo")], head)
                     data, digest = self._file(repo, rel)
                     if not head:
                         hub.downloads.append(rel)
@@ -355,10 +358,13 @@ def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
     import subprocess
     import sys
 
-    hub = FakeHub({VQA: (MAIN, str(os.path.join(os.path.dirname(hf_home), "src-vqa")))})
+    src = str(os.path.join(os.path.dirname(hf_home), "src-vqa"))
+    hub = FakeHub({VQA: (MAIN, src), "acme/gated": (MAIN, src)})
     script = ("import json, os\nfrom idefics_jax.checkpoints import hub_data\n"
               f"s = hub_data.resolve('{VQA}:shapes', default_split=('validation', 'test'))\n"
               "print('RESULT', json.dumps([s.commit, s.split, s.files]))\n"
+              "try:\n    hub_data.resolve('acme/gated:shapes')\n"
+              "except hub_data.DatasetError as e:\n    print('GATED', e)\n"
               # Then offline: the split not downloaded is refused, not taken for absent.
               "os.environ['HF_HUB_OFFLINE'] = '1'\n"
               f"try:\n    hub_data.resolve('{VQA}:shapes:test')\n"
@@ -378,6 +384,7 @@ def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
     assert all(f.startswith(str(tmp_path / "home" / "hub" / "datasets--acme--shapes-vqa" / "snapshots" / MAIN))
                for f in files)
     assert [pq.read_table(f).num_rows for f in files] == [3, 3]
+    assert "GATED acme/gated:shapes: a gated dataset; accept its terms on huggingface.co and set HF_TOKEN" in r.stdout
     offline = next(x for x in r.stdout.splitlines() if x.startswith("OFFLINE "))
     import huggingface_hub
 

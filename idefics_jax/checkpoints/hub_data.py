@@ -426,10 +426,13 @@ def _remember_revision(spec: Spec, commit: str) -> None:
 def _download(repo: str, commit: str, files: list[str]) -> str:
     """Only `files` of the commit, into the hub cache (a progress bar while they download); the snapshot folder."""
     import huggingface_hub as hf
+    from huggingface_hub import errors
 
     try:
         return hf.snapshot_download(repo, repo_type="dataset", revision=commit, token=_token(),
                                     allow_patterns=[glob.escape(f) for f in files])  # fnmatch patterns
+    except errors.GatedRepoError:
+        raise DatasetError(f"{repo}: a gated dataset; accept its terms on huggingface.co and set HF_TOKEN") from None
     except Exception as e:
         if not _network_error(e):
             raise
