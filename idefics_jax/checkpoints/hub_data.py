@@ -374,7 +374,8 @@ def _listing(spec: Spec) -> tuple[str, list[str], str | None, str | None]:
         except errors.RevisionNotFoundError:
             raise DatasetError(f"{where}: the hub has no revision '{spec.revision}' of {spec.repo}") from None
         except errors.RepositoryNotFoundError:
-            raise DatasetError(f"{where}: no such dataset on the hub (a private one needs HF_TOKEN)") from None
+            raise DatasetError(f"{where}: not a local path, nor a dataset on the hub (a private one needs "
+                               "HF_TOKEN)") from None
         except errors.HFValidationError as e:
             raise DatasetError(f"{where}: not a valid hub id ({str(e).splitlines()[0][:120]})") from None
         except Exception as e:
