@@ -320,6 +320,8 @@ class FakeHub:
                 parts = path.strip("/").split("/")
                 if parts[:2] == ["api", "datasets"]:
                     repo, kind = "/".join(parts[2:4]), (parts[4:] or ["revision"])[0]
+                    if repo not in hub.repos:
+                        return self._send(404, b"Repository not found", [("X-Error-Code", "RepoNotFound")], head)
                     commit, folder = hub.repos[repo]
                     files = sorted(os.path.relpath(os.path.join(r, n), folder)
                                    for r, _, ns in os.walk(folder) for n in ns)
@@ -363,8 +365,8 @@ def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
     script = ("import json, os\nfrom idefics_jax.checkpoints import hub_data\n"
               f"s = hub_data.resolve('{VQA}:shapes', default_split=('validation', 'test'))\n"
               "print('RESULT', json.dumps([s.commit, s.split, s.files]))\n"
-              "try:\n    hub_data.resolve('acme/gated:shapes')\n"
-              "except hub_data.DatasetError as e:\n    print('GATED', e)\n"
+              "for name in ('acme/gated:shapes', 'acme/nothing:x'):\n    try:\n        hub_data.resolve(name)\n"
+              "    except hub_data.DatasetError as e:\n        print('ERROR', e)\n"
               # Then offline: the split not downloaded is refused, not taken for absent.
               "os.environ['HF_HUB_OFFLINE'] = '1'\n"
               f"try:\n    hub_data.resolve('{VQA}:shapes:test')\n"
@@ -384,7 +386,8 @@ def test_online_downloads_only_the_split_it_names(hf_home, tmp_path):
     assert all(f.startswith(str(tmp_path / "home" / "hub" / "datasets--acme--shapes-vqa" / "snapshots" / MAIN))
                for f in files)
     assert [pq.read_table(f).num_rows for f in files] == [3, 3]
-    assert "GATED acme/gated:shapes: a gated dataset; accept its terms on huggingface.co and set HF_TOKEN" in r.stdout
+    assert "ERROR acme/gated:shapes: a gated dataset; accept its terms on huggingface.co and set HF_TOKEN" in r.stdout
+    assert "ERROR acme/nothing:x: not a local path, nor a dataset on the hub (a private one needs HF_TOKEN)" in r.stdout
     offline = next(x for x in r.stdout.splitlines() if x.startswith("OFFLINE "))
     import huggingface_hub
 
