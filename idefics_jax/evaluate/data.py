@@ -28,6 +28,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 from idefics_jax.checkpoints import hub_data
+
 MMMU_MAX_IMAGES = 7
 QUESTION_COLUMNS = ("question", "query")
 ANSWER_COLUMNS = ("answers", "label", "answer", "multiple_choice_answer")
