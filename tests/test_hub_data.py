@@ -161,11 +161,11 @@ def test_training_data_from_the_hub_cache_offline(offline, tmp_path):
         sources.source(f"{VQA}:shapes", "eval", cfg)
 
 
-def test_training_records_are_reused_and_a_run_keeps_its_commit(hf_home, offline, tmp_path, monkeypatch):
+def test_training_records_are_reused_and_a_run_keeps_its_commit(offline, tmp_path, monkeypatch):
     from idefics_jax.train import config as config_lib, records, sources, tfds_builder
 
     cfg = config_lib.load("configs/tiny.yaml", [f"workdir={tmp_path / 'run'}"])
-    first = sources.source(f"{CAULDRON}:shapes", "train", cfg)  # train
+    first = sources.source(f"{CAULDRON}:shapes", "train", cfg)  # split omitted: train
     assert len(first) == 24
 
     def no_build(*a, **k):
