@@ -1,0 +1,199 @@
+"""Where a run's metrics go: WORKDIR/metrics.jsonl, TensorBoard event files in WORKDIR/tensorboard, and Weights &
+Biases when `logging.wandb` names a project. Process 0 writes; the others write nothing.
+
+Each logged step is one row, `{"step": N, "loss": ..., ...}`, every other value a number: the same names in all
+three places. A resumed run continues the same stream: what the files hold past the step it resumes from (steps a
+killed run logged after its newest checkpoint, which the resumed run computes again) is dropped first, so no step
+appears twice. Rows are on disk when `write` returns (a kill loses nothing logged).
+
+    writers = Writers(config, start=0)
+    writers.write({"step": 1, "loss": 2.3, "learning_rate": 1e-4})
+    writers.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import secrets
+import socket
+import struct
+import time
+
+import jax
+
+from idefics_jax.checkpoints.paths import as_path, is_remote
+from idefics_jax.train.config import TrainConfig
+
+TENSORBOARD = "tensorboard"  # WORKDIR/tensorboard
+WANDB_ID = "wandb-id"  # WORKDIR/wandb-id: the W&B run a resumed run continues
+
+
+class _File:
+    """A file grown one piece at a time. A local file is appended to and flushed. A bucket has no append, but
+    writes each object whole: there the object is rewritten with everything (it stays small), so a killed run
+    leaves the previous version, never half a piece."""
+
+    def __init__(self, path, keep: bytes | None = None):
+        """`keep`: the content to start from (the file is rewritten with it); None: the file as it is."""
+        self.path, self.remote = path, is_remote(path)
+        if keep is not None and (not path.exists() or path.read_bytes() != keep):
+            if self.remote:
+                path.write_bytes(keep)
+            else:
+                tmp = path.parent / (path.name + ".tmp")
+                tmp.write_bytes(keep)
+                os.replace(tmp, path)
+        self.data = (path.read_bytes() if path.exists() else b"") if self.remote else b""
+
+    def append(self, piece: bytes) -> None:
+        if self.remote:
+            self.data += piece
+            self.path.write_bytes(self.data)
+        else:
+            with open(self.path, "ab") as f:
+                f.write(piece)
+
+
+class MetricsFile:
+    """WORKDIR/metrics.jsonl, one JSON object per logged step, kept across resumes."""
+
+    def __init__(self, path, resume_at: int | None = None):
+        """`resume_at`: the step the run starts from; lines of later steps (and a line a kill cut short) go."""
+        keep = None
+        if resume_at is not None and path.exists():
+            lines = path.read_bytes().splitlines(keepends=True)
+            keep = b"".join(line for line in lines if line.endswith(b"\n") and _step(line) <= resume_at)
+        self.file = _File(path, keep)
+
+    def write(self, row: dict) -> None:
+        self.file.append((json.dumps(row) + "\n").encode())
+
+    def close(self) -> None:
+        pass
+
+
+def _step(line: bytes) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _masked_crc(data: bytes) -> int:
+    from tensorboardX.crc32c import crc32c
+
+    x = crc32c(data) & 0xFFFFFFFF
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+    """One record of a TFRecord file (an event file is a sequence of them)."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def read_records(blob: bytes) -> list[tuple[bytes, bytes]]:
+    """(record, payload) of each whole record of a TFRecord file, up to the first broken one (a kill's tail)."""
+    out, i = [], 0
+    while i + 12 <= len(blob):
+        (n,) = struct.unpack("<Q", blob[i:i + 8])
+        end = i + 12 + n + 4
+        if end > len(blob) or struct.unpack("<I", blob[i + 8:i + 12])[0] != _masked_crc(blob[i:i + 8]):
+            break
+        data = blob[i + 12:i + 12 + n]
+        if struct.unpack("<I", blob[end - 4:end])[0] != _masked_crc(data):
+            break
+        out.append((blob[i:end], data))
+        i = end
+    return out
+
+
+class TensorBoard:
+    """Scalars in TensorBoard event files under `directory`: a new file per start, earlier files cut back to the
+    step the run resumes from."""
+
+    def __init__(self, directory, start: int):
+        from tensorboardX.proto import event_pb2
+
+        self.event_pb2 = event_pb2
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(directory.glob("events.out.tfevents.*")):
+            records = read_records(path.read_bytes())
+            _File(path, b"".join(r for r, data in records if event_pb2.Event.FromString(data).step <= start))
+        # Named as TensorFlow names them (TensorBoard reads files in name order): time, host, and the step started
+        # from, so that two starts never share a name.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{start:09d}"
+        self.file = _File(directory / name, b"")
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        self.file.append(tfrecord(event.SerializeToString()))
+
+    def write(self, row: dict) -> None:
+        from tensorboardX import summary
+
+        now = time.time()
+        records = b"".join(tfrecord(self.event_pb2.Event(wall_time=now, step=row["step"], summary=summary.scalar(
+            k, float(v))).SerializeToString()) for k, v in row.items() if k != "step")
+        self.file.append(records)
+
+    def close(self) -> None:
+        pass
+
+
+def check_wandb(config: TrainConfig) -> None:
+    """Refuses `logging.wandb` without wandb installed, before anything loads."""
+    if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"logging.wandb: {config.logging.wandb}: Weights & Biases is not installed "
+                         "(pip install 'idefics-jax[wandb]')")
+
+
+class WandB:
+    """A Weights & Biases run in `project`, the same run across resumes (its id kept in WORKDIR/wandb-id). W&B's
+    own settings apply: WANDB_MODE=offline writes the run under WORKDIR/wandb (a local WORKDIR) for `wandb sync`;
+    WANDB_ENTITY, WANDB_NAME, WANDB_API_KEY. W&B keeps steps increasing: a resumed run's steps that W&B already
+    holds are not logged again."""
+
+    def __init__(self, config: TrainConfig):
+        import wandb
+
+        workdir = as_path(config.workdir)
+        id_file = workdir / WANDB_ID
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        if not id_file.exists():
+            id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=config.logging.wandb, id=run_id, resume="allow",
+                              dir=None if is_remote(workdir) else os.fspath(workdir),
+                              config=dataclasses.asdict(config))
+
+    def write(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Writers:
+    """metrics.jsonl, TensorBoard (`logging.tensorboard`) and W&B (`logging.wandb`), on process 0."""
+
+    def __init__(self, config: TrainConfig, start: int):
+        self.writers: list = []
+        if jax.process_index() != 0:
+            return
+        workdir = as_path(config.workdir)
+        self.writers.append(MetricsFile(workdir / "metrics.jsonl", resume_at=start))
+        if config.logging.tensorboard:
+            self.writers.append(TensorBoard(workdir / TENSORBOARD, start))
+        if config.logging.wandb:
+            self.writers.append(WandB(config))
+
+    def write(self, row: dict) -> None:
+        for w in self.writers:
+            w.write(row)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
