@@ -4,9 +4,8 @@
 last step or a stop signal (`StopSignals`), reporting as it goes (`_Report`, `_Throughput`). The model comes from
 `loading`, the records from `sources` (one, or a mixture), held-out metrics from `evaluate`, benchmark scores from
 `benchmarks`. Writes the metrics of each logged step (`writers`: WORKDIR/metrics.jsonl, TensorBoard, W&B), Orbax
-checkpoints in WORKDIR/checkpoints (trainable parameters, optimizer state,
-data-iterator state), and resumes from the newest complete one when started again. SIGTERM and Ctrl-C save a
-checkpoint and stop.
+checkpoints in WORKDIR/checkpoints (trainable parameters, optimizer state, data-iterator state), and resumes from
+the newest complete one when started again. SIGTERM and Ctrl-C save a checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -232,10 +231,13 @@ def _setup(config: TrainConfig) -> _Setup:
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=config.remat, lora=config.lora,
                                           grad_accum=config.optim.grad_accum)
     collator, data = _data(config, model_dir)
-    evaluators = ((Evaluator(config, parts, collator, partitioning),) if config.eval_every and config.data.eval
-                  else ()) + ((Benchmarks(config, parts, collator),) if config.eval_every and config.eval.tasks else ())
+    evaluators = []
+    if config.eval_every and config.data.eval:
+        evaluators.append(Evaluator(config, parts, collator, partitioning))
+    if config.eval_every and config.eval.tasks:
+        evaluators.append(Benchmarks(config, parts, collator))
     throughput = _Throughput(flops_per_token(model), peak_flops(compute or jnp.float32) * jax.device_count())
-    return _Setup(partitioning, parts, train_step, optim.schedule(config.optim, config.steps), data, evaluators,
+    return _Setup(partitioning, parts, train_step, optim.schedule(config.optim, config.steps), data, tuple(evaluators),
                   step_lib.init_state(parts.trainable, tx), throughput)
 
 
