@@ -151,3 +151,27 @@ def test_wandb_missing_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and "logging.wandb: proj: Weights & Biases is not installed" in line, line
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_a_resumed_writer_cuts_back_what_a_kill_left(tmp_path):
+    """Steps logged past the resumed step, and a record or line a kill cut short, are gone before the new rows."""
+    from etils import epath
+
+    from idefics_jax.train.writers import MetricsFile, TensorBoard
+
+    work = epath.Path(tmp_path)
+    tb, jsonl = TensorBoard(work / "tb", 0), MetricsFile(work / "metrics.jsonl", resume_at=0)
+    for step in range(1, 6):
+        tb.write({"step": step, "loss": float(step)})
+        jsonl.write({"step": step, "loss": float(step)})
+    (old,) = (work / "tb").iterdir()
+    old.write_bytes(old.read_bytes()[:-3])  # killed while writing step 5
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    tb, jsonl = TensorBoard(work / "tb", 3), MetricsFile(work / "metrics.jsonl", resume_at=3)
+    for step in (4, 5):
+        tb.write({"step": step, "loss": 10.0 * step})
+        jsonl.write({"step": step, "loss": 10.0 * step})
+    assert _scalars(work / "tb")["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    with open(work / "metrics.jsonl") as f:
+        assert [json.loads(line)["loss"] for line in f] == [1.0, 2.0, 3.0, 40.0, 50.0]

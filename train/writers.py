@@ -6,6 +6,9 @@ three places. A resumed run continues the same stream: what the files hold past 
 killed run logged after its newest checkpoint, which the resumed run computes again) is dropped first, so no step
 appears twice. Rows are on disk when `write` returns (a kill loses nothing logged).
 
+The event files are written here (TFRecord framing and the scalar fields of TensorBoard's Event protocol buffer,
+a few lines) rather than with tensorboardX, whose import imports torch wherever torch is installed.
+
     writers = Writers(config, start=0)
     writers.write({"step": 1, "loss": 2.3, "learning_rate": 1e-4})
     writers.close()
@@ -82,11 +85,26 @@ def _step(line: bytes) -> float:
         return float("inf")
 
 
-def _masked_crc(data: bytes) -> int:
-    from tensorboardX.crc32c import crc32c
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        table.append(c)
+    return table
 
-    x = crc32c(data) & 0xFFFFFFFF
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C, rotated and offset."""
+    c = 0xFFFFFFFF
+    for byte in data:
+        c = _CRC32C[(c ^ byte) & 0xFF] ^ (c >> 8)
+    c ^= 0xFFFFFFFF
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def tfrecord(data: bytes) -> bytes:
@@ -96,19 +114,73 @@ def tfrecord(data: bytes) -> bytes:
 
 
 def read_records(blob: bytes) -> list[tuple[bytes, bytes]]:
-    """(record, payload) of each whole record of a TFRecord file, up to the first broken one (a kill's tail)."""
+    """(record, payload) of each whole record of a TFRecord file, up to a record cut short (a kill's tail). A file
+    is only ever appended to, so the records before the tail are whole: the checksums are not computed again (in
+    Python, seconds per megabyte)."""
     out, i = [], 0
     while i + 12 <= len(blob):
         (n,) = struct.unpack("<Q", blob[i:i + 8])
         end = i + 12 + n + 4
-        if end > len(blob) or struct.unpack("<I", blob[i + 8:i + 12])[0] != _masked_crc(blob[i:i + 8]):
+        if end > len(blob):
             break
-        data = blob[i + 12:i + 12 + n]
-        if struct.unpack("<I", blob[end - 4:end])[0] != _masked_crc(data):
-            break
-        out.append((blob[i:end], data))
+        out.append((blob[i:end], blob[i + 12:i + 12 + n]))
         i = end
     return out
+
+
+# TensorBoard's Event protocol buffer (tensorflow/core/util/event.proto, summary.proto), the few fields a scalar
+# needs, written in the protobuf wire format: Event {wall_time = 1 (double), step = 2 (int64), file_version = 3
+# (string), summary = 5}; Summary {value = 1 (repeated)}; Summary.Value {tag = 1 (string), simple_value = 2 (float)}.
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (strings, messages)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def scalar_event(step: int, values: dict[str, float], wall_time: float) -> bytes:
+    summary = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", v)) for tag, v in values.items())
+    return b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step) + _field(5, summary)
+
+
+def version_event(wall_time: float) -> bytes:
+    return b"\x09" + struct.pack("<d", wall_time) + _field(3, b"brain.Event:2")
+
+
+def event_step(data: bytes) -> int:
+    """The step of an encoded Event (0 when it has none)."""
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        kind = key & 7
+        if key >> 3 == 2 and kind == 0:
+            return _read_varint(data, i)[0]
+        if kind == 0:
+            i = _read_varint(data, i)[1]
+        elif kind == 2:
+            n, i = _read_varint(data, i)
+            i += n
+        else:
+            i += {1: 8, 5: 4}[kind]
+    return 0
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = data[i]
+        n |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not b & 0x80:
+            return n, i
 
 
 class TensorBoard:
@@ -116,29 +188,18 @@ class TensorBoard:
     step the run resumes from."""
 
     def __init__(self, directory, start: int):
-        from tensorboardX.proto import event_pb2
-
-        self.event_pb2 = event_pb2
         directory.mkdir(parents=True, exist_ok=True)
         for path in sorted(directory.glob("events.out.tfevents.*")):
-            records = read_records(path.read_bytes())
-            _File(path, b"".join(r for r, data in records if event_pb2.Event.FromString(data).step <= start))
+            _File(path, b"".join(r for r, data in read_records(path.read_bytes()) if event_step(data) <= start))
         # Named as TensorFlow names them (TensorBoard reads files in name order): time, host, and the step started
         # from, so that two starts never share a name.
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{start:09d}"
         self.file = _File(directory / name, b"")
-        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def _write(self, event) -> None:
-        self.file.append(tfrecord(event.SerializeToString()))
+        self.file.append(tfrecord(version_event(time.time())))
 
     def write(self, row: dict) -> None:
-        from tensorboardX import summary
-
-        now = time.time()
-        records = b"".join(tfrecord(self.event_pb2.Event(wall_time=now, step=row["step"], summary=summary.scalar(
-            k, float(v))).SerializeToString()) for k, v in row.items() if k != "step")
-        self.file.append(records)
+        values = {k: float(v) for k, v in row.items() if k != "step"}
+        self.file.append(tfrecord(scalar_event(row["step"], values, time.time())))
 
     def close(self) -> None:
         pass
