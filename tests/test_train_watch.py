@@ -175,3 +175,15 @@ def test_a_resumed_writer_cuts_back_what_a_kill_left(tmp_path):
     assert _scalars(work / "tb")["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
     with open(work / "metrics.jsonl") as f:
         assert [json.loads(line)["loss"] for line in f] == [1.0, 2.0, 3.0, 40.0, 50.0]
+
+
+def test_wandb_without_an_account_is_a_one_line_error(tmp_path, monkeypatch):
+    from idefics_jax.train.writers import WandB
+
+    for k in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = config_lib.load("tiny", [f"workdir={tmp_path}", "logging.wandb=proj"])
+    with pytest.raises(ValueError, match=r"^logging.wandb: proj: No API key configured.*WANDB_MODE=offline"):
+        WandB(cfg)

@@ -226,9 +226,14 @@ class WandB:
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         if not id_file.exists():
             id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=config.logging.wandb, id=run_id, resume="allow",
-                              dir=None if is_remote(workdir) else os.fspath(workdir),
-                              config=dataclasses.asdict(config))
+        try:
+            self.run = wandb.init(project=config.logging.wandb, id=run_id, resume="allow",
+                                  dir=None if is_remote(workdir) else os.fspath(workdir),
+                                  config=dataclasses.asdict(config))
+        except wandb.errors.Error as e:  # no API key, no network, ...: one line, as every other config error
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"logging.wandb: {config.logging.wandb}: {msg} (WANDB_MODE=offline logs without "
+                             "an account)") from None
 
     def write(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
