@@ -265,7 +265,7 @@ def test_training_workdir_in_a_bucket(bucket):
     from idefics_jax.checkpoints import registry
     from idefics_jax.train import config as config_lib, loading, tfds_builder
     from idefics_jax.train.collate import CollateConfig, Collator
-    from idefics_jax.train.trainer import _MetricsFile
+    from idefics_jax.train.writers import MetricsFile, TensorBoard, read_records
 
     work = "fake://runs/a"
     cfg = dataclasses.replace(config_lib.load("tiny", [f"workdir={work}"]), model="shapes")
@@ -274,12 +274,16 @@ def test_training_workdir_in_a_bucket(bucket):
     assert Collator.from_pretrained(base, CollateConfig()).image_size == 96  # processor files via a local copy
     assert loading.model_path(cfg) == base  # written once
 
-    metrics = _MetricsFile(epath.Path(work) / "metrics.jsonl")
-    metrics.append(json.dumps({"step": 1}))
-    metrics.append(json.dumps({"step": 2}))
-    _MetricsFile(epath.Path(work) / "metrics.jsonl").append(json.dumps({"step": 3}))  # a resumed run
+    metrics = MetricsFile(epath.Path(work) / "metrics.jsonl", resume_at=0)
+    for step in (1, 2, 3):
+        metrics.write({"step": step})
+    MetricsFile(epath.Path(work) / "metrics.jsonl", resume_at=2).write({"step": 3})  # resumed from step 2
     lines = (epath.Path(work) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    events = epath.Path(work) / "tensorboard"
+    TensorBoard(events, 0).write({"step": 1, "loss": 2.0})
+    TensorBoard(events, 1).write({"step": 2, "loss": 1.0})
+    assert sorted(len(read_records(p.read_bytes())) for p in events.iterdir()) == [2, 2]  # file_version + a step
 
     assert not registry.is_run(work)
     (epath.Path(work) / "checkpoints").mkdir()

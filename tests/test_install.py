@@ -115,6 +115,8 @@ def test_cli_train_a_shipped_config_from_a_user_project(venv, project):
 # Imported only where the package compares itself with transformers' PyTorch models (testing, demo,
 # shapes_eval's agreement rate): the test extra brings it.
 TEST_ONLY = {"torch"}
+# Imported lazily, where a feature needs them, and declared in the optional extra of that name.
+OPTIONAL = {"wandb"}
 
 
 def test_every_import_is_a_declared_dependency():
@@ -137,7 +139,9 @@ def test_every_import_is_a_declared_dependency():
                                  for a in n.names}
                     imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                                  if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
-    third_party = imported - set(sys.stdlib_module_names) - {"idefics_jax"} - TEST_ONLY
+    third_party = imported - set(sys.stdlib_module_names) - {"idefics_jax"} - TEST_ONLY - OPTIONAL
+    for m in OPTIONAL:
+        assert any(norm(d).startswith(m) for d in project["optional-dependencies"][m]), m
     dists = packages_distributions()
     undeclared = {m: dists.get(m) for m in third_party if not {norm(d) for d in dists.get(m, [])} & declared}
     assert not undeclared, f"imported but not in [project] dependencies: {undeclared}"

@@ -71,10 +71,19 @@ def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data, program_en
     assert kills
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = _losses(straight), _losses(work)  # a re-run step overwrites its earlier line in this dict
+    a, b = _losses(straight), _losses(work)
     assert sorted(b) == list(range(1, steps + 1))
     for s in range(1, steps + 1):
         assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
+    # Each step once, in metrics.jsonl and in TensorBoard's view of the event files of every start.
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, steps + 1))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(work, "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, steps + 1))
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([b[s] for s in sorted(b)], rel=1e-6)
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path, capsys):

@@ -7,6 +7,7 @@ key=value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Any
@@ -26,8 +27,17 @@ class ShapesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One source of the training data and its share of the records (`weight`, relative to the others')."""
+    source: str = ""  # a data spec (see `train.sources`)
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    train: str = ""  # a TFDS data directory written by `train.tfds_builder`, or "shapes" for the synthetic task
+    # A TFDS data directory written by `train.tfds_builder`, or "shapes" for the synthetic task; or a mixture:
+    # [{source: SPEC, weight: W}, ...]. A plain string is one source.
+    train: tuple[SourceConfig, ...] = ()
     eval: str = ""  # held-out data (same forms); "" = no evaluation
     batch_size: int = 8
     max_length: int = 512  # longer records are skipped and counted, never truncated
@@ -74,6 +84,27 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalTaskConfig:
+    """A benchmark scored during training, as `idefics-jax eval --task TASK --data DATA --limit LIMIT` scores it."""
+    task: str = ""  # docvqa, vqav2, textvqa, chartqa, mmmu, exact_match
+    data: str = ""  # what `idefics-jax eval --data` takes
+    limit: int = 0  # the first N samples; 0 = all
+    name: str = ""  # the metric's name is eval_NAME_METRIC; "" = the task's name
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[EvalTaskConfig, ...] = ()  # scored every `eval_every` steps
+    batch_size: int = 16  # requests the serving engine decodes together
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True  # event files in WORKDIR/tensorboard
+    wandb: str = ""  # a Weights & Biases project to log to ("" = none); WANDB_MODE=offline etc. are honoured
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str = ""  # HF directory, idefics-jax checkpoint, another run's WORKDIR (its newest step), or "shapes"
     workdir: str = "out/train"
@@ -97,19 +128,27 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     lora: LoraConfig = LoraConfig()
     mesh: MeshConfig = MeshConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 def _coerce(value: Any, hint, where: str):
     origin = typing.get_origin(hint)
+    if hint is SourceConfig and isinstance(value, str):
+        value = {"source": value}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")
         return _build(hint, value, where)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
         (inner, *_) = typing.get_args(hint)
-        return tuple(_coerce(v, inner, where) for v in value)
+        if isinstance(value, str) and dataclasses.is_dataclass(inner):  # one item (data.train: one source)
+            value = [value] if value else []
+        elif isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -174,7 +213,40 @@ def load(path: str, overrides: list[str] = ()) -> TrainConfig:
     unknown = set(cfg.freeze) - {"vision", "connector", "text"}
     if unknown:
         raise ConfigError(f"freeze: '{sorted(unknown)[0]}' is not one of vision, connector, text")
+    _check_mixture(cfg.data.train)
+    _check_eval_tasks(cfg.eval)
     return cfg
+
+
+def _check_mixture(train: tuple[SourceConfig, ...]) -> None:
+    for i, s in enumerate(train):
+        if not s.source:
+            raise ConfigError(f"data.train[{i}]: name a source")
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            raise ConfigError(f"data.train[{i}] ({s.source}): weight {s.weight} is not a positive number")
+    seen = [s.source for s in train]
+    twice = sorted({s for s in seen if seen.count(s) > 1})
+    if twice:
+        raise ConfigError(f"data.train: source '{twice[0]}' is named twice (give it one weight)")
+
+
+def _check_eval_tasks(ev: EvalConfig) -> None:
+    from idefics_jax.evaluate.tasks import TASKS  # names only: no jax import
+
+    names = []
+    for i, t in enumerate(ev.tasks):
+        if t.task not in TASKS:
+            raise ConfigError(f"eval.tasks[{i}]: task '{t.task}' is not one of {', '.join(TASKS)}")
+        if not t.data:
+            raise ConfigError(f"eval.tasks[{i}] ({t.task}): name its data (what `idefics-jax eval --data` takes)")
+        if t.limit < 0:
+            raise ConfigError(f"eval.tasks[{i}] ({t.task}): limit {t.limit} is negative (0 = all samples)")
+        names.append(t.name or t.task)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"eval.tasks: two tasks are named '{twice[0]}' (give each a `name`)")
+    if ev.batch_size < 1:
+        raise ConfigError(f"eval.batch_size: {ev.batch_size} is not a positive number")
 
 
 def to_dict(cfg) -> dict:

@@ -12,6 +12,11 @@ counts are part of the iterator state, which `get_state` / `set_state` save and 
     it = iter(batches(tfds_builder.data_source(data_dir, "train"), collator, LoaderConfig(batch_size=8, seed=0)))
     batch = next(it)              # numpy dict; see `Collator.collate`
     state = it.get_state()        # JSON-serialisable
+
+Several sources mix into one stream (`Mixture`, grain's `MapDataset.mix`): each is shuffled, repeated and sharded
+as one source is, then every host interleaves its shards in the weights' proportions, so the shares hold on every
+host and in every window of the stream. The iterator counts the usable records of each source it reads
+(`BatchIterator.records_by_source`, part of its state).
 """
 
 from __future__ import annotations
@@ -64,6 +69,25 @@ class Skipped:
     message: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Sources read together, source i making up weights[i] / sum(weights) of the records."""
+
+    sources: tuple[Sequence, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.sources) != len(self.weights) or not self.sources:
+            raise ValueError(f"a mixture needs one weight per source; got {len(self.sources)} sources and "
+                             f"{len(self.weights)} weights")
+        if not all(w > 0 for w in self.weights):
+            raise ValueError(f"mixture weights must be positive; got {list(self.weights)}")
+
+
+def _tag(i: int, raw: Any) -> tuple[int, Any]:
+    return i, raw
+
+
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
@@ -96,6 +120,22 @@ def record_dataset(source: Sequence, config: LoaderConfig, *, process_index: int
     return ds if n == 1 else ds[p::n]
 
 
+def mixture_dataset(mixture: Mixture, config: LoaderConfig, *, process_index: int, process_count: int
+                    ) -> grain.MapDataset:
+    """This host's records of every source, (source index, raw record), interleaved in the weights' proportions.
+    Source i is shuffled with seed + i (two sources of one size are not drawn in the same order)."""
+    parts = []
+    for i, source in enumerate(mixture.sources):
+        own = dataclasses.replace(config, seed=(config.seed + i) % 2**32)
+        parts.append(record_dataset(source, own, process_index=process_index, process_count=process_count)
+                     .map(functools.partial(_tag, i)))
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, mixture.weights)
+
+
+def _encode_tagged(collator: Collator, item: tuple[int, Any]) -> tuple[int, Example | Skipped]:
+    return item[0], encode_or_skip(collator, item[1])
+
+
 def encode_or_skip(collator: Collator, raw: Any) -> Example | Skipped:
     """A stored record (`tfds.data_source` item or Record) -> Example, or Skipped saying why."""
     try:
@@ -105,15 +145,17 @@ def encode_or_skip(collator: Collator, raw: Any) -> Example | Skipped:
         return Skipped(e.reason, str(e))
 
 
-def batches(source: Sequence, collator: Collator, config: LoaderConfig, *, process_index: int | None = None,
-            process_count: int | None = None) -> "Batches":
-    """This host's batches (an IterDataset; `iter()` gives a checkpointable BatchIterator)."""
+def batches(source: Sequence | Mixture, collator: Collator, config: LoaderConfig, *,
+            process_index: int | None = None, process_count: int | None = None) -> "Batches":
+    """This host's batches of one source or a mixture (an IterDataset; `iter()` gives a checkpointable
+    BatchIterator)."""
     p, n = _processes(process_index, process_count)
-    shard = record_dataset(source, config, process_index=p, process_count=n)
-    shard_len = len(range(p, len(source), n))  # records per epoch on this host
+    mixture = source if isinstance(source, Mixture) else Mixture((source,), (1.0,))
+    shard = mixture_dataset(mixture, config, process_index=p, process_count=n)
+    shard_len = sum(len(range(p, len(s), n)) for s in mixture.sources)  # records per epoch on this host
     # A run of skips this long holds a whole epoch of this shard, however it straddles epoch boundaries.
     patience = 2 * shard_len - 1
-    encoded = shard.map(functools.partial(encode_or_skip, collator)).to_iter_dataset(
+    encoded = shard.map(functools.partial(_encode_tagged, collator)).to_iter_dataset(
         grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
     return Batches(encoded, collator, config, patience=patience)
 
@@ -147,11 +189,17 @@ class BatchIterator(grain.DatasetIterator):
         self._skipped: collections.Counter = collections.Counter()
         self._run = 0  # consecutive skips
         self._good = 0  # usable records seen
+        self._by_source: collections.Counter = collections.Counter()  # usable records seen, by source index
 
     @property
     def skipped(self) -> dict[str, int]:
         """Records skipped so far on this host, by reason."""
         return dict(self._skipped)
+
+    @property
+    def records_by_source(self) -> dict[int, int]:
+        """Usable records read so far on this host, by source index (a mixture's; one source is 0)."""
+        return dict(self._by_source)
 
     def _read(self) -> Example:
         """The next usable record (skips counted); StopIteration at the end."""
@@ -162,11 +210,13 @@ class BatchIterator(grain.DatasetIterator):
                 if not self._good and self._skipped:
                     raise ValueError(f"no usable records: all {self._run} were skipped ({self._counts()})") from None
                 raise
+            i, item = item
             if isinstance(item, Skipped):
                 self._count(item)
                 continue
             self._run = 0
             self._good += 1
+            self._by_source[i] += 1
             return item
 
     def __next__(self) -> dict:
@@ -219,7 +269,7 @@ class BatchIterator(grain.DatasetIterator):
 
     def _own_state(self) -> dict:
         return {"parent": self._parent.get_state(), "skipped": dict(self._skipped), "run": self._run,
-                "good": self._good}
+                "good": self._good, "sources": {str(k): v for k, v in self._by_source.items()}}
 
     def _count(self, item: Skipped) -> None:
         self._skipped[item.reason] += 1
@@ -242,5 +292,6 @@ class BatchIterator(grain.DatasetIterator):
         self._skipped = collections.Counter(state["skipped"])
         self._run = int(state["run"])
         self._good = int(state["good"])
+        self._by_source = collections.Counter({int(k): int(v) for k, v in state.get("sources", {}).items()})
         self._window = []
         self._replay = [False] + [bool(p) for p in state["placed"]] if "placed" in state else []

@@ -16,6 +16,13 @@ from idefics_jax.train.data import LoaderConfig, batches
 from idefics_jax.train.records import decode_images, from_example
 
 
+def trained_chat(parts: step_lib.Split, collator: Collator, state, frozen, lora) -> Chat:
+    """A Chat over the run's current weights (LoRA merged), seeing images as training does."""
+    chat = Chat(step_lib.merge(parts, step_lib.full_params(frozen, state.trainable, lora)), collator.processor)
+    chat.image_kwargs = collator.image_kwargs
+    return chat
+
+
 class Evaluator:
     """`evaluator(state, frozen) -> {"eval_loss", "eval_exact_match"}` for the trainable state of a run."""
 
@@ -51,9 +58,7 @@ class Evaluator:
     def exact_match(self, state, frozen) -> float:
         """Fraction of the held-out records whose first question is answered exactly (greedy decoding)."""
         cfg = self.cfg
-        chat = Chat(step_lib.merge(self.parts, step_lib.full_params(frozen, state.trainable, cfg.lora)),
-                    self.collator.processor)
-        chat.image_kwargs = self.collator.image_kwargs  # the images as training sees them
+        chat = trained_chat(self.parts, self.collator, state, frozen, cfg.lora)
         tok = self.collator.processor.tokenizer
         conversations = []
         for r in self.records:

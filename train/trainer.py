@@ -2,10 +2,10 @@
 
 `train` sets the run up (`_setup`), restores its newest checkpoint (`_Checkpoints`), then runs `_loop` until the
 last step or a stop signal (`StopSignals`), reporting as it goes (`_Report`, `_Throughput`). The model comes from
-`loading`, the records from `sources`, held-out metrics from `evaluate`. Writes WORKDIR/metrics.jsonl (one JSON
-object per logged step), Orbax checkpoints in WORKDIR/checkpoints (trainable parameters, optimizer state,
-data-iterator state), and resumes from the newest complete one when started again. SIGTERM and Ctrl-C save a
-checkpoint and stop.
+`loading`, the records from `sources` (one, or a mixture), held-out metrics from `evaluate`, benchmark scores from
+`benchmarks`. Writes the metrics of each logged step (`writers`: WORKDIR/metrics.jsonl, TensorBoard, W&B), Orbax
+checkpoints in WORKDIR/checkpoints (trainable parameters, optimizer state, data-iterator state), and resumes from
+the newest complete one when started again. SIGTERM and Ctrl-C save a checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from idefics_jax.checkpoints.paths import as_path, is_remote
+from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.checkpoints.registry import RUN_CHECKPOINTS, RUN_CONFIG
 from idefics_jax.model import sharding
 from idefics_jax.runtime.progress import Progress
@@ -31,9 +31,11 @@ from idefics_jax.train import config as config_lib
 from idefics_jax.train import optim, sources, step as step_lib
 from idefics_jax.train.collate import CollateConfig, Collator
 from idefics_jax.train.config import TrainConfig
-from idefics_jax.train.data import LoaderConfig, batches
+from idefics_jax.train.benchmarks import Benchmarks
+from idefics_jax.train.data import LoaderConfig, Mixture, batches
 from idefics_jax.train.evaluate import Evaluator
 from idefics_jax.train.loading import load_model
+from idefics_jax.train.writers import Writers, check_wandb
 
 
 class TrainingError(ValueError):
@@ -85,24 +87,6 @@ class _StepLog:
               flush=True)
 
 
-class _MetricsFile:
-    """WORKDIR/metrics.jsonl, one line per logged step, kept across resumes. A local file is appended to. A bucket
-    has no append, but writes each object whole: there the file is rewritten with every line (it stays small), so
-    a killed run leaves the previous version, never half a line."""
-
-    def __init__(self, path):
-        self.path, self.remote = path, is_remote(path)
-        self.text = path.read_text() if self.remote and path.exists() else ""
-
-    def append(self, line: str) -> None:
-        if self.remote:
-            self.text += line + "\n"
-            self.path.write_text(self.text)
-        else:
-            with self.path.open("a") as f:
-                f.write(line + "\n")
-
-
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -136,24 +120,25 @@ class _Throughput:
 
 class _Report:
     """What a run shows and keeps, from process 0 only: the progress bar (a terminal) or a line every few seconds
-    on stderr; one line per logged step on a stdout that is not a terminal (`_StepLog`); WORKDIR/metrics.jsonl."""
+    on stderr; one line per logged step on a stdout that is not a terminal (`_StepLog`); the metrics (`Writers`:
+    WORKDIR/metrics.jsonl, TensorBoard, W&B)."""
 
     def __init__(self, config: TrainConfig, start: int):
         main = jax.process_index() == 0
         self.progress = Progress("training", config.steps, unit="steps", rate=False, enabled=main)
-        self.metrics = _MetricsFile(as_path(config.workdir) / "metrics.jsonl") if main else None
+        self.metrics = Writers(config, start)
         self.lines = _StepLog(config.steps, start)
         self.workdir = config.workdir
 
     def log(self, row: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.append(json.dumps(row))
+        self.metrics.write(row)
         tps = row["tokens_per_second"]
         self.progress.set(row["step"], f"loss {row['loss']:.4f}, {tps:,.0f} tok/s")
         self.lines.show(row["step"], row["loss"], row["learning_rate"], tps)
 
     def close(self) -> None:
         self.progress.close()
+        self.metrics.close()
 
     def summary(self, step: int, last: dict, stopped: str | None) -> None:
         self.lines.summary(step, last, self.workdir, stopped)
@@ -230,7 +215,7 @@ class _Setup:
     train_step: Callable
     schedule: Callable[[int], float]
     data: Iterator[dict]
-    evaluator: Evaluator | None
+    evaluators: tuple[Callable[..., dict], ...]  # (state, frozen) -> eval metrics: held-out loss, benchmarks
     state: step_lib.TrainState
     throughput: _Throughput
 
@@ -246,9 +231,13 @@ def _setup(config: TrainConfig) -> _Setup:
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=config.remat, lora=config.lora,
                                           grad_accum=config.optim.grad_accum)
     collator, data = _data(config, model_dir)
-    evaluator = Evaluator(config, parts, collator, partitioning) if config.eval_every and config.data.eval else None
+    evaluators = []
+    if config.eval_every and config.data.eval:
+        evaluators.append(Evaluator(config, parts, collator, partitioning))
+    if config.eval_every and config.eval.tasks:
+        evaluators.append(Benchmarks(config, parts, collator))
     throughput = _Throughput(flops_per_token(model), peak_flops(compute or jnp.float32) * jax.device_count())
-    return _Setup(partitioning, parts, train_step, optim.schedule(config.optim, config.steps), data, evaluator,
+    return _Setup(partitioning, parts, train_step, optim.schedule(config.optim, config.steps), data, tuple(evaluators),
                   step_lib.init_state(parts.trainable, tx), throughput)
 
 
@@ -263,10 +252,23 @@ def _data(config: TrainConfig, model_dir: str) -> tuple[Collator, Iterator[dict]
     collator = Collator.from_pretrained(model_dir, CollateConfig(
         length_buckets=buckets, max_images=config.data.max_images, image_splitting=config.data.image_splitting,
         longest_edge=config.data.longest_edge or None))
-    loader = batches(sources.source(config.data.train, "train", config), collator,
+    if not config.data.train:
+        raise ValueError("data.train: name the training data (a data directory, a registered source, or a mixture)")
+    records = [sources.source(s.source, "train", config) for s in config.data.train]
+    source = records[0] if len(records) == 1 else Mixture(tuple(records), tuple(s.weight for s in config.data.train))
+    loader = batches(source, collator,
                      LoaderConfig(batch_size=config.data.batch_size // hosts, seed=config.data.shuffle_seed,
                                   packing=config.data.packing, pack_window=config.data.pack_window))
     return collator, iter(loader)
+
+
+def _shares(config: TrainConfig, data) -> dict:
+    """A mixture's sources' shares of the records read so far (process 0's, over the whole run)."""
+    if len(config.data.train) < 2:
+        return {}
+    counts = data.records_by_source
+    total = max(sum(counts.values()), 1)
+    return {f"data_share/{s.source}": counts.get(i, 0) / total for i, s in enumerate(config.data.train)}
 
 
 def _loop(config: TrainConfig, run: _Setup, checkpoints: _Checkpoints, stop: StopSignals,
@@ -288,9 +290,10 @@ def _loop(config: TrainConfig, run: _Setup, checkpoints: _Checkpoints, stop: Sto
         if step % config.log_every == 0 or step == config.steps:
             last = {"step": step, "loss": loss, "learning_rate": float(run.schedule(step - 1)),
                     "grad_norm": float(metrics["grad_norm"]), **run.throughput.rates(),
-                    "skipped_records": sum(run.data.skipped.values())}
-            if run.evaluator is not None and (step % config.eval_every == 0 or step == config.steps):
-                last.update(run.evaluator(run.state, run.parts.frozen))
+                    "skipped_records": sum(run.data.skipped.values()), **_shares(config, run.data)}
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                for evaluate in run.evaluators:
+                    last.update(evaluate(run.state, run.parts.frozen))
             report.log(last)
             run.throughput.restart()
         if step % config.save_every == 0 or step == config.steps:
@@ -303,6 +306,7 @@ def _loop(config: TrainConfig, run: _Setup, checkpoints: _Checkpoints, stop: Sto
 
 def train(config: TrainConfig) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    check_wandb(config)
     as_path(config.workdir).mkdir(parents=True, exist_ok=True)
     run = _setup(config)
     checkpoints = _Checkpoints(config)
