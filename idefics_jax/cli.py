@@ -65,7 +65,11 @@ def _generate(a):
     out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
-    for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
+    messages = [{"role": "user", "content": content}]
+    if a.assistant_prefix is not None:  # continued by the model, and printed as the answer's start
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": a.assistant_prefix}]})
+        out.write(a.assistant_prefix)
+    for piece in chat.stream(messages, images, videos=a.video,
                              max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                              seed=sampling.seed):
@@ -155,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--video", action="append", default=[], metavar="FILE",
                    help="video file (SmolVLM2: sampled frames; repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--assistant-prefix", default=None, metavar="TEXT",
+                   help="start the answer with TEXT; the model continues it")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
