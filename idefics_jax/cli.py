@@ -94,7 +94,8 @@ def _serve(a):
     _check_quantize_options(a)
     serve(a.model, load=load_chat, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue,
           dtype=a.dtype, allow_local_images=a.allow_local_images, max_images=a.max_images,
-          max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention)
+          max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention,
+          api_key=a.api_key, max_body_mb=a.max_body_mb)
 
 
 def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-local-images", default=None, metavar="DIR", help="accept image paths under DIR")
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require Authorization: Bearer KEY (default: $IDEFICS_JAX_API_KEY; unset: open)")
+    s.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (413 above)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     _quantize_options(s, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     s.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
