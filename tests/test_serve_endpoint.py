@@ -32,7 +32,7 @@ KEY = "test-key-7f3a"
 
 
 def call(url: str, path: str, body=None, key: str | None = KEY, timeout: float = 120) -> tuple[int, bytes, dict]:
-    """(status, body bytes, headers) of a GET (body None) or a JSON POST."""
+    """(status, body bytes, headers with lower-case names) of a GET (body None) or a JSON POST."""
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
@@ -40,9 +40,9 @@ def call(url: str, path: str, body=None, key: str | None = KEY, timeout: float =
     req = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read(), dict(r.headers)
+            return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
+        return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_metrics_parse_with_prometheus_client(guarded):
     assert call(guarded.url, "/v1/chat/completions", body)[0] == 200
     assert call(guarded.url, "/v1/chat/completions", body, key="nope")[0] == 401
     code, text, headers = call(guarded.url, "/metrics")
-    assert code == 200 and headers["Content-Type"].startswith("text/plain")
+    assert code == 200 and headers["content-type"].startswith("text/plain")
     samples = {}
     for family in text_string_to_metric_families(text.decode()):
         for s in family.samples:
