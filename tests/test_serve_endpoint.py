@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import pytest
 from idefics_jax.generation.chat import Chat
 from idefics_jax.serve import app as app_module
 from idefics_jax.serve.guard import exposed
-from test_serve import EXAMPLES, QUESTIONS, free_port, openai_messages, read_events, solo, solo_text, wait_for
+from test_serve import (EXAMPLES, QUESTIONS, cdp, free_port, openai_messages, read_events, solo, solo_text,
+                        wait_for)
 
 KEY = "test-key-7f3a"
 
@@ -57,7 +59,7 @@ def guarded(tmp_path_factory, program_env):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 400  # a loaded machine
         while True:
             try:
                 call(url, "/health", timeout=5)
@@ -262,6 +264,62 @@ def test_continue_final_message_as_vllm(guarded, tiny_chat):
     code, err, _ = call(guarded.url, "/v1/chat/completions",
                         {**base, "continue_final_message": True, "add_generation_prompt": True})
     assert code == 400 and "cannot set both" in json.loads(err)["error"]["message"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_chat_page_gets_the_key(guarded, tiny_chat, tmp_path):
+    """The chat page on a keyed server, in headless Chromium: opened as /#key=KEY it takes the key (and drops it
+    from the address); without a stored key it shows the key form, and with the key typed in it loads the model
+    and answers a question about an image as `generate` does."""
+    text, image = QUESTIONS[6]
+    want, _ = solo_text(tiny_chat, text, image, 256)
+    port = free_port()
+    chrome = subprocess.Popen(
+        ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--remote-debugging-port={port}", f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ws = None
+    try:
+        def targets():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5) as r:
+                    return [t for t in json.load(r) if t["type"] == "page"]
+            except OSError:
+                return []
+        wait_for(targets, 60)
+        ws, cdp_call = cdp(targets()[0]["webSocketDebuggerUrl"])
+        cdp_call("Page.enable")
+        js = lambda code: cdp_call("Runtime.evaluate", expression=code, returnByValue=True)["result"].get("value")  # noqa: E731
+        model = "document.getElementById('model').textContent"
+        cdp_call("Page.navigate", url=guarded.url + "/#key=" + KEY)
+        wait_for(lambda: js(model) == "tiny-shapes")
+        assert js("location.hash") == "" and js("localStorage.getItem('idefics-jax-key')") == KEY
+        js("localStorage.clear(); true")
+        cdp_call("Page.reload")
+        wait_for(lambda: js("document.readyState") == "complete" and
+                 js("getComputedStyle(document.getElementById('keyform')).display") == "flex")
+        assert js(model) == ""
+        js(f"document.getElementById('key').value = {json.dumps(KEY)};"
+           "document.querySelector('#keyform button').click(); true")
+        wait_for(lambda: js(model) == "tiny-shapes")
+        root = cdp_call("DOM.getDocument")["root"]["nodeId"]
+        node = cdp_call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        cdp_call("DOM.setFileInputFiles", nodeId=node, files=[os.path.join(EXAMPLES, image)])
+        wait_for(lambda: js("document.getElementById('preview').src.startsWith('data:image/png')"))
+        js(f"document.getElementById('question').value = {json.dumps(text)};"
+           "document.getElementById('send').click(); true")
+        wait_for(lambda: js("(document.querySelector('.assistant, .error') || {}).dataset?.state") in ("done", "error"),
+                 300)
+        assert js("document.querySelector('.assistant, .error').textContent") == want
+    finally:
+        if ws is not None:
+            ws.close()
+        chrome.terminate()
+        try:
+            chrome.wait(20)
+        except subprocess.TimeoutExpired:
+            chrome.kill()
+            chrome.wait()
 
 
 # ---------------------------------------------------------------------------------------------------------------
