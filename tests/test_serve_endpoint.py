@@ -154,6 +154,7 @@ def test_a_body_over_the_cap_gets_413_without_being_read(guarded, tiny_chat):
         assert head.startswith(b"HTTP/1.1 413"), head
         assert out["error"]["message"] == "the request body is over the limit of 1 MB (--max-body-mb)"
     grown = rss_mb(guarded.proc.pid) - before
+    print(f"server RSS {before:.0f} MB before, grown by {grown:.1f} MB over four 256 MB uploads")
     assert grown < 32, f"the server grew by {grown:.0f} MB over four 256 MB uploads"
     body = {"model": "tiny-shapes", "messages": openai_messages(*QUESTIONS[1]), "temperature": 0, "max_tokens": 4,
             "user": " " * 900_000}  # just under 1 MB in all
