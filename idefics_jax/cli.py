@@ -65,7 +65,11 @@ def _generate(a):
     out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
-    for piece in chat.stream([{"role": "user", "content": content}], images, videos=a.video,
+    messages = [{"role": "user", "content": content}]
+    if a.assistant_prefix is not None:  # continued by the model, and printed as the answer's start
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": a.assistant_prefix}]})
+        out.write(a.assistant_prefix)
+    for piece in chat.stream(messages, images, videos=a.video,
                              max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                              seed=sampling.seed):
@@ -90,7 +94,8 @@ def _serve(a):
     _check_quantize_options(a)
     serve(a.model, load=load_chat, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue,
           dtype=a.dtype, allow_local_images=a.allow_local_images, max_images=a.max_images,
-          max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention)
+          max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention,
+          api_key=a.api_key, max_body_mb=a.max_body_mb)
 
 
 def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -155,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--video", action="append", default=[], metavar="FILE",
                    help="video file (SmolVLM2: sampled frames; repeatable)")
     g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--assistant-prefix", default=None, metavar="TEXT",
+                   help="start the answer with TEXT; the model continues it")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
@@ -177,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-local-images", default=None, metavar="DIR", help="accept image paths under DIR")
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require Authorization: Bearer KEY (default: $IDEFICS_JAX_API_KEY; unset: open)")
+    s.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (413 above)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     _quantize_options(s, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     s.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,

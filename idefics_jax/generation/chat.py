@@ -4,6 +4,8 @@
     print(chat("What is this?", images=["statue.jpg"]))  # a string: one user turn, the images before the text
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     print(chat(messages, images=["statue.jpg"], max_new_tokens=200))
+    print(chat(messages + [{"role": "assistant", "content": "Let's look step by step:"}], images=["statue.jpg"]))
+    # ^ a final assistant message is continued: its text starts the answer (the answer returned follows it)
     for piece in chat.stream(messages, images=["statue.jpg"]):
         print(piece, end="", flush=True)
     chat.answers([(user_turn("What is this?", 1), ["a.jpg"]), (user_turn("And this?", 1), ["b.jpg"])])
@@ -113,6 +115,20 @@ def _conversations(conversations) -> list[tuple[list[dict], list | None, list | 
     return out
 
 
+def _template_options(messages: list[dict], add_generation_prompt: bool | None,
+                      continue_final_message: bool | None) -> dict[str, bool]:
+    """apply_chat_template's two options for `messages`: by default a final assistant message is continued and
+    anything else gets the generation prompt (see `Chat.batch_inputs`)."""
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+    if continue_final_message is None:
+        continue_final_message = add_generation_prompt is None and bool(messages) and \
+            messages[-1].get("role") == "assistant"
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
+    return {"add_generation_prompt": bool(add_generation_prompt), "continue_final_message": continue_final_message}
+
+
 class Chat:
     """`model` plus `processor` (the checkpoint's, with its chat template). Images are PIL images, paths or URLs,
     one per `{"type": "image"}` entry of `messages`, in order; they may also sit in those entries under "image",
@@ -191,22 +207,29 @@ class Chat:
         return out_msgs, out_imgs
 
     def inputs(self, messages: str | list[dict], images: Sequence[Any] | None = None,
-               videos: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+               videos: Sequence[str] | None = None, **template) -> dict[str, np.ndarray]:
         """The processor's numpy inputs for `messages` (a list of message dicts, or a string: one user turn with
-        `images` and `videos` before its text), with the generation prompt appended: input_ids (1, T),
+        `images` and `videos` before its text), ready for the answer (see `batch_inputs`): input_ids (1, T),
         pixel_values (1, I, 3, H, W) and masks."""
-        return self.batch_inputs([_conversation(messages, images, videos)])
+        return self.batch_inputs([_conversation(messages, images, videos)], **template)
 
-    def batch_inputs(self, conversations: Sequence[tuple]) -> dict[str, np.ndarray]:
+    def batch_inputs(self, conversations: Sequence[tuple], *, add_generation_prompt: bool | None = None,
+                     continue_final_message: bool | None = None) -> dict[str, np.ndarray]:
         """One left-padded batch of (messages, images) or (messages, images, videos) conversations (messages as in
         `inputs`): input_ids (B, T), pixel_values (B, I, 3, H, W) and masks. Either every conversation has images
-        (or videos) or none has."""
+        (or videos) or none has.
+
+        A conversation that ends with an assistant message is continued: its text is the start of the answer
+        (transformers' `continue_final_message=True`); any other gets the generation prompt. The two options,
+        as transformers and vLLM name them, override that for every conversation (`add_generation_prompt=True`
+        closes a final assistant message and opens a new one)."""
         prompts, images, has_video = [], [], False
         for messages, imgs, videos in _conversations(conversations):
             has_video |= bool(_image_slots(messages, "video"))
             messages, loaded = self._with_videos(messages, self._images(messages, imgs), videos)
             images.append(loaded)
-            prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+            prompts.append(self.processor.apply_chat_template(
+                messages, **_template_options(messages, add_generation_prompt, continue_final_message)))
         if any(images) and not all(images):
             raise ValueError("batch_inputs: some conversations have images and some do not; batch them apart")
         kw = dict(images=images, **self.image_kwargs) if images[0] else {}

@@ -2,8 +2,9 @@
 
     POST /v1/chat/completions   messages with text and image_url parts (data: URLs; local paths under
                                 `allow_local_images`), stream (server-sent events), max_tokens, temperature
-                                (0 = greedy), top_p, seed, stop, ignore_eos (as vLLM); usage counts
-    GET  /v1/models, GET /health, GET / (the chat page)
+                                (0 = greedy), top_p, seed, stop, ignore_eos, add_generation_prompt,
+                                continue_final_message (as vLLM); usage counts
+    GET  /v1/models, GET /health, GET /metrics (Prometheus), GET / (the chat page)
 
     app = create_app(Engine(model, processor, slots=8), "tiny-shapes")   # then uvicorn.run(app, ...)
     serve("tiny-shapes", port=8000)                                        # what `idefics-jax serve` runs
@@ -11,7 +12,9 @@
 Bad requests get a 4xx with a one-line message ({"error": {"message": ..., "type": ...}}, as OpenAI sends them)
 and never reach the engine; a full queue gets 429 with Retry-After. A client that disconnects cancels its
 request, freeing the slot. On SIGTERM uvicorn stops accepting, lets running requests finish for up to
-`drain_timeout` seconds, then the engine stops.
+`drain_timeout` seconds, then the engine stops. With `api_key` every path but / and /health needs it
+(`serve.guard`); bodies over `max_body` bytes get 413 before more is read. Bodies are parsed and images decoded
+on a pool of threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import os
 import secrets
 import signal
+import sys
 import time
 import warnings
 from typing import Any, Callable
@@ -33,8 +39,11 @@ from fastapi import Request as HttpRequest  # at module level: FastAPI resolves 
 
 from idefics_jax.generation.images import to_rgb
 from idefics_jax.serve.engine import Engine, EngineStopped, QueueFull, Request
+from idefics_jax.serve.guard import ENV_KEY, Guard, exposed
+from idefics_jax.serve.metrics import CountResponses, Metrics
 
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_BODY_MB = 64
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
@@ -131,6 +140,18 @@ def _number(body: dict, name: str, default, kind=float):
     return v
 
 
+def template_options(body: dict) -> tuple[bool, bool]:
+    """vLLM's add_generation_prompt (default true) and continue_final_message (default false): a final assistant
+    message is closed and a new one opened, or continued (its text starts the answer), or neither."""
+    add, cont = body.get("add_generation_prompt"), body.get("continue_final_message")
+    for name, v in (("add_generation_prompt", add), ("continue_final_message", cont)):
+        if v is not None and not isinstance(v, bool):
+            raise BadRequest(f"{name} must be true or false; got {v!r}")
+    if add and cont:
+        raise BadRequest("cannot set both continue_final_message and add_generation_prompt to true")
+    return (not cont) if add is None else add, bool(cont)
+
+
 def parse_request(body, model_name: str, engine: Engine, *, max_images: int, **image_kw) -> tuple[Request, bool, bool]:
     """A chat-completions body -> (Request, stream, include_usage in the stream); BadRequest on any fault."""
     if not isinstance(body, dict):
@@ -160,6 +181,7 @@ def parse_request(body, model_name: str, engine: Engine, *, max_images: int, **i
     req = Request(messages, images, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
                   top_p=_number(body, "top_p", 1.0), seed=secrets.randbits(31) if seed is None else seed, stop=stop,
                   ignore_eos=ignore_eos)
+    req.add_generation_prompt, req.continue_final_message = template_options(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false; got {stream!r}")
@@ -167,21 +189,43 @@ def parse_request(body, model_name: str, engine: Engine, *, max_images: int, **i
     return req, stream, bool(isinstance(opts, dict) and opts.get("include_usage"))
 
 
+def parse_body(raw: bytes, model_name: str, engine: Engine, **kw) -> tuple[Request, bool, bool]:
+    """A request body's bytes -> `parse_request`'s (Request, stream, include_usage); BadRequest on any fault."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON body ({e})") from None
+    return parse_request(body, model_name, engine, **kw)
+
+
 def create_app(engine: Engine, model_name: str, *, allow_local_images: str | None = None, max_images: int = 8,
-               max_image_pixels: int = MAX_IMAGE_PIXELS, drain_timeout: float = 30.0):
-    """The FastAPI app; it starts `engine` at startup and stops it (draining) at shutdown."""
+               max_image_pixels: int = MAX_IMAGE_PIXELS, drain_timeout: float = 30.0, api_key: str | None = None,
+               max_body: int = MAX_BODY_MB << 20, decode_threads: int | None = None):
+    """The FastAPI app; it starts `engine` at startup and stops it (draining) at shutdown. `api_key`: needed by
+    every path but / and /health (None: open); `max_body`: bytes per request body; `decode_threads`: the pool
+    that parses bodies, decodes images and prepares prompts (default: up to 4)."""
     from fastapi import FastAPI
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
+
+    pool = concurrent.futures.ThreadPoolExecutor(decode_threads or min(4, os.cpu_count() or 1),
+                                                 thread_name_prefix="idefics-jax-requests")
+    metrics = Metrics(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         await run_in_threadpool(engine.stop, drain_timeout)
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="idefics-jax", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(CountResponses, metrics=metrics, path="/v1/chat/completions")  # outermost: sees 401 / 413
     image_kw = dict(allow_local_images=allow_local_images, max_pixels=max_image_pixels)
+
+    async def off_loop(fn, *args, **kw):
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kw))
 
     def error(e: BadRequest) -> JSONResponse:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -196,6 +240,11 @@ def create_app(engine: Engine, model_name: str, *, allow_local_images: str | Non
     async def health():
         return {"status": "ok", "model": model_name, **engine.load(), "stats": dict(engine.stats)}
 
+    @app.get("/metrics")
+    async def prometheus():
+        text, content_type = metrics.render()
+        return Response(text, media_type=content_type)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
@@ -204,17 +253,20 @@ def create_app(engine: Engine, model_name: str, *, allow_local_images: str | Non
     @app.post("/v1/chat/completions")
     async def completions(http: HttpRequest):
         try:
-            try:
-                body = json.loads(await http.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"malformed JSON body ({e})") from None
-            req, stream, include_usage = await run_in_threadpool(
-                parse_request, body, model_name, engine, max_images=max_images, **image_kw)
+            req, stream, include_usage = await off_loop(
+                parse_body, await http.body(), model_name, engine, max_images=max_images, **image_kw)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
+
+            def on_event(ev):  # on the engine's thread
+                if ev[0] == "done":
+                    metrics.observe(ev[1])
+                elif ev[0] == "error":
+                    metrics.failed()
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
             try:
-                handle = await run_in_threadpool(
-                    engine.submit, req, on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                handle = await off_loop(engine.submit, req, on_event=on_event)
             except QueueFull as e:
                 raise BadRequest(f"server busy: {e}; retry later", 429, "rate_limit_error",
                                  {"Retry-After": "1"}) from None
@@ -287,21 +339,30 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
           max_len: int | None = None, max_queue: int = 64, dtype=None, allow_local_images: str | None = None,
           max_images: int = 8, max_image_pixels: int = MAX_IMAGE_PIXELS, drain_timeout: float = 30.0,
           quantize: str | None = None, group_size: int | None = None, attention: str | None = None,
-          load: Callable | None = None) -> None:
+          load: Callable | None = None, api_key: str | None = None, max_body_mb: float = MAX_BODY_MB) -> None:
     """Loads `model` (any name `Chat.load` takes, or with `load` whatever it takes, e.g. the training layer's
     `load_chat` for a WORKDIR; `quantize` / `group_size` / `attention` as in `load_pretrained`) and serves it until
-    SIGTERM / Ctrl-C."""
+    SIGTERM / Ctrl-C. `api_key` (default: the IDEFICS_JAX_API_KEY environment variable; none: open to all)."""
     import uvicorn
 
     from idefics_jax.generation.chat import Chat
 
     if allow_local_images is not None and not os.path.isdir(allow_local_images):
         raise ValueError(f"--allow-local-images {allow_local_images}: no such directory")
+    api_key = api_key if api_key is not None else os.environ.get(ENV_KEY)
+    if api_key is not None and not api_key.strip():
+        raise ValueError(f"the API key is empty (--api-key or {ENV_KEY})")
+    if not (isinstance(max_body_mb, (int, float)) and max_body_mb > 0):
+        raise ValueError(f"--max-body-mb must be a positive number; got {max_body_mb!r}")
+    if api_key is None and exposed(host):
+        print(f"WARNING: serving on {host} without an API key: anyone who can reach port {port} can use the "
+              f"model; set --api-key or {ENV_KEY}", file=sys.stderr, flush=True)
     chat = (load or Chat.load)(model, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention)
     engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue)
     name = os.path.basename(os.path.normpath(model))
     app = create_app(engine, name, allow_local_images=allow_local_images, max_images=max_images,
-                     max_image_pixels=max_image_pixels, drain_timeout=drain_timeout)
+                     max_image_pixels=max_image_pixels, drain_timeout=drain_timeout, api_key=api_key,
+                     max_body=int(max_body_mb * 2**20))
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again under the handler it found: with this one
     # the process exits 0 after a clean drain (while loading, above, the default handler ends it at once).
     signal.signal(signal.SIGTERM, _exit)

@@ -57,6 +57,10 @@ class Request:
     seed: int = 0
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # only max_tokens (or a stop string) ends the answer
+    # The chat template's options, as `Chat.batch_inputs` takes them (default: a final assistant message is
+    # continued, anything else gets the generation prompt).
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
 
 
 @dataclasses.dataclass
@@ -203,7 +207,8 @@ class Engine:
             raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
         if isinstance(r.stop, str) or not all(isinstance(s, str) and s for s in r.stop):
             raise ValueError("stop must be a list of non-empty strings")
-        inputs = self.chat.inputs(r.messages, r.images)
+        inputs = self.chat.inputs(r.messages, r.images, add_generation_prompt=r.add_generation_prompt,
+                                  continue_final_message=r.continue_final_message)
         T = inputs["input_ids"].shape[1]
         limit = self.model.config.text.max_position_embeddings
         if T > limit:
