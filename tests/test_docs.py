@@ -83,7 +83,7 @@ LANGUAGES = ("python", "py", "bash", "sh", "json", "yaml", "text")
 # The `idefics-jax` ones among them are still parsed by the CLI's parser.
 NOT_RUN = {
     "python3 -m pip install -e .[test]": "installs the environment this suite runs in (CI runs it first: .ci/run)",
-    "python3 -m pytest -q": "the test suite itself",
+    "python3 -m pytest -q -n 2 --dist loadfile": "the test suite itself",
     "pip install -e .[aot]": "downloads libtpu (hundreds of MB) for bench/memory_plan.py's TPU rows",
     "gcloud auth login": "needs a Google Cloud account (interactive)",
     "gcloud config set project MY-PROJECT": "needs a Google Cloud project",
