@@ -9,6 +9,7 @@ from conftest import chat
 import reference as testing
 from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.train import grpo_loss, logprobs, preference, rewards
+from idefics_jax.train.config import DpoConfig
 
 
 @pytest.mark.parametrize("fixture", ["tiny_hf", "tiny2_hf"])
@@ -59,7 +60,7 @@ def test_dpo_loss_and_gradient_equal_trl(loss, beta, ls):
     rng = np.random.default_rng(1)
     pc, pr, rc, rr = (rng.normal(-20, 5, 6) for _ in range(4))
     nc, nr = rng.integers(1, 9, 6).astype(float), rng.integers(1, 9, 6).astype(float)
-    cfg = preference.DpoConfig(loss, beta, ls)
+    cfg = DpoConfig(loss, beta, ls)
 
     def ours(pc, pr):
         return preference.dpo_loss(pc, pr, rc, rr, cfg, nc, nr)
@@ -136,3 +137,111 @@ def test_rewards():
         rewards.reward_function("nonsense")
     with pytest.raises(ValueError, match="no_such_module"):
         rewards.reward_function("no_such_module:f")
+
+
+@pytest.fixture(scope="module")
+def rollout_setup(lively_hf):
+    from transformers import AutoProcessor
+
+    from idefics_jax.generation.chat import user_turn
+    from idefics_jax.train import rollouts
+
+    processor = AutoProcessor.from_pretrained(lively_hf)
+    model = load_pretrained(lively_hf)
+    rng = np.random.default_rng(3)
+    prompts = [rollouts.Prompt(user_turn(q, 1), [testing.random_image(rng, 40, 50)], ("x",))
+               for q in ["what is this?", "describe it", "and this one?"]]
+    engine = rollouts.rollout_engine(model, processor, slots=4, max_len=rollouts.max_len_for(200, 8))
+    with engine:
+        yield model, processor, prompts, engine
+
+
+def _generated(model, processor, prompt, max_new_tokens):
+    from idefics_jax.generation.api import generate
+    from idefics_jax.generation.chat import Chat
+
+    chat_ = Chat(model, processor)
+    inputs = chat_.inputs(prompt.messages, prompt.images)
+    new = generate(model, **inputs, max_new_tokens=max_new_tokens)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = set(model.generation_defaults.eos_token_ids)
+    end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+    return tuple(new[:end])
+
+
+def test_rollouts_greedy_equal_generate_sampled_repeat_and_follow_weight_updates(rollout_setup):
+    import jax
+    from flax import nnx
+
+    from idefics_jax.generation import decode
+    from idefics_jax.train import rollouts
+
+    model, processor, prompts, engine = rollout_setup
+    kw = dict(group_size=2, max_new_tokens=8)
+    greedy = rollouts.sample_groups(engine, prompts, temperature=0.0, **kw)
+    for p, group in zip(prompts, greedy):
+        assert group[0].tokens == group[1].tokens == _generated(model, processor, p, 8)
+    sampled = rollouts.sample_groups(engine, prompts, temperature=1.0, seed=5, **kw)
+    assert sampled == rollouts.sample_groups(engine, prompts, temperature=1.0, seed=5, **kw)
+    assert len({c.tokens for g in sampled for c in g}) > 1
+    compiled = decode.decode._cache_size(), decode.prefill._cache_size()
+
+    # A changed weight (as a policy update changes it), same shapes: the engine samples from it at once.
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x, state)
+    state["lm_head"].set_value(state["lm_head"][...] * -1.0)
+    changed = nnx.merge(graphdef, state)
+    changed.generation_defaults = model.generation_defaults
+    engine.update_weights(changed)
+    after = rollouts.sample_groups(engine, prompts, temperature=0.0, group_size=1, max_new_tokens=8)
+    assert [g[0] for g in after] != [g[0] for g in greedy]
+    for p, group in zip(prompts, after):
+        assert group[0].tokens == _generated(changed, processor, p, 8)
+    assert (decode.decode._cache_size(), decode.prefill._cache_size()) == compiled  # nothing recompiled
+    engine.update_weights(model)
+
+
+def test_lora_reference_is_the_base_without_adapters(tiny_hf):
+    import jax
+
+    from idefics_jax.train import step as step_lib
+    from idefics_jax.train.config import LoraConfig
+
+    lora = LoraConfig(rank=2)
+    parts = step_lib.split(load_pretrained(tiny_hf), lora=lora, key=jax.random.key(0))
+    ref = logprobs.reference_params(parts.frozen, None)
+    assert all(ref[p] is parts.frozen[p] for p in parts.frozen)  # no second copy of the weights
+    moved = jax.tree.map(lambda x: x + 0.5, parts.trainable)  # adapters that change the policy
+    policy = logprobs.policy_params(parts, moved, parts.frozen, lora)
+    ids = np.array([[5, 9, 12, 7, 8]], np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "completion_mask": np.array([[0, 0, 1, 1, 1]])}
+    base = logprobs.completion_logps(load_pretrained(tiny_hf), batch)
+    np.testing.assert_allclose(np.sum(np.asarray(logprobs.params_token_logps(parts, ref, batch)), axis=1), base,
+                               rtol=1e-6)
+    assert abs(float(np.sum(logprobs.params_token_logps(parts, policy, batch))) - base[0]) > 1e-3
+
+
+def test_dpo_run_on_jsonl_pairs(tmp_path):
+    import json
+    import math
+
+    from idefics_jax.shapes import task as shapes
+    from idefics_jax.train import config as config_lib, run
+
+    rng = np.random.default_rng(4)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(2):
+            ex = shapes.sample(rng)
+            ex.image.save(tmp_path / f"{i}.png")
+            q = shapes.color_count_questions(ex.shapes)[0]
+            f.write(json.dumps({"images": [f"{i}.png"], "prompt": q.text, "chosen": q.answer,
+                                "rejected": str(int(q.answer) + 1)}) + "\n")
+    work = str(tmp_path / "run")
+    run.run(config_lib.load("configs/tiny-shapes-dpo.yaml", [
+        f"workdir={work}", f"data.train={tmp_path / 'pairs.jsonl'}", "steps=2", "data.batch_size=2", "log_every=1",
+        "optim.warmup_steps=1", "optim.learning_rate=1e-3"]))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    # At the start the policy is the reference: every reward is 0 and the loss is log 2.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["rewards_margin"] == pytest.approx(0, abs=1e-6)
+    # One update on the same two pairs prefers the chosen answers.
+    assert rows[1]["rewards_margin"] > 0 and rows[1]["preference_accuracy"] == 1.0

@@ -13,37 +13,8 @@ averaged over its tokens, then the completions are averaged.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
-
-
-@dataclasses.dataclass(frozen=True)
-class GrpoConfig:
-    group_size: int = 8  # G: completions sampled per prompt
-    prompts: int = 4  # prompts per rollout batch (G * prompts rollouts)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.04  # KL penalty to the reference
-    epsilon: float = 0.2  # ratio clipping
-    updates: int = 1  # policy updates (optimizer steps) per batch of rollouts
-    reward: str = "exact"  # exact, numeric, regex:PATTERN, or module:function (see train.rewards)
-    slots: int = 16  # the rollout engine's decode slots
-
-    def check(self) -> None:
-        from idefics_jax.model.config import ConfigError
-
-        for name in ("group_size", "prompts", "max_new_tokens", "updates", "slots"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"grpo.{name}: {getattr(self, name)} must be at least 1")
-        if self.group_size < 2:
-            raise ConfigError("grpo.group_size: at least 2 completions per prompt (advantages compare them)")
-        if self.temperature <= 0:
-            raise ConfigError(f"grpo.temperature: {self.temperature} must be positive (rollouts are sampled)")
-        if self.beta < 0 or self.epsilon <= 0:
-            raise ConfigError("grpo.beta must be >= 0 and grpo.epsilon > 0")
 
 
 def advantages(rewards_N: np.ndarray, group_size: int) -> np.ndarray:

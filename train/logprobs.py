@@ -34,11 +34,17 @@ def completion_tokens(tokenizer, text: str, eos_id: int | None) -> list[int]:
     return ids + ([int(eos_id)] if eos_id is not None else [])
 
 
-def sequences(prompts: dict, completions: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> dict:
+def sequences(prompts: dict, completions: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
+              prompt_width: int | None = None) -> dict:
     """Prompt inputs (a left-padded batch, `Chat.batch_inputs`) with completion token rows appended -> the
-    sequence batch of the module docstring; completions right-padded to `width` (default their longest)."""
+    sequence batch of the module docstring; completions right-padded to `width` (default their longest), prompts
+    left-padded to `prompt_width` (fixed shapes: fewer compilations)."""
     ids = np.asarray(prompts["input_ids"])
     mask = np.asarray(prompts["attention_mask"]) if prompts.get("attention_mask") is not None else np.ones_like(ids)
+    if prompt_width is not None and prompt_width > ids.shape[1]:
+        extra = prompt_width - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (extra, 0)))
     B = ids.shape[0]
     if len(completions) != B:
         raise ValueError(f"{len(completions)} completions for {B} prompts")
@@ -59,9 +65,10 @@ def sequences(prompts: dict, completions: Sequence[Sequence[int]], pad_id: int, 
     return out
 
 
-def token_logps(h_BTD, w_DV, ids_BT, chunk: int = LOGP_CHUNK):
+def token_logps(h_BTD, w_DV, ids_BT, chunk: int = LOGP_CHUNK, temperature: float = 1.0):
     """log p(ids[:, t] | h[:, t - 1]) for t >= 1 -> (B, T - 1) float32, the vocabulary scores made `chunk`
-    positions at a time and recomputed in the backward pass (no (B, T, V) array is kept)."""
+    positions at a time and recomputed in the backward pass (no (B, T, V) array is kept). With `temperature`, of
+    the distribution sampling at that temperature draws from (logits / temperature)."""
     h, y = h_BTD[:, :-1], ids_BT[:, 1:]
     B, T1, D = h.shape
     n = -(-T1 // chunk)
@@ -72,7 +79,7 @@ def token_logps(h_BTD, w_DV, ids_BT, chunk: int = LOGP_CHUNK):
     @jax.checkpoint
     def one(hy):
         h_BCD, y_BC = hy
-        logits = jnp.einsum("BCD,DV->BCV", h_BCD, w_DV, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BCD,DV->BCV", h_BCD, w_DV, preferred_element_type=jnp.float32) / temperature
         picked = jnp.take_along_axis(logits, y_BC[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -80,21 +87,22 @@ def token_logps(h_BTD, w_DV, ids_BT, chunk: int = LOGP_CHUNK):
     return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T1]
 
 
-def model_token_logps(model, batch: dict, remat: str = "none"):
+def model_token_logps(model, batch: dict, remat: str = "none", temperature: float = 1.0):
     """Per-token log-probabilities of `batch`'s tokens under `model` -> (B, T - 1), masked to the completion
     tokens (0 elsewhere)."""
     h = model.hidden(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                      batch.get("pixel_attention_mask"), remat=remat)
     w = dense(model.lm_weight(), h.dtype)
-    logps = token_logps(h, w, batch["input_ids"])
+    logps = token_logps(h, w, batch["input_ids"], temperature=temperature)
     return logps * batch["completion_mask"][:, 1:]
 
 
-def params_token_logps(s: step_lib.Split, params: dict, batch: dict, *, compute_dtype=None, remat: str = "none"):
+def params_token_logps(s: step_lib.Split, params: dict, batch: dict, *, compute_dtype=None, remat: str = "none",
+                       temperature: float = 1.0):
     """`model_token_logps` of the model around `params` (every parameter by path), cast to `compute_dtype`."""
     if compute_dtype is not None:
         params = {p: cast(v, compute_dtype) for p, v in params.items()}
-    return model_token_logps(step_lib.merge(s, params), batch, remat)
+    return model_token_logps(step_lib.merge(s, params), batch, remat, temperature)
 
 
 def policy_params(s: step_lib.Split, trainable: dict, frozen: dict, lora: LoraConfig | None) -> dict:

@@ -12,29 +12,10 @@ chosen reward is the larger.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-LOSSES = ("sigmoid", "ipo")
-
-
-@dataclasses.dataclass(frozen=True)
-class DpoConfig:
-    loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # sigmoid only: the assumed share of flipped preference labels
-
-    def check(self) -> None:
-        from idefics_jax.model.config import ConfigError
-
-        if self.loss not in LOSSES:
-            raise ConfigError(f"dpo.loss: '{self.loss}' is not one of {', '.join(LOSSES)}")
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta: {self.beta} must be positive")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing: {self.label_smoothing} must be in [0, 0.5)")
+from idefics_jax.train.config import DpoConfig
 
 
 def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, config: DpoConfig,
