@@ -192,7 +192,7 @@ def test_rollouts_greedy_equal_generate_sampled_repeat_and_follow_weight_updates
     changed = nnx.merge(graphdef, state)
     changed.generation_defaults = model.generation_defaults
     engine.update_weights(changed)
-    after = rollouts.sample_groups(engine, prompts, temperature=0.0, group_size=1, max_new_tokens=8)
+    after = rollouts.sample_groups(engine, prompts, temperature=0.0, **kw)
     assert [g[0] for g in after] != [g[0] for g in greedy]
     for p, group in zip(prompts, after):
         assert group[0].tokens == _generated(changed, processor, p, 8)
@@ -238,7 +238,7 @@ def test_dpo_run_on_jsonl_pairs(tmp_path):
     work = str(tmp_path / "run")
     run.run(config_lib.load("configs/tiny-shapes-dpo.yaml", [
         f"workdir={work}", f"data.train={tmp_path / 'pairs.jsonl'}", "steps=2", "data.batch_size=2", "log_every=1",
-        "optim.warmup_steps=1", "optim.learning_rate=1e-3"]))
+        "optim.warmup_steps=0", "optim.learning_rate=1e-3"]))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     # At the start the policy is the reference: every reward is 0 and the loss is log 2.
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

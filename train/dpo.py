@@ -35,6 +35,7 @@ from idefics_jax.train.loading import load_model
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
 SAMPLES = 8  # answers sampled per prompt when pairs are built from the model's own answers
+TEMPERATURE = 3.0  # their sampling temperature: the model is sure of its answers, hotter sampling finds other ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ def jsonl_pairs(path: str) -> list[Pair]:
     return out
 
 
-def own_answer_pairs(engine, batch: int, n: int, seed: int, temperature: float = 1.0) -> list[Pair]:
+def own_answer_pairs(engine, batch: int, n: int, seed: int, temperature: float = TEMPERATURE) -> list[Pair]:
     """`n` pairs from sampled answers of the engine's model to fresh colour-count prompts (batch `batch`)."""
     pairs, sub = [], 0
     while len(pairs) < n:
