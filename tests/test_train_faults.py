@@ -91,6 +91,7 @@ def test_grpo_sigkill_resumes_to_the_same_rewards_and_losses(tmp_path, program_e
 
     steps = 4
     args = [f"steps={steps}", "save_every=1", "log_every=1", "grpo.prompts=2", "grpo.group_size=4", "grpo.slots=8",
+            "data.train=shapes-mixed",
             "optim.warmup_steps=1"]
     straight = str(tmp_path / "straight")
     run.run(config_lib.load("configs/tiny-shapes-grpo.yaml", [f"workdir={straight}", *args]))

@@ -7,9 +7,10 @@ One training step is one optimizer update; a batch of rollouts is drawn every `g
 policy's current weights (the engine reads the training state's arrays: no copy, no recompilation). Batch k's
 prompts and sampling seeds follow from (`seed`, k) alone, so a run resumed from a checkpoint (saved at batch
 boundaries) draws what the uninterrupted run drew. Prompts: data.train "shapes-color-count" (the tiny-shapes
-colour-count question, fresh images) or a JSONL file of {"images": [paths], "prompt": str, "answers": [str]}
-(image paths relative to the file). WORKDIR/metrics.jsonl gets per step: loss, reward mean and spread, accuracy
-(share of rewards >= 1), KL, clip fraction, completion length, rollout and update seconds.
+colour-count question, fresh images), "shapes-mixed" (half of them the old tiny-shapes questions) or a JSONL
+file of {"images": [paths], "prompt": str, "answers": [str]} (image paths relative to the file).
+WORKDIR/metrics.jsonl gets per step: loss, reward mean and spread, accuracy (share of rewards >= 1), KL, clip
+fraction, completion length, rollout and update seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def shapes_color_count(batch: int, n: int, seed: int) -> list[rollouts.Prompt]:
     return out
 
 
+def shapes_mixed(batch: int, n: int, seed: int) -> list[rollouts.Prompt]:
+    """`shapes_color_count`'s prompts, every other one replaced by one of the image's old questions (count, colour,
+    shape), so that the rewards keep those answers right while the new question is learned."""
+    from idefics_jax.shapes import task as shapes
+
+    out = shapes_color_count(batch, n, seed)
+    rng = np.random.default_rng([seed, batch, 0x01D])
+    for i in range(1, n, 2):
+        ex = shapes.sample(rng)
+        q = ex.questions[int(rng.integers(len(ex.questions)))]
+        out[i] = rollouts.Prompt(user_turn(q.text, 1), [ex.image], (q.answer,), q.text)
+    return out
+
+
 def jsonl_prompts(path: str) -> list[rollouts.Prompt]:
     """{"images": [...], "prompt": str, "answers": [...]} lines -> prompts (images as paths beside the file)."""
     folder, out = os.path.dirname(os.path.abspath(path)), []
@@ -74,8 +89,10 @@ def prompt_source(config: TrainConfig) -> Callable[[int], list[rollouts.Prompt]]
     n = config.grpo.prompts
     if config.data.train == "shapes-color-count":
         return lambda k: shapes_color_count(k, n, config.seed)
+    if config.data.train == "shapes-mixed":
+        return lambda k: shapes_mixed(k, n, config.seed)
     if not os.path.isfile(config.data.train):
-        raise ValueError(f"data.train: '{config.data.train}' is neither shapes-color-count nor a JSONL file")
+        raise ValueError(f"data.train: '{config.data.train}' is not shapes-color-count, shapes-mixed or a JSONL file")
     records = jsonl_prompts(config.data.train)
     order = np.random.default_rng(config.data.shuffle_seed).permutation(len(records))
     return lambda k: [records[order[(k * n + i) % len(records)]] for i in range(n)]
