@@ -32,11 +32,11 @@ def _train(a):
         return
     if a.config is None:
         raise ValueError(f"name a config: a YAML file or a shipped one ({', '.join(configs.names())})")
-    from idefics_jax.train import config, trainer
+    from idefics_jax.train import config, run
 
     cfg = config.load(a.config, a.overrides)  # a bad config fails before joining other hosts
     distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
-    trainer.train(cfg)
+    run.run(cfg)
 
 
 def _generate(a):

@@ -93,3 +93,33 @@ def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["train", "configs/tiny.yaml", f"workdir={tmp_path / 'w'}", f"data.train={empty}"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and line.startswith("idefics-jax train: error:"), line
+
+
+def test_grpo_sigkill_resumes_to_the_same_rewards_and_losses(tmp_path, program_env):
+    from idefics_jax.train import run
+
+    steps = 4
+    args = [f"steps={steps}", "save_every=1", "log_every=1", "grpo.prompts=2", "grpo.group_size=4", "grpo.slots=8",
+            "data.train=shapes-mixed",
+            "optim.warmup_steps=1"]
+    straight = str(tmp_path / "straight")
+    run.run(config_lib.load("configs/tiny-shapes-grpo.yaml", [f"workdir={straight}", *args]))
+    work = str(tmp_path / "killed")
+    env = {**os.environ, **{k: v for k, v in program_env.items() if k != "XLA_FLAGS"}}
+    cmd = [sys.executable, "-m", "train", "configs/tiny-shapes-grpo.yaml", f"workdir={work}", *args]
+    metrics = os.path.join(work, "metrics.jsonl")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and (not os.path.exists(metrics) or len(open(metrics).readlines()) < 2):
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = lambda w: {m["step"]: m for m in map(json.loads, open(os.path.join(w, "metrics.jsonl")))}  # noqa: E731
+    a, b = rows(straight), rows(work)
+    assert sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        for key in ("loss", "reward_mean", "reward_std", "kl", "completion_length"):
+            assert abs(a[s][key] - b[s][key]) <= 1e-5 * max(1.0, abs(a[s][key])), (s, key, a[s][key], b[s][key])

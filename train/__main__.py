@@ -1,5 +1,5 @@
 import sys
 
-from idefics_jax.train.trainer import main
+from idefics_jax.train.run import main
 
 sys.exit(main())

@@ -105,6 +105,30 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """objective "dpo": the loss on preference records {images, prompt, chosen, rejected} (train.preference)."""
+    loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid only: the assumed share of flipped preference labels
+    max_new_tokens: int = 16  # completions longer than this many tokens are cut
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """objective "grpo": rollouts, rewards and the clipped, KL-penalised update (train.grpo)."""
+    group_size: int = 8  # G: completions sampled per prompt
+    prompts: int = 4  # prompts per rollout batch (G x prompts rollouts)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04  # KL penalty to the reference (k3 estimator)
+    epsilon: float = 0.2  # ratio clipping
+    updates: int = 1  # policy updates (optimizer steps) per batch of rollouts
+    reward: str = "exact"  # exact, numeric, regex:PATTERN or module:function (train.rewards)
+    slots: int = 16  # the rollout engine's decode slots
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str = ""  # HF directory, idefics-jax checkpoint, another run's WORKDIR (its newest step), or "shapes"
     workdir: str = "out/train"
@@ -130,6 +154,9 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    objective: str = "sft"  # "sft" (next-token loss on answers), "dpo" or "grpo"
+    dpo: DpoConfig = DpoConfig()
+    grpo: GrpoConfig = GrpoConfig()
 
 
 def _coerce(value: Any, hint, where: str):
@@ -210,6 +237,7 @@ def load(path: str, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"quantize: '{cfg.quantize}' is not one of int8, int4 (or empty)")
     if cfg.group_size < 0 or cfg.group_size % 2:
         raise ConfigError(f"group_size: {cfg.group_size} is not an even number (or 0 for the default)")
+    _check_objective(cfg)
     unknown = set(cfg.freeze) - {"vision", "connector", "text"}
     if unknown:
         raise ConfigError(f"freeze: '{sorted(unknown)[0]}' is not one of vision, connector, text")
@@ -247,6 +275,23 @@ def _check_eval_tasks(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.tasks: two tasks are named '{twice[0]}' (give each a `name`)")
     if ev.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {ev.batch_size} is not a positive number")
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    if cfg.objective not in ("sft", "dpo", "grpo"):
+        raise ConfigError(f"objective: '{cfg.objective}' is not one of sft, dpo, grpo")
+    d, g = cfg.dpo, cfg.grpo
+    if d.loss not in ("sigmoid", "ipo"):
+        raise ConfigError(f"dpo.loss: '{d.loss}' is not one of sigmoid, ipo")
+    if d.beta <= 0 or not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError("dpo.beta must be positive and dpo.label_smoothing in [0, 0.5)")
+    for name in ("prompts", "max_new_tokens", "updates", "slots"):
+        if getattr(g, name) < 1:
+            raise ConfigError(f"grpo.{name}: {getattr(g, name)} must be at least 1")
+    if g.group_size < 2:
+        raise ConfigError("grpo.group_size: at least 2 completions per prompt (advantages compare them)")
+    if g.temperature <= 0 or g.beta < 0 or g.epsilon <= 0:
+        raise ConfigError("grpo.temperature and grpo.epsilon must be positive, grpo.beta >= 0")
 
 
 def to_dict(cfg) -> dict:

@@ -305,7 +305,9 @@ def _loop(config: TrainConfig, run: _Setup, checkpoints: _Checkpoints, stop: Sto
 
 
 def train(config: TrainConfig) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+    """Runs (or resumes) supervised training; returns the last logged metrics (every objective: `run.run`)."""
+    if config.objective != "sft":
+        raise ValueError(f"objective '{config.objective}': run it with idefics_jax.train.run.run")
     check_wandb(config)
     as_path(config.workdir).mkdir(parents=True, exist_ok=True)
     run = _setup(config)

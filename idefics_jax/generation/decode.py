@@ -153,6 +153,12 @@ class Core:
         self.eos_E = jnp.asarray(tokens.eos, jnp.int32).reshape(-1)
         self.pad = jnp.int32(tokens.pad)
 
+    def update(self, model: IdeficsModel) -> None:
+        """Decodes with `model`'s weights from now on: the same architecture, shapes and placement (a training
+        step's new parameters), so the compiled functions are reused and nothing is copied."""
+        _, self.params = nnx.split(model)
+        self.model, self.layers = model, decode_layers(model.text.layers.weights())
+
     def empty(self, rows: int, columns: int, t: int = 0) -> DecodeState:
         return empty_state(self.model, rows, columns, self.layers, t)
 

@@ -195,6 +195,16 @@ class Engine:
         with self._cv:
             return {"active": len(self._active), "waiting": len(self._waiting)}
 
+    def update_weights(self, model: IdeficsModel) -> None:
+        """Answers with `model`'s weights from now on: the same architecture and shapes (a training step's new
+        parameters, as GRPO samples its rollouts from the policy it trains); nothing is copied or recompiled.
+        Only while no request runs or waits (RuntimeError otherwise)."""
+        with self._cv:
+            if self._active or self._waiting:
+                raise RuntimeError("update_weights: requests are running or waiting; call it between batches")
+            self.decoder.update_weights(model)
+            self.model = self.chat.model = model
+
     def _prepare(self, request: Request) -> tuple[dict, SamplingParams]:
         """The request's model inputs and sampling, or ValueError naming what is wrong with it."""
         r = request

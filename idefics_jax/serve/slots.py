@@ -113,6 +113,12 @@ class SlotDecoder:
         self.state = self.core.insert(self.state, pre.cache, [pre.row], [slot], pre.mask_T[None], [pre.first],
                                       Rows.of([pre.sampling]))
 
+    def update_weights(self, model: IdeficsModel) -> None:
+        """Decodes with `model`'s weights from now on (see `Core.update`); requests in the slots keep the keys and
+        values already cached."""
+        self.model = model
+        self.core.update(model)
+
     def release(self, slot: int) -> None:
         """Stops `slot` (a cancelled request); it is free for `insert`."""
         self.state = self.core.release(self.state, slot)

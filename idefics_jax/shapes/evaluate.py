@@ -26,16 +26,19 @@ class Report:
         return self.right[kind] / max(self.total[kind], 1)
 
     def table(self) -> str:
-        rows = [f"{k:<6} {self.right[k]:>4}/{self.total[k]:<4} {self.accuracy(k):7.1%}" for k in shapes.KINDS]
+        kinds = [k for k in (*shapes.KINDS, shapes.COLOR_COUNT) if self.total[k]]
+        rows = [f"{k:<6} {self.right[k]:>4}/{self.total[k]:<4} {self.accuracy(k):7.1%}" for k in kinds]
         if self.compared:
             rows.append(f"transformers agrees on {self.agree}/{self.compared} = {self.agree / self.compared:.1%}")
         return "\n".join(rows)
 
 
-def questions(n_images: int, seed: int = EVAL_SEED, limit: int | None = None):
-    """(image, question) for every allowed question of `n_images` fresh images (the first `limit` of them)."""
+def questions(n_images: int, seed: int = EVAL_SEED, limit: int | None = None, kinds=shapes.KINDS):
+    """(image, question) for every allowed question of `kinds` of `n_images` fresh images (the first `limit`);
+    kind `shapes.COLOR_COUNT` asks each image all four colour counts."""
     rng = np.random.default_rng(seed)
-    return [(ex.image, q) for ex in (shapes.sample(rng) for _ in range(n_images)) for q in ex.questions][:limit]
+    return [(ex.image, q) for ex in (shapes.sample(rng) for _ in range(n_images))
+            for q in ex.questions + shapes.color_count_questions(ex.shapes) if q.kind in kinds][:limit]
 
 
 def write_jsonl(folder: str, items) -> str:
@@ -57,7 +60,7 @@ def write_jsonl(folder: str, items) -> str:
 
 
 def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: bool = False, batch_size: int = 32,
-             max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
+             max_new_tokens: int = 3, progress: bool = False, limit: int | None = None, kinds=shapes.KINDS) -> Report:
     """Greedy answers of the model at `path` (a shipped name, an idefics-jax checkpoint or an HF directory)."""
     from idefics_jax.checkpoints.load import load_pretrained
     from idefics_jax.checkpoints.registry import resolve
@@ -71,16 +74,17 @@ def evaluate(path: str, n_images: int, *, seed: int = EVAL_SEED, transformers: b
         hf = AutoModelForImageTextToText.from_pretrained(path).eval()
     return evaluate_model(load_pretrained(path), AutoProcessor.from_pretrained(path), n_images,
                           seed=seed, hf=hf, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-                          limit=limit)
+                          limit=limit, kinds=kinds)
 
 
 def evaluate_model(model, processor, n_images: int, *, seed: int = EVAL_SEED, hf=None, batch_size: int = 32,
-                   max_new_tokens: int = 3, progress: bool = False, limit: int | None = None) -> Report:
+                   max_new_tokens: int = 3, progress: bool = False, limit: int | None = None,
+                   kinds=shapes.KINDS) -> Report:
     """`evaluate` for a model in memory (a training run's, say); `hf`: a transformers model to compare with."""
     from idefics_jax.generation.chat import Chat, user_turn
 
     chat = Chat(model, processor)
-    items = questions(n_images, seed, limit)
+    items = questions(n_images, seed, limit, kinds)
     report = Report(collections.Counter(), collections.Counter())
     bar = Progress("evaluating", len(items), unit="questions", enabled=progress)
     for start in range(0, len(items), batch_size):
