@@ -226,7 +226,7 @@ class Constraint:
 
     def _closing(self) -> list[int] | None:
         """The tokens of a short way to finish from here (the eos not included), or None if none is found within
-        _MAX_CLOSING tokens: single-character closers first, else the lowest allowed id."""
+        _MAX_CLOSING tokens: forced tokens, else single-character closers, else the lowest allowed id."""
         if not self._planned:
             self._plan, self._planned = self._search(), True
         return self._plan
@@ -239,12 +239,20 @@ class Constraint:
                     return None
                 t = next((c for c in self.grammar.closers if m.validate_tokens([c]) == 1), None)
                 if t is None:
-                    bits = np.unpackbits(self._allowed().view(np.uint8), bitorder="little")
-                    bits[list(self.eos)] = 0
-                    ids = np.flatnonzero(bits)
-                    if not len(ids):
+                    forced = m.compute_ff_tokens()  # what the grammar allows one way only (a key's rest), at once
+                    if forced and all(m.consume_token(f) for f in forced):
+                        out += forced
+                        continue
+                    if m.is_error():
                         return None
-                    t = int(ids[0])
+                    words = self._allowed().view(np.uint32).copy()
+                    for e in self.eos:
+                        words[e // 32] &= ~np.uint32(1 << (e % 32))
+                    nonzero = np.flatnonzero(words)
+                    if not len(nonzero):
+                        return None
+                    w = int(nonzero[0])
+                    t = 32 * w + (int(words[w]) & -int(words[w])).bit_length() - 1  # its lowest allowed id
                 if not m.consume_token(t):
                     return None
                 out.append(t)
