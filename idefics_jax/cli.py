@@ -54,6 +54,7 @@ def _generate(a):
     temperature = a.temperature if a.temperature is not None else (1.0 if knobs else 0.0)
     sampling = SamplingParams.from_temperature(temperature, a.top_p, max_new_tokens=a.max_new_tokens, top_k=a.top_k,
                                                seed=a.seed)
+    response_format = _response_format(a)
     images = [load_image(i) for i in a.image]
     for v in a.video:  # readable, with frames (PyAV installed)
         probe(v)
@@ -72,10 +73,34 @@ def _generate(a):
     for piece in chat.stream(messages, images, videos=a.video,
                              max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                             seed=sampling.seed):
+                             seed=sampling.seed, response_format=response_format):
         out.write(piece)
         out.flush()
     out.write("\n")
+
+
+def _response_format(a) -> dict | None:
+    """--json-schema FILE / --regex / --choice as a checked response format (before the model loads)."""
+    from idefics_jax.generation.structured import grammar_source
+
+    given = [n for n, v in (("--json-schema", a.json_schema), ("--regex", a.regex), ("--choice", a.choice)) if v]
+    if len(given) > 1:
+        raise ValueError(f"give one of {', '.join(given)}, not several")
+    if a.json_schema:
+        with open(a.json_schema) as f:
+            try:
+                schema = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--json-schema {a.json_schema}: not JSON ({e})") from None
+        rf = {"type": "json_schema", "json_schema": {"schema": schema}}
+    elif a.regex:
+        rf = {"type": "regex", "regex": a.regex}
+    elif a.choice:
+        rf = {"type": "choice", "choice": a.choice}
+    else:
+        return None
+    grammar_source(rf)
+    return rf
 
 
 def _version() -> str:
@@ -167,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="answer JSON that validates against this schema")
+    g.add_argument("--regex", default=None, metavar="PATTERN", help="answer text that matches this regex")
+    g.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                   help="answer exactly one of these (repeatable)")
     g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer image tokens)")
     g.add_argument("--longest-edge", type=int, default=None, metavar="PX", help="resize images to this longest edge")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")

@@ -13,6 +13,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -494,6 +495,32 @@ def wait_for(pred, timeout: float = 60.0):
     while not pred():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def test_structured_outputs(server, tiny_chat):
+    """vLLM's structured_outputs / guided_choice / guided_regex constrain the answer (streamed too); a format
+    tiny-shapes' words cannot write, or a bad regex, gets a 400 with one line."""
+    text, image = QUESTIONS[0]
+    messages = openai_messages(text, image)
+    for extra in [{"structured_outputs": {"choice": ["circle", "square", "red"]}},
+                  {"guided_choice": ["circle", "square", "red"], "temperature": 1.0, "seed": 2},
+                  {"guided_regex": "(red|blue|circle)"}]:
+        status, body, _ = server.post({"messages": messages, "max_tokens": 8, **extra})
+        assert status == 200, body
+        answer = body["choices"][0]["message"]["content"]
+        assert body["choices"][0]["finish_reason"] == "stop"
+        if "guided_regex" in extra:
+            assert re.fullmatch("(red|blue|circle)", answer), answer
+        else:
+            assert answer in ("circle", "square", "red")
+    for extra, message in [
+            ({"response_format": {"type": "json_object"}}, "response_format: JSON object: this tokenizer has no token "
+                                                           "that can start such an answer"),
+            ({"guided_regex": "(("}, "response_format: invalid regex:"),
+            ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "ask for one response format")]:
+        status, body, _ = server.post({"messages": messages, "max_tokens": 8, **extra})
+        assert status == 400 and body["error"]["message"].startswith(message), body
+        assert "\n" not in body["error"]["message"]
 
 
 def test_full_queue_429_and_disconnect_frees_slots(server, tiny_chat):

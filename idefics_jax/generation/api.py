@@ -19,6 +19,7 @@ import numpy as np
 from idefics_jax.generation.decode import Core
 from idefics_jax.generation.prompt import Tokens, bucket, prepare
 from idefics_jax.generation.sampling import Rows, SamplingParams
+from idefics_jax.generation.structured import Grammar, Grammars, RowMasks
 from idefics_jax.model.idefics import IdeficsModel
 
 
@@ -26,7 +27,8 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
                     pixel_attention_mask=None, *, max_new_tokens: int, min_new_tokens: int = 0,
                     do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-                    pad_token_id: int | None = None, seed: int = 0, chunk_size: int = 1) -> Iterator[np.ndarray]:
+                    pad_token_id: int | None = None, seed: int = 0, chunk_size: int = 1,
+                    response_format: dict | Grammar | None = None, tokenizer=None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields the new tokens as they come: arrays (B, n) of up to `chunk_size` steps each
     (rows already finished hold `pad_token_id`). The tokens are those `generate` returns, sampling included."""
     params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
@@ -38,25 +40,57 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     # Row b draws with seed + b: a batch samples what its rows would alone with those seeds.
     rows = Rows.of([params if b == 0 else dataclasses.replace(params, seed=seed + b) for b in range(B)])
     core = Core(model, Tokens.of(model, eos_token_id, pad_token_id), params.config)
+    masks = _constraints(model, core, B, params, response_format, tokenizer)
     columns = bucket(prompt.columns + max_new_tokens)
     state = core.empty(B, columns, t=prompt.columns)
-    cache, first, done = core.prefill(prompt, rows)
+    cache, first, done = core.prefill(prompt, rows, masks.masks([0] * B))
     state = core.insert(state, cache, np.arange(B), np.arange(B), prompt.mask, first, rows)
-    yield np.asarray(first)[:, None]
-    produced, done = 1, np.asarray(done)
+    first, done = np.asarray(first), np.asarray(done)
+    _advance(masks, first[:, None], np.ones(B, int), done)
+    yield first[:, None]
+    produced = 1
     while produced < max_new_tokens and not done.all():
-        steps = min(chunk_size, max_new_tokens - produced)
-        state, out, count = core.decode(state, steps, width=columns)
-        count = int(count)
-        yield np.asarray(out)[:, :count]
-        produced += count
+        # A grammar's mask changes with every token: one step per call while a row follows one.
+        steps = 1 if masks else min(chunk_size, max_new_tokens - produced)
+        state, out, count = core.decode(state, steps, width=columns, allowed_BW=masks.masks([produced] * B))
+        count, was_done = int(count), done
+        out = np.asarray(out)[:, :count]
         done = np.asarray(state.done_B)
+        _advance(masks, out, np.where(was_done, 0, count), done)
+        yield out
+        produced += count
+
+
+def _constraints(model, core: Core, rows: int, params: SamplingParams, response_format, tokenizer) -> RowMasks:
+    """Each row's grammar state for `response_format` (none: free rows); ValueError for a bad format."""
+    masks = RowMasks(rows, model.config.text.vocab_size)
+    if response_format is None:
+        return masks
+    if params.min_new_tokens:
+        raise ValueError("min_new_tokens cannot be combined with response_format (the grammar decides the end)")
+    grammar = response_format
+    if not isinstance(grammar, Grammar):
+        if tokenizer is None:
+            raise ValueError("response_format needs the tokenizer (tokenizer=processor.tokenizer), or use Chat")
+        grammar = Grammars(tokenizer, model.config.text.vocab_size, core.tokens.eos).compile(response_format)
+    if grammar is not None:
+        for b in range(rows):
+            masks.set(b, grammar.start(params.max_new_tokens))
+    return masks
+
+
+def _advance(masks: RowMasks, tokens_BN, counts_B, done_B) -> None:
+    for b in list(masks.rows):
+        masks.advance(b, tokens_BN[b, :counts_B[b]])
+        if done_B[b]:
+            masks.clear(b)
 
 
 def generate(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
              max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, seed: int = 0) -> np.ndarray:
+             pad_token_id: int | None = None, seed: int = 0, response_format: dict | Grammar | None = None,
+             tokenizer=None) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens after the prompt, as transformers' `generate` does.
 
     Takes the processor's numpy outputs unchanged (left-padded batches; any number of images per sample).
@@ -65,10 +99,15 @@ def generate(model: IdeficsModel, input_ids, attention_mask=None, pixel_values=N
     default the checkpoint's generation config) or after `max_new_tokens`. Returns (B, T_prompt + n) with the
     prompt in front; rows that finished early are padded with `pad_token_id` (default the generation config's,
     else the first eos id). The prompt's attention backend is the model's (`IdeficsModel.set_attention`).
+
+    `response_format` constrains every row's answer (`generation.structured`: a JSON schema, any JSON object, a
+    regex or a fixed choice; with the `tokenizer` it is written in, or compiled already); the answer always
+    completes it, even when `max_new_tokens` cuts it short (the closing is forced in time).
     """
     chunks = list(generate_stream(
         model, input_ids, attention_mask, pixel_values, pixel_attention_mask, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, chunk_size=max_new_tokens))
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, chunk_size=max_new_tokens,
+        response_format=response_format, tokenizer=tokenizer))
     ids = np.asarray(input_ids)
     return np.concatenate([ids, *(c.astype(ids.dtype) for c in chunks)], axis=1)

@@ -24,6 +24,8 @@ from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.generation.api import generate, generate_stream
 from idefics_jax.generation.images import load_image
+from idefics_jax.generation.prompt import Tokens
+from idefics_jax.generation.structured import Grammars
 from idefics_jax.model.idefics import IdeficsModel
 from idefics_jax.checkpoints.paths import local_side_files
 from idefics_jax.generation.video import FPS, MAX_FRAMES, video_frames
@@ -149,6 +151,21 @@ class Chat:
             self.image_kwargs["do_image_splitting"] = do_image_splitting
         if longest_edge is not None:
             self.image_kwargs["size"] = {"longest_edge": int(longest_edge)}
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """Response formats compiled for this tokenizer (`generation.structured`), built on first use."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.processor.tokenizer, self.model.config.text.vocab_size,
+                                      Tokens.of(self.model).eos)
+        return self._grammars
+
+    def _format(self, kwargs: dict) -> dict:
+        """`response_format` compiled (a ValueError names what is wrong with it), before anything runs."""
+        if kwargs.get("response_format") is not None:
+            kwargs = {**kwargs, "response_format": self.grammars.compile(kwargs["response_format"])}
+        return kwargs
 
     @classmethod
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
@@ -241,6 +258,7 @@ class Chat:
                 batch_size: int = 32, **generate_kwargs) -> list[str]:
         """The answer to each (messages, images) conversation, generated `batch_size` at a time."""
         conversations = _conversations(conversations)
+        generate_kwargs = self._format(generate_kwargs)
         out: list[str] = [""] * len(conversations)
         for start in range(0, len(conversations), batch_size):
             rows = range(start, min(start + batch_size, len(conversations)))
@@ -262,7 +280,9 @@ class Chat:
     def stream(self, messages: str | list[dict], images: Sequence[Any] | None = None, *,
                videos: Sequence[str] | None = None, max_new_tokens: int = 256, **generate_kwargs) -> Iterator[str]:
         """Yields the answer text piece by piece as tokens are produced (special tokens dropped); `messages`,
-        `images` and `videos` as in `inputs`."""
+        `images` and `videos` as in `inputs`. `response_format` (a JSON schema, any JSON object, a regex or a fixed
+        choice, see `generation.structured`) constrains the answer, here and in `__call__` and `answers`."""
+        generate_kwargs = self._format(generate_kwargs)
         tok = self.processor.tokenizer
         new: list[int] = []
         shown = ""
@@ -280,6 +300,7 @@ class Chat:
                  videos: Sequence[str] | None = None, max_new_tokens: int = 256, **generate_kwargs) -> str:
         """The answer text to `messages` (a string: one user turn with `images` and `videos` before its text; or a
         list of message dicts)."""
+        generate_kwargs = self._format(generate_kwargs)
         new = np.concatenate(list(generate_stream(
             self.model, **self.inputs(messages, images, videos), max_new_tokens=max_new_tokens,
             chunk_size=max_new_tokens, **generate_kwargs)), axis=1)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idefics_jax.generation.prompt import Prompt, Tokens
-from idefics_jax.generation.sampling import Rows, SamplingConfig, choose_tokens, is_eos
+from idefics_jax.generation.sampling import Rows, SamplingConfig, allow, choose_tokens, is_eos, mask_words
 from idefics_jax.model.idefics import IdeficsModel, KVCache, positions_from_mask
 from idefics_jax.ops.decode_weights import Layers, decode_layers
 from idefics_jax.ops.platform import one_image_at_a_time
@@ -44,6 +44,7 @@ class DecodeState:
     step_B: jax.Array  # int32: new tokens produced so far (the prefill's first one included)
     done_B: jax.Array  # bool
     rows: Rows  # each row's sampling and limits
+    allowed_BW: jax.Array  # int32 packed: the tokens each row may pick next (`sampling.allow`; all ones: any)
 
     @property
     def columns(self) -> int:
@@ -55,16 +56,22 @@ def empty_state(model: IdeficsModel, rows: int, columns: int, layers: Layers, t:
     B, S = rows, columns
     return DecodeState(model.init_cache(B, S, layers), jnp.zeros((B, S), bool), jnp.zeros((B, S), jnp.int32),
                        jnp.int32(t), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32),
-                       jnp.ones(B, bool), Rows.empty(B))
+                       jnp.ones(B, bool), Rows.empty(B), free_rows(B, model.config.text.vocab_size))
+
+
+def free_rows(rows: int, vocab_size: int) -> jax.Array:
+    """A packed token mask (rows, W) allowing every token."""
+    return jnp.full((rows, mask_words(vocab_size)), -1, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "one_image_at_a_time"))
-def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pixel_mask, rows: Rows, eos_E, *,
-            config: SamplingConfig, one_image_at_a_time: bool):
+def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pixel_mask, rows: Rows, eos_E,
+            allowed_BW, *, config: SamplingConfig, one_image_at_a_time: bool):
     """Runs left-padded prompts (B, T) -> (their cache of T columns, first tokens (B,), done (B,): the first token
-    ended the request: an eos, or a one-token limit)."""
+    ended the request: an eos, or a one-token limit). The first tokens are picked among `allowed_BW`'s."""
     model: IdeficsModel = nnx.merge(graphdef, params)
     logits, cache = model.prefill(ids_BT, mask_BT, pixel_values, pixel_mask, layers, one_image_at_a_time)
+    logits = allow(logits, allowed_BW)
     step = jnp.zeros(ids_BT.shape[0], jnp.int32)
     first = choose_tokens(logits, step, config, rows, eos_E)
     done = (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
@@ -110,6 +117,7 @@ def step(model: IdeficsModel, layers: Layers, s: DecodeState, eos_E, pad, config
     keypos = s.keypos_BS.at[:, q].set(s.pos_B)
     mask = valid if window is None else valid & (keypos > s.pos_B[:, None] - window)
     logits, cache = model.step(s.last_B, s.pos_B, mask, s.cache, q, layers)
+    logits = allow(logits, s.allowed_BW)
     nxt = jnp.where(active, choose_tokens(logits, s.step_B, config, s.rows, eos_E, active), pad)
     ends = active & ((is_eos(nxt, eos_E) & ~s.rows.ignore_eos_B) | (s.step_B + 1 >= s.rows.limit_B))
     s = dataclasses.replace(
@@ -162,10 +170,13 @@ class Core:
     def empty(self, rows: int, columns: int, t: int = 0) -> DecodeState:
         return empty_state(self.model, rows, columns, self.layers, t)
 
-    def prefill(self, prompt: Prompt, rows: Rows):
-        """-> (cache of the prompt's columns, first tokens (B,), done (B,)), on the device."""
+    def prefill(self, prompt: Prompt, rows: Rows, allowed_BW=None):
+        """-> (cache of the prompt's columns, first tokens (B,), done (B,)), on the device. `allowed_BW`: the
+        rows' packed token masks for the first token (default: any token)."""
+        if allowed_BW is None:
+            allowed_BW = free_rows(prompt.ids.shape[0], self.model.config.text.vocab_size)
         return prefill(self.graphdef, self.params, self.layers, prompt.ids, prompt.mask, prompt.pixel_values,
-                       prompt.pixel_mask, rows, self.eos_E, config=self.config,
+                       prompt.pixel_mask, rows, self.eos_E, jnp.asarray(allowed_BW, jnp.int32), config=self.config,
                        one_image_at_a_time=self.one_image_at_a_time)
 
     def insert(self, state: DecodeState, cache: KVCache, src, dst, mask_RT, first_R, rows: Rows) -> DecodeState:
@@ -175,7 +186,11 @@ class Core:
     def release(self, state: DecodeState, row: int) -> DecodeState:
         return release(state, jnp.int32(row))
 
-    def decode(self, state: DecodeState, steps: int, stop_on_finish: bool = False, *, width: int):
-        """-> (state, tokens (B, width) on the device, count)."""
+    def decode(self, state: DecodeState, steps: int, stop_on_finish: bool = False, *, width: int, allowed_BW=None):
+        """-> (state, tokens (B, width) on the device, count). `allowed_BW`: the rows' packed token masks from now
+        on (default: those already set); a mask holds for every step of the call, so a grammar that changes
+        with each token runs one step per call."""
+        if allowed_BW is not None:
+            state = dataclasses.replace(state, allowed_BW=jnp.asarray(allowed_BW, jnp.int32))
         return decode(self.graphdef, self.params, self.layers, state, jnp.int32(steps), jnp.bool_(stop_on_finish),
                       self.eos_E, self.pad, config=self.config, width=width)

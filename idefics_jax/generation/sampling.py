@@ -114,6 +114,19 @@ class Rows:
                    jnp.zeros((n, *jax.random.key_data(jax.random.key(0)).shape), jnp.uint32))
 
 
+def mask_words(vocab_size: int) -> int:
+    """Words of a packed token mask: bit v % 32 of word v // 32 allows token v."""
+    return (vocab_size + 31) // 32
+
+
+def allow(logits_BV, allowed_BW):
+    """Each row's logits with the tokens its packed mask `allowed_BW` (int32 (B, W), see `mask_words`) forbids
+    set to -inf: a structured-output row's grammar; all ones for a free row."""
+    B, V = logits_BV.shape
+    bits = (allowed_BW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return jnp.where(bits.reshape(B, -1)[:, :V] != 0, logits_BV, -jnp.inf)
+
+
 def is_eos(tokens_B, eos_ids_E):
     return jnp.any(tokens_B[:, None] == eos_ids_E[None, :], axis=-1)
 

@@ -3,7 +3,8 @@
     POST /v1/chat/completions   messages with text and image_url parts (data: URLs; local paths under
                                 `allow_local_images`), stream (server-sent events), max_tokens, temperature
                                 (0 = greedy), top_p, seed, stop, ignore_eos, add_generation_prompt,
-                                continue_final_message (as vLLM); usage counts
+                                continue_final_message (as vLLM), response_format (json_schema, json_object;
+                                vLLM's structured_outputs / guided_*); usage counts
     GET  /v1/models, GET /health, GET /metrics (Prometheus), GET / (the chat page)
 
     app = create_app(Engine(model, processor, slots=8), "tiny-shapes")   # then uvicorn.run(app, ...)
@@ -38,6 +39,7 @@ from typing import Any, Callable
 from fastapi import Request as HttpRequest  # at module level: FastAPI resolves the (string) annotation here
 
 from idefics_jax.generation.images import to_rgb
+from idefics_jax.generation.structured import from_request
 from idefics_jax.serve.engine import Engine, EngineStopped, QueueFull, Request
 from idefics_jax.serve.guard import ENV_KEY, Guard, exposed
 from idefics_jax.serve.metrics import CountResponses, Metrics
@@ -178,9 +180,13 @@ def parse_request(body, model_name: str, engine: Engine, *, max_images: int, **i
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension
     if not isinstance(ignore_eos, bool):
         raise BadRequest(f"ignore_eos must be true or false; got {ignore_eos!r}")
+    try:
+        response_format = from_request(body)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     req = Request(messages, images, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
                   top_p=_number(body, "top_p", 1.0), seed=secrets.randbits(31) if seed is None else seed, stop=stop,
-                  ignore_eos=ignore_eos)
+                  ignore_eos=ignore_eos, response_format=response_format)
     req.add_generation_prompt, req.continue_final_message = template_options(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from idefics_jax.generation.chat import Chat
 from idefics_jax.generation.sampling import SamplingParams
+from idefics_jax.generation.structured import Constraint
 from idefics_jax.model.idefics import IdeficsModel
 from idefics_jax.serve.slots import SlotDecoder, prompt_columns
 
@@ -61,6 +62,10 @@ class Request:
     # continued, anything else gets the generation prompt).
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
+    # A JSON schema, any JSON object, a regex or a fixed choice the answer follows (`generation.structured`):
+    # {"type": "json_schema", "json_schema": {"schema": {...}}}, {"type": "json_object"},
+    # {"type": "regex", "regex": "..."}, {"type": "choice", "choice": [...]}.
+    response_format: dict | None = None
 
 
 @dataclasses.dataclass
@@ -205,8 +210,8 @@ class Engine:
             self.decoder.update_weights(model)
             self.model = self.chat.model = model
 
-    def _prepare(self, request: Request) -> tuple[dict, SamplingParams]:
-        """The request's model inputs and sampling, or ValueError naming what is wrong with it."""
+    def _prepare(self, request: Request) -> tuple[dict, SamplingParams, Constraint | None]:
+        """The request's model inputs, sampling and grammar state, or ValueError naming what is wrong with it."""
         r = request
         try:
             # No max_tokens: as many as fit, known once the prompt is (below).
@@ -217,6 +222,9 @@ class Engine:
             raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
         if isinstance(r.stop, str) or not all(isinstance(s, str) and s for s in r.stop):
             raise ValueError("stop must be a list of non-empty strings")
+        grammar = self.chat.grammars.compile(r.response_format) if r.response_format is not None else None
+        if grammar is not None and r.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with response_format (the grammar ends the answer)")
         inputs = self.chat.inputs(r.messages, r.images, add_generation_prompt=r.add_generation_prompt,
                                   continue_final_message=r.continue_final_message)
         T = inputs["input_ids"].shape[1]
@@ -230,13 +238,14 @@ class Engine:
         if r.max_tokens is not None and r.max_tokens > room:
             raise ValueError(f"max_tokens {r.max_tokens} is too large: the prompt has {T} tokens and at most "
                              f"{room} new tokens fit (max_len {self.max_len})")
-        return inputs, dataclasses.replace(sampling, max_new_tokens=room if r.max_tokens is None else r.max_tokens)
+        sampling = dataclasses.replace(sampling, max_new_tokens=room if r.max_tokens is None else r.max_tokens)
+        return inputs, sampling, grammar.start(sampling.max_new_tokens) if grammar is not None else None
 
     def submit(self, request: Request, *, on_event: Callable[[tuple], None] | None = None,
                wait: bool = False) -> Handle:
         """Queues `request` -> its Handle. Raises ValueError for a bad request, QueueFull when `max_queue`
         requests wait (with wait=True: blocks until there is room), EngineStopped when stopping."""
-        inputs, sampling = self._prepare(request)
+        inputs, sampling, constraint = self._prepare(request)
         h = Handle(request, on_event)
         h._engine = self
         h.prompt_tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else \
@@ -250,7 +259,7 @@ class Engine:
                 if not wait:
                     raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
                 self._cv.wait()
-            self._waiting.append((h, (inputs, sampling)))
+            self._waiting.append((h, (inputs, sampling, constraint)))
             self.stats["submitted"] += 1
             self._cv.notify_all()
         return h
@@ -311,9 +320,9 @@ class Engine:
         """Prefills the requests given slots this round (together where `SlotDecoder.prefill_many` can) and puts
         each into its slot."""
         ready = []
-        for h, (inputs, sampling), slot in admitted:
+        for h, (inputs, sampling, constraint), slot in admitted:
             try:
-                ready.append((h, slot, self.decoder.prepare(**inputs, sampling=sampling)))
+                ready.append((h, slot, self.decoder.prepare(**inputs, sampling=sampling, constraint=constraint)))
             except Exception as e:  # checked at submit; anything left fails this request only
                 self._fail(h, e)
         if not ready:

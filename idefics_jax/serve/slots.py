@@ -17,6 +17,7 @@ import numpy as np
 from idefics_jax.generation.decode import Core
 from idefics_jax.generation.prompt import Prompt, Tokens, bucket, prepare
 from idefics_jax.generation.sampling import ANY, Rows, SamplingParams
+from idefics_jax.generation.structured import Constraint, RowMasks
 from idefics_jax.model.idefics import IdeficsModel, KVCache
 
 
@@ -26,6 +27,7 @@ class Prepared:
 
     prompt: Prompt
     sampling: SamplingParams
+    constraint: Constraint | None = None  # its response format's grammar state
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class Prefilled:
     done: bool  # the first token ended it (an eos, or max_new_tokens == 1)
     sampling: SamplingParams
     row: int = 0
+    constraint: Constraint | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,15 +60,17 @@ class SlotDecoder:
         self.core = Core(model, Tokens.of(model, eos_token_id, pad_token_id), ANY)
         self.eos_ids = self.core.tokens.eos
         self.state = self.core.empty(slots, max_len)
+        self.masks = RowMasks(slots, model.config.text.vocab_size)
 
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         """Whether a prompt of this many tokens (padded to its bucket) and its answer fit a slot."""
         return prompt_columns(prompt_len) + max_new_tokens <= self.max_len
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
-                sampling: SamplingParams) -> Prepared:
+                sampling: SamplingParams, constraint: Constraint | None = None) -> Prepared:
         """One request (batch 1, the processor's numpy outputs), checked and padded as `generate` pads it, ready
-        for `prefill_many`. Raises ValueError for a bad input or a request that does not fit."""
+        for `prefill_many`; `constraint`: its response format's grammar state (`generation.structured`). Raises
+        ValueError for a bad input or a request that does not fit."""
         if np.shape(input_ids)[0] != 1:
             raise ValueError(f"prefill takes one request (batch 1); got batch {np.shape(input_ids)[0]}")
         prompt = prepare(self.model, input_ids, attention_mask, pixel_values, pixel_attention_mask)
@@ -73,7 +78,7 @@ class SlotDecoder:
         if not self.fits(T, sampling.max_new_tokens):
             raise ValueError(f"the prompt ({T} tokens, {prompt.columns} as a bucket) plus "
                              f"{sampling.max_new_tokens} new tokens exceed the {self.max_len} cache positions per slot")
-        return Prepared(prompt, sampling)
+        return Prepared(prompt, sampling, constraint)
 
     def prefill(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
                 sampling: SamplingParams) -> Prefilled:
@@ -103,15 +108,22 @@ class SlotDecoder:
         n = len(requests)
         batch = requests + [requests[0]] * (bucket(n, 1) - n)  # repeats of a real prompt: nothing new to check
         prompt = Prompt.concat([r.prompt for r in batch])
-        cache, first, done = self.core.prefill(prompt, Rows.of([r.sampling for r in batch]))
+        masks = RowMasks(len(batch), self.model.config.text.vocab_size)
+        for i, r in enumerate(requests):
+            masks.set(i, r.constraint)
+        cache, first, done = self.core.prefill(prompt, Rows.of([r.sampling for r in batch]),
+                                               masks.masks([0] * len(batch)))
         first, done = np.asarray(first), np.asarray(done)
-        return [Prefilled(cache, r.prompt.mask[0], int(first[i]), bool(done[i]), r.sampling, row=i)
-                for i, r in enumerate(requests)]
+        for i in masks.rows:
+            masks.advance(i, first[i:i + 1])
+        return [Prefilled(cache, r.prompt.mask[0], int(first[i]), bool(done[i]), r.sampling, row=i,
+                          constraint=r.constraint) for i, r in enumerate(requests)]
 
     def insert(self, pre: Prefilled, slot: int) -> None:
         """Puts a prefilled request into `slot` (which must be free); it decodes from the next `decode` on."""
         self.state = self.core.insert(self.state, pre.cache, [pre.row], [slot], pre.mask_T[None], [pre.first],
                                       Rows.of([pre.sampling]))
+        self.masks.set(slot, pre.constraint)
 
     def update_weights(self, model: IdeficsModel) -> None:
         """Decodes with `model`'s weights from now on (see `Core.update`); requests in the slots keep the keys and
@@ -122,16 +134,26 @@ class SlotDecoder:
     def release(self, slot: int) -> None:
         """Stops `slot` (a cancelled request); it is free for `insert`."""
         self.state = self.core.release(self.state, slot)
+        self.masks.clear(slot)
 
     def decode(self, steps: int, stop_on_finish: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Up to `steps` steps of every active slot -> (tokens (N, steps), new-token counts (N,), done (N,)):
         slot r produced tokens[r, :counts[r]] (its last one ends it when done[r]). With `stop_on_finish` the call
-        returns as soon as some slot finishes."""
+        returns as soon as some slot finishes. While a slot follows a response format, a call runs one step (its
+        grammar's mask changes with each token)."""
         before = np.array(self.state.step_B)
         was_done = np.array(self.state.done_B)
-        self.state, out, _ = self.core.decode(self.state, steps, stop_on_finish, width=steps)
+        if self.masks:
+            steps = 1
+        self.state, out, _ = self.core.decode(self.state, steps, stop_on_finish, width=steps,
+                                              allowed_BW=self.masks.masks(before))
         counts = np.where(was_done, 0, np.array(self.state.step_B) - before)
-        return np.array(out), counts, np.array(self.state.done_B)
+        out, done = np.array(out), np.array(self.state.done_B)
+        for slot in list(self.masks.rows):
+            self.masks.advance(slot, out[slot, :counts[slot]])
+            if done[slot]:
+                self.masks.clear(slot)
+        return out, counts, done
 
 
 def prompt_columns(prompt_len: int) -> int:
