@@ -743,6 +743,7 @@ SMALLEST = {
     "packing.py": (["--smoke"], "packed / bucketed real tokens/s:"),
     "quantize.py": (["speed", "--smoke", "--workdir", "{tmp}"], "logits rel err"),
     "serve.py": (["--smoke"], "requests, answers"),
+    "tpu_plan.py": (["--smoke"], "layered costs within 5% of the unrolled programs"),
     "train_step.py": (["--smoke"], "ours / torch speed:"),
     "train_smolvlm_cpu.py": (["--preset", "tiny", "--steps", "2", "--batch", "1", "--workdir", "{tmp}"],
                              "steady state:"),
