@@ -9,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU, NODE, SLURM = "scripts/tpu-vm/tpu.sh", "scripts/gpu/node.sh", "scripts/gpu/slurm.sbatch"
+XPK = "scripts/xpk/xpk.sh"
 
 
 def sh(*args, env=None):
@@ -18,7 +19,7 @@ def sh(*args, env=None):
     return r.stdout.strip().splitlines()
 
 
-@pytest.mark.parametrize("script", [TPU, NODE, SLURM])
+@pytest.mark.parametrize("script", [TPU, NODE, SLURM, XPK])
 def test_help(script):
     assert any("--dry-run" in line for line in sh(script, "--help"))
 
@@ -56,7 +57,28 @@ def test_gpu_dry_runs():
     assert sh(SLURM, "--dry-run", "train", "configs/x.yaml", env={"SLURM_JOB_ID": "7"}) == [srun]
 
 
+def test_xpk_dry_runs_one_and_two_v5e_256_slices():
+    common = ["--dry-run", "--project", "p1", "--cluster", "c1", "--type", "v5e-256"]
+    where = "--zone us-west4-a --project p1"
+    assert sh(XPK, *common, "image") == [f"docker build -t gcr.io/p1/idefics-jax:latest {ROOT}",
+                                         "docker push gcr.io/p1/idefics-jax:latest"]
+    assert sh(XPK, *common, "--slices", "2", "create") == [
+        f"xpk cluster create --cluster c1 --tpu-type v5litepod-256 --num-slices 2 {where}"]
+    run = "idefics-jax train configs/idefics3-8b-v5e8-lora.yaml mesh.fsdp=-1"
+    head = ("xpk workload create --cluster c1 --workload idefics-jax-run --docker-image gcr.io/p1/idefics-jax:latest "
+            "--tpu-type v5litepod-256")
+    one = sh(XPK, *common, "run", *run.split()[1:])
+    assert one == [f"{head} --num-slices 1 {where} --command 'IDEFICS_JAX_DISTRIBUTED=1 {run}'"]
+    # Two slices: the data axis spans them.
+    two = sh(XPK, *common, "--slices", "2", "run", *run.split()[1:])
+    assert two == [f"{head} --num-slices 2 {where} --command 'IDEFICS_JAX_DISTRIBUTED=1 {run} mesh.data=2'"]
+    logs = sh(XPK, *common, "logs")
+    assert logs[-1] == "kubectl logs --tail=50 --prefix -l jobset.sigs.k8s.io/jobset-name=idefics-jax-run"
+    assert sh(XPK, *common, "delete") == [f"xpk workload delete --cluster c1 --workload idefics-jax-run {where}",
+                                          f"xpk cluster delete --cluster c1 {where}"]
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (.ci/run installs it)")
 def test_shellcheck():
-    r = subprocess.run(["shellcheck", TPU, NODE, SLURM], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["shellcheck", TPU, NODE, SLURM, XPK], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout

@@ -150,7 +150,19 @@ def make_mesh(shape: MeshShape | Mapping[str, int] | Sequence[int], devices=None
         raise TypeError(f"make_mesh: devices must be jax devices (jax.devices()); got {bad!r} ({type(bad).__name__})")
     sizes = shape.resolve(len(devices))
     # Auto axes: the compiler propagates shardings between our constraints.
-    return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        # Several TPU slices (multi-slice, joined by the data-center network): `data` spans them, so only the
+        # gradient reduction crosses DCN; fsdp and tensor stay inside a slice, on ICI.
+        if sizes[0] % slices:
+            raise ValueError(f"mesh {shape}: the devices span {slices} TPU slices, so the data axis must be a "
+                             f"multiple of {slices} (mesh.data={slices} puts one replica on each); got data={sizes[0]}")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, *sizes[1:]), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
+    return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=auto)
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules = RULES) -> PartitionSpec:
