@@ -14,7 +14,7 @@ turn, its answer and a new message) finds them.
 Image cache: the connector's output for each image tile, keyed by the tile's pixels and pixel mask; a hit skips
 the vision tower.
 
-    cache = PromptCache(model, prefix_gb=1.0, image_gb=0.25)
+    cache = PromptCache(model, prefix_cache_gb=1.0, image_cache_gb=0.25)
     row = cache.row(prompt, 0)                       # a prompt's tokens, image tiles and block keys
     cache.match(row)                                 # its cached prefix (row.cached tokens), pinned
     out = cache.prefill(core, [row], rows)           # runs the rest on a decode core; keeps its new blocks
@@ -101,23 +101,23 @@ class Prefilled:
 
 
 class PromptCache:
-    """A prefix cache of `prefix_gb` GiB of keys and values and an image cache of `image_gb` GiB of features for
-    `model` (either may be 0: off). One thread uses it (the engine's, or a `Chat`'s caller)."""
+    """A prefix cache of `prefix_cache_gb` GiB of keys and values and an image cache of `image_cache_gb` GiB of
+    features for `model` (either may be 0: off). One thread uses it (the engine's, or a `Chat`'s caller)."""
 
-    def __init__(self, model: IdeficsModel, *, prefix_gb: float = 1.0, image_gb: float = 0.25):
-        for name, v in (("prefix_gb", prefix_gb), ("image_gb", image_gb)):
+    def __init__(self, model: IdeficsModel, *, prefix_cache_gb: float = 1.0, image_cache_gb: float = 0.25):
+        for name, v in (("prefix_cache_gb", prefix_cache_gb), ("image_cache_gb", image_cache_gb)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number of GiB >= 0; got {v!r}")
         self.model = model
         c = model.config.text
         self.block_bytes = 2 * c.num_layers * c.num_kv_heads * BLOCK * c.head_dim * jnp.dtype(model.dtype).itemsize
-        self.capacity = int(prefix_gb * GiB // self.block_bytes)  # blocks
+        self.capacity = int(prefix_cache_gb * GiB // self.block_bytes)  # blocks
         # One block more: the scratch block, the target of padding writes and the source of padding reads.
         self.pool = KVCache.zeros(c, self.capacity + 1, BLOCK, model.dtype) if self.capacity else None
         self._blocks: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # key -> block, LRU first
         self._free = list(range(self.capacity))
         self._pins: collections.Counter = collections.Counter()
-        self.image_bytes = int(image_gb * GiB)
+        self.image_bytes = int(image_cache_gb * GiB)
         self._images: collections.OrderedDict[bytes, jax.Array] = collections.OrderedDict()
         self._image_used = 0
         self.stats = collections.Counter()  # prompt_tokens, cached_tokens, image_hits, image_misses, evicted

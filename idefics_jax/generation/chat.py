@@ -274,7 +274,8 @@ class Chat:
         images = self.history_images + self._images(messages, images)
         messages = self.history + messages
         if self.cache is None:
-            self.cache = PromptCache(self.model, prefix_gb=PromptCache.conversation_gb(self.model), image_gb=0.25)
+            self.cache = PromptCache(self.model, prefix_cache_gb=PromptCache.conversation_gb(self.model),
+                                     image_cache_gb=0.25)
         new = np.concatenate(list(generate_stream(
             self.model, **self.inputs(messages, images or None), max_new_tokens=max_new_tokens,
             chunk_size=max_new_tokens, cache=self.cache, **generate_kwargs)), axis=1)

@@ -13,10 +13,10 @@ queues:
         r = h.result()   # Result: text, tokens, finish_reason ("stop" / "length" / "cancelled"), usage, times
         texts = engine.answer_all([(user_turn("Shape?", 1), ["a.png"]), ...], max_tokens=32)   # greedy, in order
 
-Greedy answers are `generate`'s for each request alone (the same tokens). With `prefix_cache_gb` / `image_cache_gb`
-(`generation.cache`), a prompt reuses the keys and values of the longest prefix an earlier or running request
-computed (images included, by their content) and the features of images seen before; `Result.cached_tokens` says
-how many prompt tokens came from the cache. `submit` checks a request (its images
+Greedy answers are `generate`'s for each request alone (the same tokens). With `prefix_cache_gb` /
+`image_cache_gb` (`generation.cache`), a prompt reuses the keys and values of the longest prefix that an earlier
+or running request computed (images included, by their content) and the features of images seen before;
+`Result.cached_tokens` says how many prompt tokens came from the cache. `submit` checks a request (its images
 decode, its prompt and max tokens fit) and raises ValueError naming the problem, or `QueueFull` when `max_queue`
 requests wait already; nothing reaches the device thread unchecked.
 """
@@ -160,7 +160,7 @@ class Engine:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if not _positive_int(max_queue):
             raise ValueError(f"max_queue must be a positive integer; got {max_queue!r}")
-        cache = PromptCache(model, prefix_gb=prefix_cache_gb, image_gb=image_cache_gb) \
+        cache = PromptCache(model, prefix_cache_gb=prefix_cache_gb, image_cache_gb=image_cache_gb) \
             if prefix_cache_gb or image_cache_gb else None
         self.decoder = SlotDecoder(model, slots=slots, max_len=max_len, cache=cache)
         self.slots, self.max_len, self.steps, self.max_queue = slots, max_len, steps, max_queue
