@@ -51,6 +51,9 @@ def generate_stream(model: IdeficsModel, input_ids, attention_mask=None, pixel_v
     columns = bucket(C + max_new_tokens)
     state = core.empty(B, columns, t=C)
     state = core.insert(state, kv, np.arange(B), np.arange(B), mask, first, rows)
+    if cache is not None:  # the prompts' new blocks: running requests share them
+        for b, r in enumerate(rows_c):
+            cache.keep(state.cache, b, r, pre.start_B[b] + np.arange(r.prompt_len))
     new = [np.asarray(first)[:, None]]
     yield new[0]
     produced, done = 1, np.asarray(done)

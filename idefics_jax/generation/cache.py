@@ -17,8 +17,8 @@ the vision tower.
     cache = PromptCache(model, prefix_cache_gb=1.0, image_cache_gb=0.25)
     row = cache.row(prompt, 0)                       # a prompt's tokens, image tiles and block keys
     cache.match(row)                                 # its cached prefix (row.cached tokens), pinned
-    out = cache.prefill(core, [row], rows)           # runs the rest on a decode core; keeps its new blocks
-    cache.keep(out.cache, 0, row, cols)              # later: blocks whose tokens sit in these columns
+    out = cache.prefill(core, [row], rows)           # runs the rest on a decode core
+    cache.keep(state.cache, 0, row, cols)            # keeps its blocks: token p in column cols[p] of row 0
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class PromptCache:
                 self._blocks.move_to_end(key)
         if not new:
             return
-        n = bucket(len(new), 1)
+        n = 1 << (len(new) - 1).bit_length()  # powers of two: few programs
         dst = np.full(n, self.scratch, np.int32)
         src = np.zeros((n, BLOCK), np.int32)
         for i, (blk, c) in enumerate(new):
@@ -276,8 +276,9 @@ class PromptCache:
         return (bucket(n, 1) if n else 0), bucket(max(r.prompt_len - r.cached for r in rows))
 
     def prefill(self, core: Core, rows: list[Row], sampling: Rows) -> Prefilled:
-        """Runs the rows' prompts past their cached prefixes (`match`ed), keeps their new full blocks and
-        releases the prefixes. A row may repeat (a batch padded to a bucket)."""
+        """Runs the rows' prompts past their cached prefixes (`match`ed) and releases the prefixes. A row may
+        repeat (a batch padded to a bucket). Their new blocks are `keep`'s to keep, once they are in the decode
+        state (whose shape does not change: fewer programs)."""
         config = self.model.config
         N, T = self.shape(rows)
         B, Ti = len(rows), config.image_seq_len
@@ -309,13 +310,8 @@ class PromptCache:
         cache, first, done = core.prefill_after(pool, blocks, pmask, ids, mask, feats_BITD,
                                                      offsets if feats_BITD is not None else None, sampling)
         start = N * BLOCK - np.asarray([r.cached for r in rows])
-        seen = set()
-        for b, r in enumerate(rows):
-            if id(r) in seen:  # a batch padded with repeats of a row
-                continue
-            seen.add(id(r))
+        for r in {id(r): r for r in rows}.values():  # a batch may be padded with repeats of a row
             self.stats["prompt_tokens"] += r.prompt_len
             self.stats["cached_tokens"] += r.cached
             self.release(r)
-            self.keep(cache, b, r, start[b] + np.arange(r.prompt_len))
         return Prefilled(cache, np.concatenate([pmask, mask], axis=1), start, np.asarray(first), np.asarray(done))

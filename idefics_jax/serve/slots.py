@@ -151,7 +151,10 @@ class SlotDecoder:
         self.state = self.core.insert(self.state, pre.cache, [pre.row], [slot], pre.mask_T[None], [pre.first],
                                       Rows.of([pre.sampling]))
         if self.cache is not None and pre.cached is not None:
-            self._placed[slot] = (pre.cached, pre.start, len(pre.mask_T), int(self.state.t))
+            t, C, row = int(self.state.t), len(pre.mask_T), pre.cached
+            self._placed[slot] = (row, pre.start, C, t)
+            # Its prompt's new blocks, for the requests that come while it runs.
+            self.cache.keep(self.state.cache, slot, row, (t - C + pre.start + np.arange(row.prompt_len)) % self.max_len)
 
     def retire(self, slot: int, tokens) -> None:
         """`slot`'s request ended with these new tokens: the cache keeps its prompt's and answer's blocks whose
