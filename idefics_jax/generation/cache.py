@@ -67,6 +67,7 @@ class Row:
     tiles: list[Tile]
     keys: list[bytes]
     hit: list[int] = dataclasses.field(default_factory=list)
+    pinned: bool = False
 
     @property
     def cached(self) -> int:
@@ -183,13 +184,16 @@ class PromptCache:
                 hit.append(self._blocks[key])
             for key in reversed(row.keys[:len(hit)]):  # the root most recent: chains lose their tails first
                 self._blocks.move_to_end(key)
-        row.hit = hit
+        self.release(row)
+        row.hit, row.pinned = hit, True
         self._pins.update(hit)
 
     def release(self, row: Row, drop: bool = False) -> None:
-        """Unpins `row`'s cached prefix (and forgets it with `drop`: the prompt then runs whole)."""
-        self._pins.subtract(row.hit)
-        self._pins += collections.Counter()  # drops zero counts
+        """Unpins `row`'s cached prefix, if pinned (and forgets it with `drop`: the prompt then runs whole)."""
+        if row.pinned:
+            self._pins.subtract(row.hit)
+            self._pins += collections.Counter()  # drops zero counts
+            row.pinned = False
         if drop:
             row.hit = []
 
@@ -307,11 +311,14 @@ class PromptCache:
             zero = jnp.zeros_like(next(f for f in feats if f)[0])
             feats_BITD = jnp.stack([jnp.stack(f + [zero] * (I - len(f))) for f in feats])
         pool = self.pool if self.pool is not None else KVCache.zeros(config.text, 1, BLOCK, self.model.dtype)
-        cache, first, done = core.prefill_after(pool, blocks, pmask, ids, mask, feats_BITD,
-                                                     offsets if feats_BITD is not None else None, sampling)
+        try:
+            cache, first, done = core.prefill_after(pool, blocks, pmask, ids, mask, feats_BITD,
+                                                    offsets if feats_BITD is not None else None, sampling)
+        finally:
+            for r in rows:
+                self.release(r)
         start = N * BLOCK - np.asarray([r.cached for r in rows])
         for r in {id(r): r for r in rows}.values():  # a batch may be padded with repeats of a row
             self.stats["prompt_tokens"] += r.prompt_len
             self.stats["cached_tokens"] += r.cached
-            self.release(r)
         return Prefilled(cache, np.concatenate([pmask, mask], axis=1), start, np.asarray(first), np.asarray(done))

@@ -136,14 +136,19 @@ class SlotDecoder:
             key = ("greedy", cache.shape([r.row])) if not r.sampling.do_sample else ("sampled", i)
             groups.setdefault(key, []).append(i)
         out: list[Prefilled | None] = [None] * len(requests)
-        for idx in groups.values():
-            n = len(idx)
-            batch = [requests[i] for i in idx]
-            batch += [batch[0]] * (bucket(n, 1) - n)
-            pre = cache.prefill(self.core, [r.row for r in batch], Rows.of([r.sampling for r in batch]))
-            for b, i in enumerate(idx):
-                out[i] = Prefilled(pre.cache, pre.mask_BC[b], int(pre.first_B[b]), bool(pre.done_B[b]),
-                                   requests[i].sampling, row=b, start=int(pre.start_B[b]), cached=requests[i].row)
+        try:
+            for idx in groups.values():
+                n = len(idx)
+                batch = [requests[i] for i in idx]
+                batch += [batch[0]] * (bucket(n, 1) - n)
+                pre = cache.prefill(self.core, [r.row for r in batch], Rows.of([r.sampling for r in batch]))
+                for b, i in enumerate(idx):
+                    out[i] = Prefilled(pre.cache, pre.mask_BC[b], int(pre.first_B[b]), bool(pre.done_B[b]),
+                                       requests[i].sampling, row=b, start=int(pre.start_B[b]),
+                                       cached=requests[i].row)
+        finally:  # a failed batch leaves no block pinned
+            for r in requests:
+                cache.release(r.row)
         return out
 
     def insert(self, pre: Prefilled, slot: int) -> None:
