@@ -149,8 +149,9 @@ def caches_main(a, chat, name: str) -> int:
     for q in (QUESTIONS * a.turns)[:a.turns]:
         history += [{"role": "user", "content": [{"type": "text", "text": q}]},
                     {"role": "assistant", "content": [{"type": "text", "text": "x" * 4 * a.answer_tokens}]}]
-    history[0]["content"] = [{"type": "image"}] + history[0]["content"]
-    turn_len = bucket(chat.inputs(history[:-1], [image])["input_ids"].shape[1]) + a.answer_tokens
+    if history:
+        history[0]["content"] = [{"type": "image"}] + history[0]["content"]
+        turn_len = bucket(chat.inputs(history[:-1], [image])["input_ids"].shape[1]) + a.answer_tokens
     shared_len = bucket(chat.inputs([{"role": "system", "content": system}, {"role": "user", "content": "x" * 60}])
                         ["input_ids"].shape[1]) + a.answer_tokens
     print(f"{name}; caches off vs on (--prefix-cache-gb {a.prefix_cache_gb}, --image-cache-gb {a.image_cache_gb}); "
@@ -158,20 +159,37 @@ def caches_main(a, chat, name: str) -> int:
     turns, shared = {}, {}
     for label, gb, igb in (("off", 0.0, 0.0), ("on", a.prefix_cache_gb, a.image_cache_gb)):
         print(f"multi-turn, caches {label} ...", file=sys.stderr, flush=True)
-        for _ in range(2):
+        for _ in range(2 if a.turns else 0):
             with Engine(chat.model, chat, slots=1, max_len=turn_len, prefix_cache_gb=gb, image_cache_gb=igb) as e:
                 turns[label] = conversation(e, image, a.turns, a.answer_tokens)
         print(f"shared prefix, caches {label} ...", file=sys.stderr, flush=True)
-        for _ in range(2):
+        for _ in range(2 if a.shared_requests else 0):
             with Engine(chat.model, chat, slots=a.slots, max_len=shared_len, max_queue=a.shared_requests,
                         prefix_cache_gb=gb, image_cache_gb=igb) as e:
                 shared[label] = shared_prefix(e, a.shared_requests, system, a.answer_tokens)
+    same = [t[1] for t in turns.get("off", [])] == [t[1] for t in turns.get("on", [])] and \
+        [r[1] for r in shared.get("off", (0, []))[1]] == [r[1] for r in shared.get("on", (0, []))[1]]
+    if a.turns:
+        print_turns(a, turns)
+    if a.shared_requests:
+        print_shared(a, shared)
+    print(f"\nAnswers the same with the caches and without: {same}")
+    return 0 if same else 1
+
+
+def print_turns(a, turns) -> None:
     print(f"\nmulti-turn: {a.turns} turns about one {a.image_size} px image, answers of {a.answer_tokens} tokens\n")
     print("| turn | prompt tokens | cached | time to first token, off | on | speedup |\n"
           "|-----:|--------------:|-------:|-------------------------:|---:|--------:|")
     for i, (off, on) in enumerate(zip(turns["off"], turns["on"])):
         print(f"| {i + 1} | {on[3]} | {on[2]} | {off[0]:.3f} s | {on[0]:.3f} s | {off[0] / on[0]:.1f}x |")
     speedups = [off[0] / on[0] for off, on in zip(turns["off"][1:], turns["on"][1:])]
+    if speedups:
+        print(f"\nturns 2-{a.turns}: {min(speedups):.1f}x to {max(speedups):.1f}x faster to the first token with "
+              "the caches")
+
+
+def print_shared(a, shared) -> None:
     n_tok = a.shared_requests * a.answer_tokens
     print(f"\nshared prefix: {a.shared_requests} requests, one system prompt, {a.slots} slots, answers of "
           f"{a.answer_tokens} tokens\n")
@@ -181,12 +199,7 @@ def caches_main(a, chat, name: str) -> int:
         wall, rs = shared[label]
         print(f"| {label} | {sum(r[3] for r in rs)} | {sum(r[2] for r in rs)} | {n_tok / wall:.1f} | "
               f"{np.mean([r[0] for r in rs]):.2f} s |")
-    same = [t[1] for t in turns["off"]] == [t[1] for t in turns["on"]] and \
-        [r[1] for r in shared["off"][1]] == [r[1] for r in shared["on"][1]]
-    print(f"\nturns 2-{a.turns}: {min(speedups):.1f}x to {max(speedups):.1f}x faster to the first token with the "
-          f"caches; shared prefix: {shared['off'][0] / shared['on'][0]:.2f}x throughput. Answers the same with the "
-          f"caches and without: {same}")
-    return 0 if same else 1
+    print(f"\nshared prefix: {shared['off'][0] / shared['on'][0]:.2f}x throughput with the caches")
 
 
 def main(argv=None) -> int:
@@ -201,9 +214,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a random tiny model and 8 short requests (seconds)")
     p.add_argument("--workload", choices=["batching", "caches"], default="batching",
                    help="batching: the engine vs generate (default); caches: prefix and image caches off vs on")
-    p.add_argument("--turns", type=int, default=4, help="caches: turns of the conversation")
+    p.add_argument("--turns", type=int, default=4, help="caches: turns of the conversation (0: none)")
     p.add_argument("--image-size", type=int, default=512, help="caches: the conversation's image, pixels a side")
-    p.add_argument("--shared-requests", type=int, default=64, help="caches: requests sharing a system prompt")
+    p.add_argument("--shared-requests", type=int, default=64,
+                   help="caches: requests sharing a system prompt (0: none)")
     p.add_argument("--system-words", type=int, default=80, help="caches: words of the system prompt")
     p.add_argument("--answer-tokens", type=int, default=16, help="caches: tokens of every answer")
     p.add_argument("--prefix-cache-gb", type=float, default=1.0)
