@@ -16,6 +16,17 @@ to be the sequential ones, token for token.
 
     python bench/serve.py [--workdir out/bench] [--requests 32] [--slots 8]
     python bench/serve.py --smoke      # a random tiny model, seconds
+
+`--workload caches` measures the prefix and image caches instead, each way on an engine with them off and one
+with them on, each run first on a throwaway engine (it compiles what the measured run, on a fresh engine with
+empty caches, runs), the answers checked to be the same:
+
+- multi-turn: a 4-turn conversation about one 512 px image (time to the first token of each turn);
+- shared prefix: `--shared-requests` requests behind one long system prompt, all at once (throughput, and the
+  time to the first token).
+
+    python bench/serve.py --workload caches [--workdir out/bench]
+    python bench/serve.py --workload caches --smoke
 """
 
 from __future__ import annotations
@@ -84,6 +95,113 @@ def engine_run(engine):
     return run
 
 
+QUESTIONS = ["What is in this picture?", "What colors do you see in it?", "Is there any text in it?",
+             "Describe the background, please.", "What would you call it?"]
+
+
+def conversation(engine, image, turns: int, max_tokens: int):
+    """One conversation about `image`, a turn at a time -> [(time to first token, tokens, cached, prompt)]."""
+    from idefics_jax.serve.engine import Request
+
+    history, out = [], []
+    for i, q in enumerate((QUESTIONS * turns)[:turns]):
+        turn = [{"role": "user", "content": [{"type": "image"}] * (i == 0) + [{"type": "text", "text": q}]}]
+        r = engine.submit(Request(history + turn, [image], max_tokens=max_tokens, ignore_eos=True)).result()
+        out.append((r.t_first - r.t_submit, r.tokens, r.cached_tokens, r.prompt_tokens))
+        history += turn + [{"role": "assistant", "content": [{"type": "text", "text": r.text.strip()}]}]
+    return out
+
+
+def system_prompt(words: int, seed: int) -> str:
+    """A long system prompt; other seeds give others of the same length in characters."""
+    rng = np.random.default_rng(seed)
+    vocab = ["alpha", "bravo", "delta", "gamma", "kappa", "omega", "sigma", "theta"]
+    return "You are a helpful assistant. Follow these rules: " + " ".join(rng.choice(vocab, words)) + "."
+
+
+def shared_prefix(engine, n: int, system: str, max_tokens: int):
+    """n requests behind one system prompt, all at once -> (wall time, [(ttft, tokens, cached, prompt)])."""
+    from idefics_jax.serve.engine import Request
+
+    t0 = time.perf_counter()
+    handles = [engine.submit(Request([{"role": "system", "content": [{"type": "text", "text": system}]},
+                                      {"role": "user", "content": [{"type": "text", "text": f"Question {i}: "
+                                                                     f"{QUESTIONS[i % len(QUESTIONS)]}"}]}],
+                                     None, max_tokens=max_tokens, ignore_eos=True), wait=True) for i in range(n)]
+    results = [h.result() for h in handles]
+    return time.perf_counter() - t0, [(r.t_first - r.t_submit, r.tokens, r.cached_tokens, r.prompt_tokens)
+                                      for r in results]
+
+
+def caches_main(a, chat, name: str) -> int:
+    """The caches workload (see the module docstring)."""
+    import jax
+
+    import reference as testing
+    from idefics_jax.generation.api import bucket
+    from idefics_jax.serve.engine import Engine
+
+    rng = np.random.default_rng(0)
+    image = testing.random_image(rng, a.image_size, a.image_size)
+    system = system_prompt(a.system_words, 1)
+    # Slots as long as the longest request needs: the last turn (its answers at most 4 characters a token).
+    history = []
+    for q in (QUESTIONS * a.turns)[:a.turns]:
+        history += [{"role": "user", "content": [{"type": "text", "text": q}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "x" * 4 * a.answer_tokens}]}]
+    if history:
+        history[0]["content"] = [{"type": "image"}] + history[0]["content"]
+        turn_len = bucket(chat.inputs(history[:-1], [image])["input_ids"].shape[1]) + a.answer_tokens
+    shared_len = bucket(chat.inputs([{"role": "system", "content": system}, {"role": "user", "content": "x" * 60}])
+                        ["input_ids"].shape[1]) + a.answer_tokens
+    print(f"{name}; caches off vs on (--prefix-cache-gb {a.prefix_cache_gb}, --image-cache-gb {a.image_cache_gb}); "
+          f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores", flush=True)
+    turns, shared = {}, {}
+    for label, gb, igb in (("off", 0.0, 0.0), ("on", a.prefix_cache_gb, a.image_cache_gb)):
+        print(f"multi-turn, caches {label} ...", file=sys.stderr, flush=True)
+        for _ in range(2 if a.turns else 0):
+            with Engine(chat.model, chat, slots=1, max_len=turn_len, prefix_cache_gb=gb, image_cache_gb=igb) as e:
+                turns[label] = conversation(e, image, a.turns, a.answer_tokens)
+        print(f"shared prefix, caches {label} ...", file=sys.stderr, flush=True)
+        for _ in range(2 if a.shared_requests else 0):
+            with Engine(chat.model, chat, slots=a.slots, max_len=shared_len, max_queue=a.shared_requests,
+                        prefix_cache_gb=gb, image_cache_gb=igb) as e:
+                shared[label] = shared_prefix(e, a.shared_requests, system, a.answer_tokens)
+    same = [t[1] for t in turns.get("off", [])] == [t[1] for t in turns.get("on", [])] and \
+        [r[1] for r in shared.get("off", (0, []))[1]] == [r[1] for r in shared.get("on", (0, []))[1]]
+    if a.turns:
+        print_turns(a, turns)
+    if a.shared_requests:
+        print_shared(a, shared)
+    print(f"\nAnswers the same with the caches and without: {same}")
+    return 0 if same else 1
+
+
+def print_turns(a, turns) -> None:
+    print(f"\nmulti-turn: {a.turns} turns about one {a.image_size} px image, answers of {a.answer_tokens} tokens\n")
+    print("| turn | prompt tokens | cached | time to first token, off | on | speedup |\n"
+          "|-----:|--------------:|-------:|-------------------------:|---:|--------:|")
+    for i, (off, on) in enumerate(zip(turns["off"], turns["on"])):
+        print(f"| {i + 1} | {on[3]} | {on[2]} | {off[0]:.3f} s | {on[0]:.3f} s | {off[0] / on[0]:.1f}x |")
+    speedups = [off[0] / on[0] for off, on in zip(turns["off"][1:], turns["on"][1:])]
+    if speedups:
+        print(f"\nturns 2-{a.turns}: {min(speedups):.1f}x to {max(speedups):.1f}x faster to the first token with "
+              "the caches")
+
+
+def print_shared(a, shared) -> None:
+    n_tok = a.shared_requests * a.answer_tokens
+    print(f"\nshared prefix: {a.shared_requests} requests, one system prompt, {a.slots} slots, answers of "
+          f"{a.answer_tokens} tokens\n")
+    print("| caches | prompt tokens | cached | tokens/s | mean time to first token |\n"
+          "|--------|--------------:|-------:|---------:|-------------------------:|")
+    for label in ("off", "on"):
+        wall, rs = shared[label]
+        print(f"| {label} | {sum(r[3] for r in rs)} | {sum(r[2] for r in rs)} | {n_tok / wall:.1f} | "
+              f"{np.mean([r[0] for r in rs]):.2f} s |")
+    print(f"\nshared prefix: {shared['off'][0] / shared['on'][0]:.2f}x throughput with the caches")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="out/bench")
@@ -94,6 +212,16 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", choices=["uniform", "log-uniform"], default="uniform",
                    help="how answer lengths are drawn in [min, max]")
     p.add_argument("--smoke", action="store_true", help="a random tiny model and 8 short requests (seconds)")
+    p.add_argument("--workload", choices=["batching", "caches"], default="batching",
+                   help="batching: the engine vs generate (default); caches: prefix and image caches off vs on")
+    p.add_argument("--turns", type=int, default=4, help="caches: turns of the conversation (0: none)")
+    p.add_argument("--image-size", type=int, default=512, help="caches: the conversation's image, pixels a side")
+    p.add_argument("--shared-requests", type=int, default=64,
+                   help="caches: requests sharing a system prompt (0: none)")
+    p.add_argument("--system-words", type=int, default=80, help="caches: words of the system prompt")
+    p.add_argument("--answer-tokens", type=int, default=16, help="caches: tokens of every answer")
+    p.add_argument("--prefix-cache-gb", type=float, default=1.0)
+    p.add_argument("--image-cache-gb", type=float, default=0.25)
     a = p.parse_args(argv)
 
     import jax
@@ -109,6 +237,7 @@ def main(argv=None) -> int:
         if not os.path.exists(os.path.join(path, "config.json")):
             testing.save_hf_checkpoint(path, seed=1, weight_scale=8.0)
         a.requests, a.slots, a.min_tokens, a.max_tokens = 8, 4, 2, 12
+        a.turns, a.image_size, a.shared_requests, a.system_words, a.answer_tokens = 3, 64, 8, 10, 4
         name = "random tiny Idefics3"
     else:
         from idefics_jax.convert.hf_to_orbax import convert
@@ -122,6 +251,8 @@ def main(argv=None) -> int:
             convert(hf_dir, path)
         name = "random SmolVLM-256M-shaped, fp32"
     chat = Chat.load(path)
+    if a.workload == "caches":
+        return caches_main(a, chat, name)
     requests = make_requests(a.requests, a.min_tokens, a.max_tokens, a.lengths)
     tokens = sum(m for _, m in requests)
     # Slots as long as the longest request needs (its prompt's bucket + max tokens): every decode step attends

@@ -120,7 +120,8 @@ def _serve(a):
     serve(a.model, load=load_chat, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue,
           dtype=a.dtype, allow_local_images=a.allow_local_images, max_images=a.max_images,
           max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention,
-          api_key=a.api_key, max_body_mb=a.max_body_mb)
+          api_key=a.api_key, max_body_mb=a.max_body_mb, prefix_cache_gb=a.prefix_cache_gb,
+          image_cache_gb=a.image_cache_gb)
 
 
 def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-len", type=int, default=None, help="cache positions per slot (prompt + answer)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    s.add_argument("--prefix-cache-gb", type=float, default=1.0, help="device memory for cached prompt prefixes' "
+                   "keys and values, reused by later requests (0: off)")
+    s.add_argument("--image-cache-gb", type=float, default=0.25, help="device memory for encoded images (0: off)")
     s.add_argument("--allow-local-images", default=None, metavar="DIR", help="accept image paths under DIR")
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")

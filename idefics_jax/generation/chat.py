@@ -11,6 +11,9 @@
     chat.answers([(user_turn("What is this?", 1), ["a.jpg"]), (user_turn("And this?", 1), ["b.jpg"])])
     chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
          videos=["clip.mp4"])  # SmolVLM2: sampled frames (idefics_jax.generation.video)
+    chat.send("What is this?", images=["statue.jpg"])   # a conversation: each turn runs only its new tokens
+    chat.send("Where could it be?")
+    chat.reset()
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.checkpoints.load import load_pretrained
 from idefics_jax.generation.api import generate, generate_stream
+from idefics_jax.generation.cache import PromptCache
 from idefics_jax.generation.images import load_image
 from idefics_jax.generation.prompt import Tokens
 from idefics_jax.generation.structured import Grammars
@@ -152,6 +156,9 @@ class Chat:
         if longest_edge is not None:
             self.image_kwargs["size"] = {"longest_edge": int(longest_edge)}
         self._grammars: Grammars | None = None
+        self.history: list[dict] = []  # the conversation `send` continues, and its images in order
+        self.history_images: list = []
+        self.cache: PromptCache | None = None  # made by the first `send`; yours if set before
 
     @property
     def grammars(self) -> Grammars:
@@ -295,6 +302,34 @@ class Chat:
             if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
                 yield text[len(shown):]
                 shown = text
+
+    def send(self, message: str | list[dict], images: Sequence[Any] | None = None, *, max_new_tokens: int = 256,
+             **generate_kwargs) -> str:
+        """One turn of the conversation in `history`: `message` (a string: a user turn with `images` before its
+        text; or message dicts) is added, the answer to the whole conversation generated, added and returned
+        (stripped). The conversation's keys and values and its images' features stay in `cache` between turns
+        (`generation.cache.PromptCache`; by default up to one conversation of the model's positions, at most
+        1 GiB, and 0.25 GiB of image features), so a turn runs only its new tokens: the answer is the one
+        `chat(history)` gives from scratch. `reset()` starts a new conversation."""
+        messages, images, videos = _conversation(message, images)
+        if videos or _image_slots(messages, "video"):
+            raise ValueError("send takes images, not videos; use chat(messages, videos=...)")
+        images = self.history_images + self._images(messages, images)
+        messages = self.history + messages
+        if self.cache is None:
+            self.cache = PromptCache(self.model, prefix_cache_gb=PromptCache.conversation_gb(self.model),
+                                     image_cache_gb=0.25)
+        new = np.concatenate(list(generate_stream(
+            self.model, **self.inputs(messages, images or None), max_new_tokens=max_new_tokens,
+            chunk_size=max_new_tokens, cache=self.cache, **generate_kwargs)), axis=1)
+        text = self.processor.tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
+        self.history = messages + [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+        self.history_images = images
+        return text
+
+    def reset(self) -> None:
+        """Starts a new conversation for `send` (the cache stays: a new one may share its prefixes)."""
+        self.history, self.history_images = [], []
 
     def __call__(self, messages: str | list[dict], images: Sequence[Any] | None = None, *,
                  videos: Sequence[str] | None = None, max_new_tokens: int = 256, **generate_kwargs) -> str:

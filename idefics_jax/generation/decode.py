@@ -78,6 +78,39 @@ def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pix
     return cache, first, done
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def prefill_after(graphdef, params, layers: Layers, pool: KVCache, blocks_BN, prefix_mask_BP, ids_BT, mask_BT,
+                  feats_BITD, offset_B, rows: Rows, eos_E, allowed_BW, *, config: SamplingConfig):
+    """`prefill` for prompts whose first tokens' keys and values are cached: pool blocks blocks_BN (the pool's
+    (L, N, K, block, H) keys and values, see `generation.cache`) then the rest of each prompt (B, T), padded on
+    the right -> (their cache of N * block + T columns, first tokens (B,), done (B,)). The first tokens are picked
+    among `allowed_BW`'s."""
+    model: IdeficsModel = nnx.merge(graphdef, params)
+
+    def gather(a):  # (L, N, K, b, H) -> (L, B, K, n * b, H)
+        g = a[:, blocks_BN]
+        L, B, n, K, b, H = g.shape
+        return jnp.swapaxes(g, 2, 3).reshape(L, B, K, n * b, H)
+
+    prefix = KVCache(gather(pool.k), gather(pool.v))
+    logits, cache = model.prefill_after(prefix, prefix_mask_BP, ids_BT, mask_BT, feats_BITD, offset_B, layers)
+    logits = allow(logits, allowed_BW)
+    step = jnp.zeros(ids_BT.shape[0], jnp.int32)
+    first = choose_tokens(logits, step, config, rows, eos_E)
+    done = (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
+    return cache, first, done
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "one_image_at_a_time"))
+def encode_images(graphdef, params, pixels_NCHW, mask_NHW, *, one_image_at_a_time: bool):
+    """The vision tower and connector on N images -> their features (N, Ti, D) (all-zero images: unread rows)."""
+    model: IdeficsModel = nnx.merge(graphdef, params)
+    if not one_image_at_a_time:
+        return model.image_features(pixels_NCHW[None], None if mask_NHW is None else mask_NHW[None])[0]
+    one = lambda pm: model.image_features(pm[0][None, None], None if pm[1] is None else pm[1][None, None])[0][0]  # noqa: E731
+    return jax.lax.map(one, (pixels_NCHW, mask_NHW))
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(state: DecodeState, cache: KVCache, src_R, dst_R, mask_RT, first_R, rows: Rows) -> DecodeState:
     """Puts prefilled requests into rows: `cache`'s row src_R[r] (its T prompt columns) into row dst_R[r], in the
@@ -178,6 +211,22 @@ class Core:
         return prefill(self.graphdef, self.params, self.layers, prompt.ids, prompt.mask, prompt.pixel_values,
                        prompt.pixel_mask, rows, self.eos_E, jnp.asarray(allowed_BW, jnp.int32), config=self.config,
                        one_image_at_a_time=self.one_image_at_a_time)
+
+    def prefill_after(self, pool: KVCache, blocks_BN, prefix_mask_BP, ids_BT, mask_BT, feats_BITD, offset_B,
+                      rows: Rows, allowed_BW=None):
+        """-> (cache of the prefix's and the rest's columns, first tokens (B,), done (B,)), on the device.
+        `allowed_BW` as for `prefill`."""
+        i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+        if allowed_BW is None:
+            allowed_BW = free_rows(ids_BT.shape[0], self.model.config.text.vocab_size)
+        return prefill_after(self.graphdef, self.params, self.layers, pool, i32(blocks_BN), i32(prefix_mask_BP),
+                             i32(ids_BT), i32(mask_BT), feats_BITD, None if offset_B is None else i32(offset_B),
+                             rows, self.eos_E, i32(allowed_BW), config=self.config)
+
+    def encode_images(self, pixels_NCHW, mask_NHW):
+        """-> image features (N, Ti, D) on the device."""
+        return encode_images(self.graphdef, self.params, pixels_NCHW, mask_NHW,
+                             one_image_at_a_time=self.one_image_at_a_time)
 
     def insert(self, state: DecodeState, cache: KVCache, src, dst, mask_RT, first_R, rows: Rows) -> DecodeState:
         i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731

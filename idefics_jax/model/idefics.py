@@ -48,6 +48,21 @@ def merge_image_features(x_BTD, input_ids_BT, feats_ITD, real_I, image_token_id:
     return jnp.where(is_img[:, None], rows, x_BTD.reshape(B * T, D)).reshape(B, T, D)
 
 
+def merge_features_at(x_BTD, input_ids_BT, feats_BITD, offset_B, image_token_id: int):
+    """Per row b: its k-th image token (k from 0, in order) takes row (offset_B[b] + k) % Ti of image
+    (offset_B[b] + k) // Ti of feats_BITD[b] (B, I, Ti, D): a prompt's rest after a cached prefix, whose first
+    image tokens may continue an image begun in the prefix."""
+    I, Ti = feats_BITD.shape[1:3]
+
+    def row(x_TD, ids_T, feats_ITD, offset):
+        is_img = ids_T == image_token_id
+        k = offset + jnp.cumsum(is_img) - 1
+        rows = feats_ITD[jnp.clip(k // Ti, 0, I - 1), jnp.clip(k % Ti, 0, Ti - 1)].astype(x_TD.dtype)
+        return jnp.where(is_img[:, None], rows, x_TD)
+
+    return jax.vmap(row)(x_BTD, input_ids_BT, feats_BITD, offset_B)
+
+
 def positions_from_mask(attention_mask_BT):
     """Position ids as `generate` makes them: cumsum of the mask minus one, pads at 1."""
     pos = jnp.cumsum(attention_mask_BT, axis=-1) - 1
@@ -202,6 +217,36 @@ class IdeficsModel(nnx.Module):
                              layers=None if layers is None else layers.for_prefill())
         cache = cache if layers is None else cache.laid_out(layers)
         return self.lm_logits(h[:, -1:])[:, 0], cache
+
+    def prefill_after(self, prefix: KVCache, prefix_mask_BP, input_ids_BT, attention_mask_BT, feats_BITD=None,
+                      offset_B=None, layers: Layers | None = None):
+        """Runs the rest of prompts after cached keys and values -> (each row's last real token's logits (B, V)
+        float32, a cache of the P + T columns laid out for `layers`' loop).
+
+        prefix: stacked keys and values (L, B, K, P, H) of the prompts' first tokens (positions 0, 1, ...), left
+        padded: prefix_mask_BP marks the real columns. input_ids_BT / attention_mask_BT: the rest of each prompt,
+        padded on the right. feats_BITD: the image features its image tokens take (`merge_features_at`, from
+        offset_B), or None when it has none."""
+        c = self.config.text
+        B, T = input_ids_BT.shape
+        P = prefix_mask_BP.shape[1]
+        x = self.embed(input_ids_BT)
+        if feats_BITD is not None:
+            x = merge_features_at(x, input_ids_BT, feats_BITD, offset_B, self.config.image_token_id)
+        new = KVCache.zeros(c, B, T, self.dtype, self.partitioning)
+        cache = KVCache(*(jnp.concatenate([a.astype(self.dtype), b], axis=3) for a, b in
+                          ((prefix.k, new.k), (prefix.v, new.v))))
+        valid_BS = jnp.concatenate([prefix_mask_BP, attention_mask_BT], axis=1).astype(jnp.int32)
+        pos_BS = positions_from_mask(valid_BS)
+        pos_BT = pos_BS[:, P:]
+        causal = jnp.arange(P + T)[None, :] <= P + jnp.arange(T)[:, None]
+        allowed = causal[None] & valid_BS[:, None, :].astype(bool)
+        if c.sliding_window is not None:
+            allowed &= pos_BS[:, None, :] > pos_BT[:, :, None] - c.sliding_window
+        h, cache = self.text(x, pos_BT, allowed, cache, P, layers=None if layers is None else layers.for_prefill())
+        cache = cache if layers is None else cache.laid_out(layers)
+        last = jnp.sum(attention_mask_BT, axis=1) - 1
+        return self.lm_logits(h[jnp.arange(B), last][:, None])[:, 0], cache
 
     def step(self, tokens_B, pos_B, mask_BS, cache: KVCache, column, layers: Layers | None = None):
         """One decode step: each row's token at its position, its key and value written in cache `column` (one

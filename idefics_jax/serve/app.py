@@ -297,7 +297,8 @@ def create_app(engine: Engine, model_name: str, *, allow_local_images: str | Non
 
         def usage(r):
             return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                    "total_tokens": r.prompt_tokens + r.completion_tokens}
+                    "total_tokens": r.prompt_tokens + r.completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
 
         def chunk(delta: dict, finish=None, **extra) -> str:
             c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -345,7 +346,8 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
           max_len: int | None = None, max_queue: int = 64, dtype=None, allow_local_images: str | None = None,
           max_images: int = 8, max_image_pixels: int = MAX_IMAGE_PIXELS, drain_timeout: float = 30.0,
           quantize: str | None = None, group_size: int | None = None, attention: str | None = None,
-          load: Callable | None = None, api_key: str | None = None, max_body_mb: float = MAX_BODY_MB) -> None:
+          load: Callable | None = None, api_key: str | None = None, max_body_mb: float = MAX_BODY_MB,
+          prefix_cache_gb: float = 1.0, image_cache_gb: float = 0.25) -> None:
     """Loads `model` (any name `Chat.load` takes, or with `load` whatever it takes, e.g. the training layer's
     `load_chat` for a WORKDIR; `quantize` / `group_size` / `attention` as in `load_pretrained`) and serves it until
     SIGTERM / Ctrl-C. `api_key` (default: the IDEFICS_JAX_API_KEY environment variable; none: open to all)."""
@@ -364,7 +366,8 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
         print(f"WARNING: serving on {host} without an API key: anyone who can reach port {port} can use the "
               f"model; set --api-key or {ENV_KEY}", file=sys.stderr, flush=True)
     chat = (load or Chat.load)(model, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention)
-    engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue)
+    engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue,
+                    prefix_cache_gb=prefix_cache_gb, image_cache_gb=image_cache_gb)
     name = os.path.basename(os.path.normpath(model))
     app = create_app(engine, name, allow_local_images=allow_local_images, max_images=max_images,
                      max_image_pixels=max_image_pixels, drain_timeout=drain_timeout, api_key=api_key,

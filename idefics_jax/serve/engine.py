@@ -13,7 +13,10 @@ queues:
         r = h.result()   # Result: text, tokens, finish_reason ("stop" / "length" / "cancelled"), usage, times
         texts = engine.answer_all([(user_turn("Shape?", 1), ["a.png"]), ...], max_tokens=32)   # greedy, in order
 
-Greedy answers are `generate`'s for each request alone (the same tokens). `submit` checks a request (its images
+Greedy answers are `generate`'s for each request alone (the same tokens). With `prefix_cache_gb` /
+`image_cache_gb` (`generation.cache`), a prompt reuses the keys and values of the longest prefix that an earlier
+or running request computed (images included, by their content) and the features of images seen before;
+`Result.cached_tokens` says how many prompt tokens came from the cache. `submit` checks a request (its images
 decode, its prompt and max tokens fit) and raises ValueError naming the problem, or `QueueFull` when `max_queue`
 requests wait already; nothing reaches the device thread unchecked.
 """
@@ -29,6 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from idefics_jax.generation.cache import PromptCache
 from idefics_jax.generation.chat import Chat
 from idefics_jax.generation.sampling import SamplingParams
 from idefics_jax.generation.structured import Constraint
@@ -77,6 +81,7 @@ class Result:
     t_submit: float  # time.perf_counter() stamps
     t_first: float | None
     t_done: float
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -101,6 +106,7 @@ class Handle:
         self.tokens: list[int] = []
         self.shown = ""
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
 
@@ -149,10 +155,12 @@ class Engine:
     """Continuous batching of chat requests over `slots` decode slots with `max_len` cache positions each (prompt
     bucket + max_tokens must fit; default: the model's positions, at most 2048). `steps` decode steps run per round
     between admissions (1: a freed slot is refilled at once, more: less host work per token). `max_queue`
-    bounds the waiting requests. The prompts' attention backend is the model's. See the module docstring."""
+    bounds the waiting requests. `prefix_cache_gb` / `image_cache_gb`: device memory for the prefix cache's keys
+    and values and the image cache's features (0: off). The prompts' attention backend is the model's. See the
+    module docstring."""
 
     def __init__(self, model: IdeficsModel, processor_or_chat, *, slots: int = 8, max_len: int | None = None,
-                 steps: int = 4, max_queue: int = 64):
+                 steps: int = 4, max_queue: int = 64, prefix_cache_gb: float = 0.0, image_cache_gb: float = 0.0):
         self.chat = processor_or_chat if isinstance(processor_or_chat, Chat) else Chat(model, processor_or_chat)
         self.model = model
         if max_len is None:
@@ -161,7 +169,9 @@ class Engine:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if not _positive_int(max_queue):
             raise ValueError(f"max_queue must be a positive integer; got {max_queue!r}")
-        self.decoder = SlotDecoder(model, slots=slots, max_len=max_len)
+        cache = PromptCache(model, prefix_cache_gb=prefix_cache_gb, image_cache_gb=image_cache_gb) \
+            if prefix_cache_gb or image_cache_gb else None
+        self.decoder = SlotDecoder(model, slots=slots, max_len=max_len, cache=cache)
         self.slots, self.max_len, self.steps, self.max_queue = slots, max_len, steps, max_queue
         self._cv = threading.Condition()
         self._waiting: collections.deque[tuple[Handle, dict]] = collections.deque()
@@ -281,6 +291,7 @@ class Engine:
     # ---- engine thread -----------------------------------------------------------------------------------------
     def _finish(self, h: Handle, reason: str, slot: int | None = None) -> None:
         if slot is not None:
+            self.decoder.retire(slot, h.tokens)
             with self._cv:
                 self._active.pop(slot, None)
         self._emit_text(h, final=True)
@@ -288,7 +299,7 @@ class Engine:
         self.stats["finished" if reason != "cancelled" else "cancelled"] += 1
         self.stats["tokens"] += len(h.tokens)
         h._emit(("done", Result(text, list(h.tokens), reason, h.prompt_tokens, h.t_submit, h.t_first,
-                                time.perf_counter())))
+                                time.perf_counter(), h.cached_tokens)))
 
     def _emit_text(self, h: Handle, final: bool = False) -> bool:
         """Streams the new text; True when a stop string ended it (the text is cut before it)."""
@@ -340,6 +351,7 @@ class Engine:
         for (h, slot, _), pre in zip(ready, prefilled):
             if pre is None:
                 continue
+            h.cached_tokens = pre.cached_tokens
             stopped = self._take(h, [pre.first])
             if pre.done or stopped:
                 eos = pre.first in self.decoder.eos_ids and not h.request.ignore_eos
