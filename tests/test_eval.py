@@ -124,7 +124,11 @@ def test_parquet_mmmu_layout_by_subject(chat, tmp_path):
 
     # A serving engine the caller started: eval queues its requests there and leaves it running.
     with Engine(chat.model, chat, slots=4) as engine:
+        admitted = []  # the requests each prefill round got: a batch's arrive together, none trickles in alone
+        prefill_many = engine.decoder.prefill_many
+        engine.decoder.prefill_many = lambda reqs: admitted.append(len(reqs)) or prefill_many(reqs)
         r = run(engine, "mmmu", str(tmp_path / "mmmu"), str(tmp_path / "out"), batch_size=4, progress=False)
+        assert admitted == [4]
         assert engine.stats["finished"] == 4 and engine.load() == {"active": 0, "waiting": 0}
         assert engine.answer_all([(messages_for(items[0][1].text, 1), [items[0][0]])], max_tokens=4)
     recs = lines(tmp_path / "out" / "samples.jsonl")

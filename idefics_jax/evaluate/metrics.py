@@ -1,14 +1,17 @@
-"""The benchmarks' official metrics, reproduced from their evaluation code (quirks included, each noted where kept).
+"""The benchmarks' official metrics, written from their reference code (quirks included, each noted where kept).
 
-- VQA accuracy (VQAv2, TextVQA): the VQA challenge's `vqaEval.py` (GT-Vision-Lab/VQA, PythonEvaluationTools) as
-  lmms-eval's vqav2 / textvqa tasks call it: answer normalisation (punctuation, number words, articles,
-  contractions) and min(#other humans that gave the answer / 3, 1) averaged over the leave-one-out subsets of the
-  (10) human answers.
+- VQA accuracy (VQAv2): the VQA challenge's definition (visualqa.org/evaluation.html; GT-Vision-Lab/VQA
+  `vqaEval.py`): the prediction and every human answer normalised (punctuation, number words, articles,
+  contractions), then min(#other humans that gave the answer / 3, 1) averaged over the 10 leave-one-out subsets
+  of the human answers.
+- TextVQA accuracy: the same, with EvalAI's answer processor (TextVQA's leaderboard, mmf's
+  `TextVQAAccuracyEvaluator`): lower case, commas and question marks deleted, "'s" split off, then as VQA.
 - ANLS (DocVQA): the DocVQA / ST-VQA definition as in lmms-eval's `anls`: 1 - Levenshtein / max length, best over
   the references, 0 below the 0.5 threshold.
 - Relaxed accuracy (ChartQA): pix2struct's `relaxed_correctness` (the metric of the ChartQA paper): numbers within
   5% of the target, anything else an exact (case-insensitive) match.
-- MMMU: the answer letter parsed as MMMU's `parse_multi_choice_response` (eval/utils/eval_utils.py) does.
+- MMMU: MMMU's own `eval/utils/eval_utils.py`: multiple choice by `parse_multi_choice_response` +
+  `eval_multi_choice`, open questions by `parse_open_response` + `eval_open`.
 - exact_match: case- and whitespace-insensitive string equality with any reference.
 """
 
@@ -58,8 +61,8 @@ PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
 
 
 def vqa_punctuation(text: str) -> str:
-    """vqaEval.processPunctuation: a mark touching a space (or any text with a digit,digit comma) is deleted, else
-    it becomes a space; then periods not before a digit go."""
+    """vqaEval.processPunctuation: a mark touching a space (or any mark, in a text with a digit,digit comma) is
+    deleted, else it becomes a space; then periods not before a digit go."""
     out = text
     for p in PUNCT:
         if (p + " " in text or " " + p in text) or COMMA_STRIP.search(text) is not None:
@@ -82,31 +85,32 @@ def _vqa_clean(text: str) -> str:
 
 
 def vqa_normalize(text: str) -> str:
-    """The whole answer normalisation applied to a prediction."""
+    """vqaEval's processing of an answer (the prediction and each human answer alike)."""
     return vqa_digits_articles(vqa_punctuation(_vqa_clean(text)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the human answers (10 in VQAv2 and TextVQA).
+def evalai_normalize(text: str) -> str:
+    """EvalAI's answer processor (TextVQA): lower case, commas and question marks deleted ("yes,no" -> "yesno"),
+    "'s" split off as a word ("man's" -> "man 's"), then vqaEval's processing."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return vqa_normalize(text)
 
-    As vqaEval.py: the prediction is normalised (lmms-eval normalises it always); the references are normalised
-    when they disagree (when all agree vqaEval leaves them as written). For each human answer left out, the
-    prediction scores min(#matching other answers / 3, 1); the score is the mean over the left-out answers. With a
-    single reference (custom data) it is a plain normalised match."""
-    answers = [_vqa_clean(a) for a in answers]
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize=vqa_normalize) -> float:
+    """VQA accuracy of one prediction against the human answers (10 in VQAv2 and TextVQA), each normalised with
+    `normalize` (`vqa_normalize` for VQAv2, `evalai_normalize` for TextVQA).
+
+    Leaving out each human answer in turn, the prediction scores min(#matching other answers / 3, 1); the score is
+    the mean over the left-out answers (answers are told apart by position: equal strings are different humans).
+    With a single reference (custom data) it is a plain normalised match."""
     if not answers:
         raise ValueError("vqa_accuracy: no reference answers")
-    pred = vqa_normalize(prediction)
-    if len(set(answers)) > 1:
-        answers = [vqa_digits_articles(vqa_punctuation(a)) for a in answers]
-    if len(answers) == 1:
-        return float(pred == vqa_normalize(answers[0]))
-    accs = []
-    for i in range(len(answers)):
-        # Leave-one-out by position: vqaEval compares answer dicts (with ids), so equal strings stay apart.
-        matches = sum(a == pred for j, a in enumerate(answers) if j != i)
-        accs.append(min(1.0, matches / 3))
-    return sum(accs) / len(accs)
+    pred = normalize(prediction)
+    hits = [normalize(a) == pred for a in answers]
+    if len(hits) == 1:
+        return float(hits[0])
+    total = sum(hits)
+    return sum(min(1.0, (total - h) / 3) for h in hits) / len(hits)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -164,10 +168,11 @@ def relaxed_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return float(any(relaxed_correctness(prediction.strip(), a.strip()) for a in answers))
 
 
-def parse_multi_choice_response(response: str, all_choices: Sequence[str], index2ans: dict[str, str]) -> str:
+def parse_multi_choice_response(response: str, all_choices: Sequence[str], index2ans: dict[str, str],
+                                rng: random.Random) -> str:
     """MMMU's answer parser: "(B)" first, then a bare letter " B ", then (for answers over 5 words) the text of
-    an option; the last one in the response wins when several appear. MMMU picks a random letter when nothing
-    matches; here that draw is seeded (42) so a run is reproducible."""
+    an option; the last one in the response wins when several appear. When nothing matches, a letter drawn with
+    `rng` (MMMU draws one per sample from its seeded stream; the caller seeds `rng` per sample)."""
     for char in [",", ".", "!", "?", ";", ":", "'"]:
         response = response.strip(char)
     response = " " + response + " "  # so a letter matches only as a word
@@ -181,7 +186,7 @@ def parse_multi_choice_response(response: str, all_choices: Sequence[str], index
         candidates = [i for i, ans in index2ans.items() if ans.lower() in response.lower()]
         index_ans = not candidates
     if not candidates:
-        return random.Random(42).choice(list(all_choices))
+        return rng.choice(list(all_choices))
     if len(candidates) == 1:
         return candidates[0]
     if index_ans:
@@ -190,6 +195,73 @@ def parse_multi_choice_response(response: str, all_choices: Sequence[str], index
     else:
         starts = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
     return candidates[max(range(len(starts)), key=lambda i: (starts[i], -i))]
+
+
+def mmmu_normalize(text: str) -> list[str | float]:
+    """MMMU's `normalize_str`: a number (commas ignored) -> [its float rounded to 2 decimals]; other text -> [it
+    lower-cased], a single character as [" c", "c "] so that it only matches as a word."""
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        pass
+    text = text.lower()
+    return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+# MMMU's `extract_numbers`: numbers with thousands commas, in scientific notation, and plain ones, in that order.
+_NUM_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
+_NUM_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
+_NUM_PLAIN = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+# Where a sentence's answer starts: its shortest tail after one of these.
+_ANSWER_CUES = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+
+
+def _answer_parts(response: str) -> list[str]:
+    """MMMU's `get_key_subresponses`: per line, the shortest tail after an answer cue ("is ", "so ", ... and, on
+    the last line, "="); the whole (lower-cased) response when no line has one."""
+    response = response.strip().strip(".").lower()
+    # MMMU also splits at ". " before a capital letter, but after lower-casing there is none: lines only.
+    lines = response.split("\n")
+    parts = []
+    for n, line in enumerate(lines):
+        cues = _ANSWER_CUES + (("=",) if n == len(lines) - 1 else ())
+        best = None
+        for cue in cues:
+            if cue in line:
+                tail = line.split(cue)[-1].strip()
+                # As MMMU: an empty tail found first is replaced by the next one, whatever its length.
+                if not best or len(tail) < len(best):
+                    best = tail
+        if best and best.strip() not in (":", ",", ".", "!", "?", ";", "'"):
+            parts.append(best)
+    return parts or [response]
+
+
+def parse_open_response(response: str) -> list[str | float]:
+    """MMMU's `parse_open_response`: the answer candidates of a free-form response, normalised (`mmmu_normalize`):
+    the answer parts (`_answer_parts`) and every number in them; no duplicates."""
+    parts = _answer_parts(response)
+    texts = list(parts)
+    for part in parts:
+        texts += _NUM_COMMAS.findall(part) + _NUM_SCIENTIFIC.findall(part) + _NUM_PLAIN.findall(part)
+    out: list[str | float] = []
+    for text in texts:
+        out += [v for v in mmmu_normalize(text) if v not in out]
+    return out
+
+
+def eval_open(answers: Sequence[str], parsed: Sequence[str | float]) -> bool:
+    """MMMU's `eval_open`: a parsed number equal to a (normalised) numeric answer, or a parsed text containing a
+    (normalised) text answer."""
+    gold = [v for a in answers for v in mmmu_normalize(a)]
+    for p in parsed:
+        if isinstance(p, str):
+            if any(isinstance(g, str) and g in p for g in gold):
+                return True
+        elif p in gold:
+            return True
+    return False
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:

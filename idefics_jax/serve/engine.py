@@ -255,31 +255,43 @@ class Engine:
                wait: bool = False) -> Handle:
         """Queues `request` -> its Handle. Raises ValueError for a bad request, QueueFull when `max_queue`
         requests wait (with wait=True: blocks until there is room), EngineStopped when stopping."""
-        inputs, sampling, constraint = self._prepare(request)
-        h = Handle(request, on_event)
-        h._engine = self
-        h.prompt_tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else \
-            int(inputs["input_ids"].shape[1])
+        return self._enqueue([(request, on_event)], wait)[0]
+
+    def _enqueue(self, requests: Sequence[tuple[Request, Callable | None]], wait: bool) -> list[Handle]:
+        """Checks every request, then queues them in one go (as far as the queue has room), so that the engine
+        thread admits them together: their prompts prefill as one batch rather than as they trickle in."""
+        prepared = []
+        for request, on_event in requests:
+            inputs, sampling, constraint = self._prepare(request)
+            h = Handle(request, on_event)
+            h._engine = self
+            h.prompt_tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else \
+                int(inputs["input_ids"].shape[1])
+            prepared.append((h, (inputs, sampling, constraint)))
         with self._cv:
-            while True:
-                if self._stopping or self._thread is None:
-                    raise EngineStopped("the engine is not running (stopped, stopping or never started)")
-                if len(self._waiting) < self.max_queue:
-                    break
-                if not wait:
-                    raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
-                self._cv.wait()
-            self._waiting.append((h, (inputs, sampling, constraint)))
-            self.stats["submitted"] += 1
+            for item in prepared:
+                while True:
+                    if self._stopping or self._thread is None:
+                        raise EngineStopped("the engine is not running (stopped, stopping or never started)")
+                    if len(self._waiting) < self.max_queue:
+                        break
+                    if not wait:
+                        raise QueueFull(f"{len(self._waiting)} requests are waiting already "
+                                        f"(max_queue {self.max_queue})")
+                    self._cv.notify_all()  # the engine thread takes what is queued, making room
+                    self._cv.wait()
+                self._waiting.append(item)
+                self.stats["submitted"] += 1
             self._cv.notify_all()
-        return h
+        return [h for h, _ in prepared]
 
     def answer_all(self, conversations: Sequence[Request | tuple], **request_kwargs) -> list[str]:
         """The answer to each request, in order, as `Chat.answers` gives them (stripped): Requests, or
         (messages, images) pairs made into Requests with `request_kwargs` (max_tokens, temperature, ...).
-        Blocks; the engine must be started."""
-        handles = [self.submit(c if isinstance(c, Request) else Request(c[0], c[1], **request_kwargs), wait=True)
-                   for c in conversations]
+        Blocks; the engine must be started. All are checked before any is queued (a bad one raises ValueError and
+        none runs), then queued together."""
+        requests = [c if isinstance(c, Request) else Request(c[0], c[1], **request_kwargs) for c in conversations]
+        handles = self._enqueue([(r, None) for r in requests], wait=True)
         return [h.result().text.strip() for h in handles]
 
     def _cancel(self, h: Handle) -> None:
