@@ -64,6 +64,14 @@ def free_rows(rows: int, vocab_size: int) -> jax.Array:
     return jnp.full((rows, mask_words(vocab_size)), -1, jnp.int32)
 
 
+def first_tokens(logits_BV, rows: Rows, eos_E, allowed_BW, config: SamplingConfig):
+    """A prefill's first tokens, picked among `allowed_BW`'s -> (tokens (B,), done (B,): the token ended the request:
+    an eos, or a one-token limit)."""
+    step = jnp.zeros(logits_BV.shape[0], jnp.int32)
+    first = choose_tokens(allow(logits_BV, allowed_BW), step, config, rows, eos_E)
+    return first, (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "one_image_at_a_time"))
 def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pixel_mask, rows: Rows, eos_E,
             allowed_BW, *, config: SamplingConfig, one_image_at_a_time: bool):
@@ -71,11 +79,7 @@ def prefill(graphdef, params, layers: Layers, ids_BT, mask_BT, pixel_values, pix
     ended the request: an eos, or a one-token limit). The first tokens are picked among `allowed_BW`'s."""
     model: IdeficsModel = nnx.merge(graphdef, params)
     logits, cache = model.prefill(ids_BT, mask_BT, pixel_values, pixel_mask, layers, one_image_at_a_time)
-    logits = allow(logits, allowed_BW)
-    step = jnp.zeros(ids_BT.shape[0], jnp.int32)
-    first = choose_tokens(logits, step, config, rows, eos_E)
-    done = (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
-    return cache, first, done
+    return (cache, *first_tokens(logits, rows, eos_E, allowed_BW, config))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
@@ -94,11 +98,7 @@ def prefill_after(graphdef, params, layers: Layers, pool: KVCache, blocks_BN, pr
 
     prefix = KVCache(gather(pool.k), gather(pool.v))
     logits, cache = model.prefill_after(prefix, prefix_mask_BP, ids_BT, mask_BT, feats_BITD, offset_B, layers)
-    logits = allow(logits, allowed_BW)
-    step = jnp.zeros(ids_BT.shape[0], jnp.int32)
-    first = choose_tokens(logits, step, config, rows, eos_E)
-    done = (is_eos(first, eos_E) & ~rows.ignore_eos_B) | (rows.limit_B <= 1)
-    return cache, first, done
+    return (cache, *first_tokens(logits, rows, eos_E, allowed_BW, config))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "one_image_at_a_time"))
