@@ -178,7 +178,8 @@ def open_stream(port: int, body: dict) -> tuple[socket.socket, object]:
 
 def test_64_streams_half_go_away_mid_answer(guarded, tiny_chat):
     """64 concurrent streaming clients over 8 slots; 32 hang up after their first piece of a long answer: no slot or
-    queue entry stays held (/health returns to zero), and the other 32 get `generate`'s answers in full."""
+    queue entry or prefix-cache block stays held (/health returns to zero), and the other 32 get `generate`'s
+    answers in full."""
     jobs = [(QUESTIONS[i % 4], i % 2 == 0) for i in range(64)]  # (question about shapes-1.png, leaves)
     want = {q: solo_text(tiny_chat, *q, 8)[0] for q in QUESTIONS[:4]}
     before = guarded_stats(guarded)
@@ -207,7 +208,10 @@ def test_64_streams_half_go_away_mid_answer(guarded, tiny_chat):
             assert text == want[q], q
     wait_for(lambda: (lambda h: h["active"] == 0 and h["waiting"] == 0)(json.loads(call(guarded.url, "/health")[1])),
              60)
-    after = guarded_stats(guarded)
+    health = json.loads(call(guarded.url, "/health")[1])
+    assert health["pinned_blocks"] == 0  # the server's prefix cache (on by default) holds no block for anyone
+    after = health["stats"]
+    assert after["prefix_cache_queries"] > after["prefix_cache_hits"] > 0  # the repeated questions hit
     assert after.get("cancelled", 0) - before.get("cancelled", 0) == 32
     assert after["finished"] - before.get("finished", 0) == 32
 

@@ -131,6 +131,11 @@ class PromptCache:
         self._images.clear()
         self._image_used = 0
 
+    @property
+    def pinned(self) -> int:
+        """Blocks a prefill in flight holds (none between requests)."""
+        return sum(1 for n in self._pins.values() if n > 0)
+
     @staticmethod
     def conversation_gb(model: IdeficsModel, limit: float = 1.0) -> float:
         """GiB of keys and values of one conversation as long as the model's positions, at most `limit`."""

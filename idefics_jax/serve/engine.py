@@ -206,9 +206,13 @@ class Engine:
         self.stop()
 
     def load(self) -> dict[str, int]:
-        """Active and waiting request counts."""
+        """Active and waiting request counts (and, with a prefix cache, the blocks requests hold pinned)."""
         with self._cv:
-            return {"active": len(self._active), "waiting": len(self._waiting)}
+            out = {"active": len(self._active), "waiting": len(self._waiting)}
+        cache = self.decoder.cache
+        if cache is not None:
+            out["pinned_blocks"] = cache.pinned
+        return out
 
     def update_weights(self, model: IdeficsModel) -> None:
         """Answers with `model`'s weights from now on: the same architecture and shapes (a training step's new
@@ -360,6 +364,7 @@ class Engine:
                 except Exception as e:
                     self._fail(h, e)
                     prefilled.append(None)
+        self._count_cache_hits()
         for (h, slot, _), pre in zip(ready, prefilled):
             if pre is None:
                 continue
@@ -372,6 +377,17 @@ class Engine:
             self.decoder.insert(pre, slot)
             with self._cv:
                 self._active[slot] = h
+
+    def _count_cache_hits(self) -> None:
+        """The caches' look-ups and hits as `serve.metrics` reads them: prompt tokens, images."""
+        cache = self.decoder.cache
+        if cache is None:
+            return
+        c = cache.stats
+        self.stats["prefix_cache_queries"] = c["prompt_tokens"]
+        self.stats["prefix_cache_hits"] = c["cached_tokens"]
+        self.stats["image_cache_queries"] = c["image_hits"] + c["image_misses"]
+        self.stats["image_cache_hits"] = c["image_hits"]
 
     def _fail(self, h: Handle, e: Exception) -> None:
         self.stats["failed"] += 1
