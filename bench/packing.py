@@ -103,7 +103,8 @@ def main() -> None:
 
         cfg = data.LoaderConfig(batch_size=a.batch, shuffle=False, num_epochs=1, drop_remainder=False,
                                 packing=packing, pack_window=a.window)
-        return list(data.Batches(grain.MapDataset.source(examples).to_iter_dataset(), col, cfg, len(examples)))
+        return list(data.Batches(grain.MapDataset.source([(0, e) for e in examples]).to_iter_dataset(), col, cfg,
+                                 len(examples)))
 
     runs = (("bucketed", lambda: loader(False, recs)), ("packed", lambda: loader(True, recs)),
             ("length-sorted buckets", lambda: loader(False, sorted(recs, key=lambda e: len(e.input_ids)))))

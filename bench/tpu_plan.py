@@ -35,7 +35,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from idefics_jax.checkpoints.checkpoint import abstract_model  # noqa: E402
 from idefics_jax.generation import decode  # noqa: E402
-from idefics_jax.generation.sampling import Rows, SamplingConfig  # noqa: E402
+from idefics_jax.generation.sampling import Rows, SamplingConfig, mask_words  # noqa: E402
 from idefics_jax.model import sharding as shd  # noqa: E402
 from idefics_jax.model.config import ModelConfig  # noqa: E402
 from idefics_jax.model.idefics import KVCache  # noqa: E402
@@ -137,7 +137,8 @@ def compile_decode_step(w: Workload, devices, config: ModelConfig) -> dict:
 
     s = decode.DecodeState(KVCache(kv, kv), rows_((B, S), jnp.bool_), rows_((B, S), jnp.int32), rep(
         jax.ShapeDtypeStruct((), jnp.int32)), rows_((B,), jnp.int32), rows_((B,), jnp.int32), rows_((B,), jnp.int32),
-        rows_((B,), jnp.bool_), jax.tree.map(rep, jax.eval_shape(lambda: Rows.empty(B))))
+        rows_((B,), jnp.bool_), jax.tree.map(rep, jax.eval_shape(lambda: Rows.empty(B))),
+        rows_((B, mask_words(config.text.vocab_size)), jnp.int32))
     eos = rep(jax.ShapeDtypeStruct((1,), jnp.int32))
 
     def one_step(state, s, eos):

@@ -177,8 +177,11 @@ def test_a_resumed_writer_cuts_back_what_a_kill_left(tmp_path):
 
 
 def test_wandb_without_an_account_is_a_one_line_error(tmp_path, monkeypatch):
+    import wandb
+
     from idefics_jax.train.writers import WandB
 
+    wandb.teardown()  # an earlier offline run in this process leaves its settings in wandb's singleton
     for k in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login

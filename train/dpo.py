@@ -30,7 +30,7 @@ from idefics_jax.ops import heap
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import logprobs, optim, preference, rollouts, step as step_lib
 from idefics_jax.train.config import TrainConfig
-from idefics_jax.train.grpo import _Position, shapes_color_count
+from idefics_jax.train.grpo import _Position, one_source, shapes_color_count
 from idefics_jax.train.loading import load_model
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
@@ -99,10 +99,10 @@ class Dpo:
         self.logps = jax.jit(lambda params, batch: jnp.sum(
             logprobs.params_token_logps(self.parts, params, batch, compute_dtype=compute), axis=1))
         self.engine = None
-        if config.data.train == "shapes-color-count":
+        if one_source(config) == "shapes-color-count":
             self.engine = rollouts.rollout_engine(model, self.processor, slots=32, max_len=rollouts.max_len_for(128, 3))
         else:
-            pairs = jsonl_pairs(config.data.train)
+            pairs = jsonl_pairs(one_source(config))
             order = np.random.default_rng(config.data.shuffle_seed).permutation(len(pairs))
             self.records = [pairs[i] for i in order]
 

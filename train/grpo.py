@@ -38,6 +38,14 @@ from idefics_jax.train.loading import load_model
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
 
+def one_source(config: TrainConfig) -> str:
+    """`data.train` as the one source DPO and GRPO read (they take no mixtures)."""
+    if len(config.data.train) != 1:
+        raise ValueError(f"data.train: {config.objective} reads one source, not a mixture of "
+                         f"{len(config.data.train)}")
+    return config.data.train[0].source
+
+
 def shapes_color_count(batch: int, n: int, seed: int) -> list[rollouts.Prompt]:
     """`n` tiny-shapes prompts of batch `batch`: a fresh image each, one of its four colour counts asked."""
     from idefics_jax.shapes import task as shapes
@@ -87,13 +95,13 @@ def jsonl_prompts(path: str) -> list[rollouts.Prompt]:
 def prompt_source(config: TrainConfig) -> Callable[[int], list[rollouts.Prompt]]:
     """Batch index -> its prompts."""
     n = config.grpo.prompts
-    if config.data.train == "shapes-color-count":
+    if one_source(config) == "shapes-color-count":
         return lambda k: shapes_color_count(k, n, config.seed)
-    if config.data.train == "shapes-mixed":
+    if one_source(config) == "shapes-mixed":
         return lambda k: shapes_mixed(k, n, config.seed)
-    if not os.path.isfile(config.data.train):
-        raise ValueError(f"data.train: '{config.data.train}' is not shapes-color-count, shapes-mixed or a JSONL file")
-    records = jsonl_prompts(config.data.train)
+    if not os.path.isfile(one_source(config)):
+        raise ValueError(f"data.train: '{one_source(config)}' is not shapes-color-count, shapes-mixed or a JSONL file")
+    records = jsonl_prompts(one_source(config))
     order = np.random.default_rng(config.data.shuffle_seed).permutation(len(records))
     return lambda k: [records[order[(k * n + i) % len(records)]] for i in range(n)]
 
