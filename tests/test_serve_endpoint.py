@@ -245,7 +245,10 @@ def test_metrics_parse_with_prometheus_client(guarded):
     assert get("idefics_jax_time_to_first_token_seconds_bucket", le="+Inf") == \
         get("idefics_jax_time_to_first_token_seconds_count")
     assert ("idefics_jax_requests_waiting", ()) in samples and get("idefics_jax_slots") == 8
-    assert not any(name.startswith("idefics_jax_cache") for name, _ in samples)  # no caches counted yet
+    # `serve` keeps a prefix and an image cache by default: every prompt token was looked up in the prefix cache.
+    queries = get("idefics_jax_cache_queries_total", cache="prefix")
+    assert queries >= get("idefics_jax_prompt_tokens_total") > 0
+    assert 0 <= get("idefics_jax_cache_hits_total", cache="prefix") <= queries
 
 
 def test_continue_final_message_as_vllm(guarded, tiny_chat):

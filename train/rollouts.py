@@ -46,14 +46,12 @@ def rollout_engine(model, processor, *, slots: int, max_len: int) -> Engine:
 def sample_groups(engine: Engine, prompts: Sequence[Prompt], *, group_size: int, max_new_tokens: int,
                   temperature: float, top_p: float = 1.0, seed: int = 0) -> list[list[Completion]]:
     """`group_size` completions of every prompt -> [prompt][g]; temperature 0 is greedy. The engine must run."""
-    handles = [[engine.submit(Request(p.messages, p.images, max_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, seed=(seed + i * group_size + g) % (2**31)), wait=True)
-                for g in range(group_size)] for i, p in enumerate(prompts)]
-    out = []
-    for group in handles:
-        results = [h.result() for h in group]
-        out.append([Completion(r.text.strip(), tuple(r.tokens), r.finish_reason) for r in results])
-    return out
+    requests = [Request(p.messages, p.images, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        seed=(seed + i * group_size + g) % (2**31))
+                for i, p in enumerate(prompts) for g in range(group_size)]
+    results = [h.result() for h in engine.submit_all(requests)]
+    done = [Completion(r.text.strip(), tuple(r.tokens), r.finish_reason) for r in results]
+    return [done[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
 
 
 def max_len_for(prompt_tokens: int, max_new_tokens: int) -> int:

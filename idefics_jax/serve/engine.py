@@ -261,6 +261,12 @@ class Engine:
         requests wait (with wait=True: blocks until there is room), EngineStopped when stopping."""
         return self._enqueue([(request, on_event)], wait)[0]
 
+    def submit_all(self, requests: Sequence[Request], *, wait: bool = True) -> list[Handle]:
+        """Queues `requests` in one go -> their Handles: all are checked before any is queued, and the engine
+        admits them together (their prompts prefill as batches, the same batches whenever they are queued while
+        the engine is idle)."""
+        return self._enqueue([(r, None) for r in requests], wait)
+
     def _enqueue(self, requests: Sequence[tuple[Request, Callable | None]], wait: bool) -> list[Handle]:
         """Checks every request, then queues them in one go (as far as the queue has room), so that the engine
         thread admits them together: their prompts prefill as one batch rather than as they trickle in."""
@@ -295,8 +301,7 @@ class Engine:
         Blocks; the engine must be started. All are checked before any is queued (a bad one raises ValueError and
         none runs), then queued together."""
         requests = [c if isinstance(c, Request) else Request(c[0], c[1], **request_kwargs) for c in conversations]
-        handles = self._enqueue([(r, None) for r in requests], wait=True)
-        return [h.result().text.strip() for h in handles]
+        return [h.result().text.strip() for h in self.submit_all(requests)]
 
     def _cancel(self, h: Handle) -> None:
         with self._cv:
