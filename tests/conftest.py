@@ -3,8 +3,13 @@ import os
 import numpy as np
 import pytest
 
-# Tests run on the CPU in fp32; full-precision matmuls keep parity tolerances meaningful.
+# Tests run on the CPU in fp32; full-precision matmuls keep parity tolerances meaningful. XLA's quick CPU backend
+# (LLVM optimisation off) computes the same numbers and compiles in a fraction of the time, and the tests compile
+# far more than they run; the programs they start get the same flags (QUICK_XLA), so one compilation cache serves
+# all of them.
+QUICK_XLA = "--xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", QUICK_XLA)
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -125,12 +130,45 @@ def assert_same_hf_weights(path_a: str, path_b: str) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> dict:
+    """One persistent compilation cache for the whole run: every test process (all xdist workers) and every
+    program they start (through os.environ). The model's initialisation and train step take tens of seconds to
+    compile here; the next process with the same program and flags loads it instead. The cache changes no result:
+    it stores the executables a compile would produce."""
+    root = tmp_path_factory.getbasetemp()
+    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xla-cache"
+    folder.mkdir(exist_ok=True)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    os.environ.update(env)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return env
+
+
 @pytest.fixture(scope="session")
-def program_env(tmp_path_factory) -> dict:
+def program_env(compilation_cache) -> dict:
     """Environment for the programs that tests start as users do (training runs, the CLI, notebook kernels): the
-    CPU, one device, XLA's quick CPU backend, and one persistent compilation cache for the session. A start-up
-    compiles the model's initialisation and the train step (tens of seconds here); the next program with the same
-    shapes loads them instead. The cache changes no result: it stores the executables a compile would produce."""
-    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla-cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    CPU, one device, the tests' XLA flags and their compilation cache."""
+    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": QUICK_XLA, **compilation_cache}
+
+
+# Scheduling for `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (the README's command): a file's tests run on
+# one worker, where its module fixtures (servers, trained models, the docs' interpreters) are built once, except
+# for SPREAD, whose tests are independent programs that fill whichever worker is free. The files that take
+# longest start first, so that no long one begins near the end; the rest keep their order.
+SPREAD = ("test_bench_scripts.py",)
+LONGEST_FIRST = ("test_docs.py", "test_sharding.py", "test_train.py", "test_train_faults.py", "test_quantize.py",
+                 "test_serve.py", "test_install.py", "test_generate.py", "test_eval.py", "test_posttrain.py",
+                 "test_prompt_cache.py", "test_heap.py", "test_train_watch.py", "test_multihost.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -54,7 +54,7 @@ def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data, program_en
     trainer.train(config_lib.load("configs/tiny.yaml", _args(straight, shapes_data, steps, "save_every=1")))
     work = str(tmp_path / "killed")
     # Later starts load the first one's compiled step from the cache; same XLA flags as the run in this process.
-    env = {**os.environ, **{k: v for k, v in program_env.items() if k != "XLA_FLAGS"}}
+    env = {**os.environ, **program_env}
     cmd = [sys.executable, "-m", "train", "configs/tiny.yaml", *_args(work, shapes_data, steps, "save_every=1")]
     kills = 0
     for delay in (0.05, 0.13, 0.31):  # saving every step, so kills land in and between saves
@@ -105,7 +105,7 @@ def test_grpo_sigkill_resumes_to_the_same_rewards_and_losses(tmp_path, program_e
     straight = str(tmp_path / "straight")
     run.run(config_lib.load("configs/tiny-shapes-grpo.yaml", [f"workdir={straight}", *args]))
     work = str(tmp_path / "killed")
-    env = {**os.environ, **{k: v for k, v in program_env.items() if k != "XLA_FLAGS"}}
+    env = {**os.environ, **program_env}
     cmd = [sys.executable, "-m", "train", "configs/tiny-shapes-grpo.yaml", f"workdir={work}", *args]
     metrics = os.path.join(work, "metrics.jsonl")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
