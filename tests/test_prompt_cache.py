@@ -11,6 +11,7 @@ import reference as testing
 from idefics_jax.generation.api import generate
 from idefics_jax.generation.cache import BLOCK, GiB, PromptCache
 from idefics_jax.generation.chat import Chat, user_turn
+from idefics_jax.generation.prompt import bucket
 from idefics_jax.serve.engine import Engine, Request
 
 PREAMBLE = "Look at it closely, please. "
@@ -72,6 +73,30 @@ def test_engine_caches_keep_greedy_answers(lively_chat):
     assert got[3].cached_tokens == min(same, len(turn2) - 1) // BLOCK * BLOCK >= got[0].prompt_tokens // BLOCK * BLOCK
     assert stats["cached_tokens"] == sum(r.cached_tokens for r in got)
     assert not engine.decoder.cache._pins  # nothing left pinned
+
+
+def test_a_prefix_is_cut_to_fit_a_tight_slot(lively_chat):
+    """Slots just long enough for the prompt and its answer: a cached prefix whose bucketed layout (cached blocks
+    and the rest, each padded to a bucket) would not fit is cut to a bucket's size, not dropped."""
+    chat = lively_chat
+
+    def conversation(words: int, i: int) -> list[dict]:
+        return [{"role": "system", "content": [{"type": "text", "text": "Rules: " + "alpha beta " * words}]},
+                {"role": "user", "content": [{"type": "text", "text": f"Question {i}?"}]}]
+
+    for words in range(4, 200):  # a system prompt whose whole shared prefix would overflow the slot
+        a, b = (chat.inputs(conversation(words, i))["input_ids"][0] for i in (1, 2))
+        shared = int(np.flatnonzero(np.append(a[:len(b)] != b[:len(a)], True))[0])
+        hit, P = min(shared, len(b) - 1) // BLOCK, max(len(a), len(b))
+        if hit and bucket(hit, 1) * BLOCK + bucket(len(b) - hit * BLOCK) > bucket(P):
+            break
+    want = fresh(chat, conversation(words, 2), None, 8)
+    with Engine(chat.model, chat, slots=1, max_len=bucket(P) + 8, prefix_cache_gb=0.01) as engine:
+        engine.submit(Request(conversation(words, 1), None, max_tokens=8)).result()
+        got = engine.submit(Request(conversation(words, 2), None, max_tokens=8)).result()
+        assert not engine.decoder.cache._pins
+    assert got.tokens == want
+    assert 0 < got.cached_tokens < hit * BLOCK and bucket(got.cached_tokens // BLOCK, 1) * BLOCK == got.cached_tokens
 
 
 def test_generate_with_a_cache_on_idefics2(tmp_path):

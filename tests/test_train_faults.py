@@ -1,5 +1,6 @@
-"""Training faults: a non-finite loss stops the run and keeps the last good checkpoint; a SIGKILL at any moment
-(saves included) leaves a checkpoint the next start resumes from; an empty dataset is a clear error."""
+"""Training faults: a non-finite loss stops the run and keeps the last good checkpoint; SIGTERM saves and exits, and
+a SIGKILL at any moment (saves included) leaves a checkpoint the next start resumes from; an empty dataset is a
+clear error."""
 
 import json
 import os
@@ -48,35 +49,54 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_data, ca
     trained_model(work)  # the kept checkpoint restores
 
 
-def test_sigkill_at_any_moment_resumes_exactly(tmp_path, shapes_data, program_env):
-    steps = 10
+def test_stopped_then_killed_at_any_moment_resumes_exactly(tmp_path, shapes_data, program_env):
+    """SIGTERM between periodic saves: the run saves where it is and exits 0, and the next start resumes from that
+    step. Then SIGKILLs that land in and between saves (saving every step): each leaves a checkpoint the next start
+    resumes from. The last start reaches the uninterrupted run's losses, each step logged once (metrics.jsonl and
+    TensorBoard's view of the event files of every start)."""
+    steps = 12
     straight = str(tmp_path / "straight")
-    trainer.train(config_lib.load("configs/tiny.yaml", _args(straight, shapes_data, steps, "save_every=1")))
+    trainer.train(config_lib.load("configs/tiny.yaml", _args(straight, shapes_data, steps, "save_every=4")))
     work = str(tmp_path / "killed")
-    # Later starts load the first one's compiled step from the cache; same XLA flags as the run in this process.
-    env = {**os.environ, **program_env}
-    cmd = [sys.executable, "-m", "train", "configs/tiny.yaml", *_args(work, shapes_data, steps, "save_every=1")]
-    kills = 0
-    for delay in (0.05, 0.13, 0.31):  # saving every step, so kills land in and between saves
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        metrics = os.path.join(work, "metrics.jsonl")
-        start = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
-        while proc.poll() is None and (not os.path.exists(metrics) or len(open(metrics).readlines()) <= start + 1):
-            time.sleep(0.01)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    env = {**os.environ, **program_env}  # later starts load the compiled step from the tests' compilation cache
+
+    def cmd(save_every):
+        return [sys.executable, "-m", "train", "configs/tiny.yaml",
+                *_args(work, shapes_data, steps, f"save_every={save_every}")]
+
+    metrics = os.path.join(work, "metrics.jsonl")
+    logged = lambda: len(open(metrics).readlines()) if os.path.exists(metrics) else 0  # noqa: E731
+
+    proc = subprocess.Popen(cmd(4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and logged() < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    stopped_at = max(_losses(work))
+    assert stopped_at < steps, "the run finished before it could be stopped"
+
+    kills, log = 0, tmp_path / "start.log"
+    for i, delay in enumerate((0.05, 0.13, 0.31)):  # saving every step, so kills land in and between saves
+        start = logged()
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd(1), env=env, stdout=subprocess.DEVNULL, stderr=err)
+            while proc.poll() is None and logged() <= start + 1:
+                time.sleep(0.01)
+            time.sleep(delay)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        if i == 0:
+            assert f"resumed from step {stopped_at}" in log.read_text(), log.read_text()[-2000:]
     assert kills
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd(1), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _losses(straight), _losses(work)
     assert sorted(b) == list(range(1, steps + 1))
     for s in range(1, steps + 1):
         assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
-    # Each step once, in metrics.jsonl and in TensorBoard's view of the event files of every start.
-    with open(os.path.join(work, "metrics.jsonl")) as f:
+    with open(metrics) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, steps + 1))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

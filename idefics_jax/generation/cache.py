@@ -210,6 +210,21 @@ class PromptCache:
         if drop:
             row.hit = []
 
+    def fit(self, row: Row, columns: int) -> None:
+        """Shortens `row`'s pinned prefix until its layout (`shape`: cached blocks and the rest, each bucketed) has
+        at most `columns` columns: a prefix cut to a bucket's size pads nothing. With none left the prompt runs
+        whole, which fits wherever the request was admitted."""
+        while row.hit:
+            blocks, rest = self.shape([row])
+            if blocks * BLOCK + rest <= columns:
+                return
+            n = len(row.hit)
+            keep = max((b for b in (bucket(k, 1) for k in range(1, n)) if b < n), default=0)
+            dropped, row.hit = row.hit[keep:], row.hit[:keep]
+            if row.pinned:
+                self._pins.subtract(dropped)
+                self._pins += collections.Counter()  # drops zero counts
+
     def _allocate(self, busy: set[int]) -> int | None:
         if self._free:
             return self._free.pop()

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from idefics_jax.generation.cache import BLOCK, PromptCache, Row
+from idefics_jax.generation.cache import PromptCache, Row
 from idefics_jax.generation.decode import Core
 from idefics_jax.generation.prompt import Prompt, Tokens, bucket, prepare
 from idefics_jax.generation.sampling import ANY, Rows, SamplingParams
@@ -141,9 +141,7 @@ class SlotDecoder:
         for i, r in enumerate(requests):
             r.row = cache.row(r.prompt, 0)
             cache.match(r.row)
-            blocks, rest = cache.shape([r.row])
-            if blocks * BLOCK + rest + r.sampling.max_new_tokens > self.max_len:  # runs whole, as it was checked
-                cache.release(r.row, drop=True)
+            cache.fit(r.row, self.max_len - r.sampling.max_new_tokens)  # the prompt and its answer fit the slot
             key = ("greedy", cache.shape([r.row])) if not r.sampling.do_sample else ("sampled", i)
             groups.setdefault(key, []).append(i)
         out: list[Prefilled | None] = [None] * len(requests)
