@@ -201,14 +201,15 @@ class PromptCache:
         row.hit, row.pinned = hit, True
         self._pins.update(hit)
 
-    def release(self, row: Row, drop: bool = False) -> None:
-        """Unpins `row`'s cached prefix, if pinned (and forgets it with `drop`: the prompt then runs whole)."""
+    def release(self, row: Row) -> None:
+        """Unpins `row`'s cached prefix, if pinned."""
         if row.pinned:
-            self._pins.subtract(row.hit)
-            self._pins += collections.Counter()  # drops zero counts
+            self._unpin(row.hit)
             row.pinned = False
-        if drop:
-            row.hit = []
+
+    def _unpin(self, blocks: list[int]) -> None:
+        self._pins.subtract(blocks)
+        self._pins += collections.Counter()  # drops zero counts
 
     def fit(self, row: Row, columns: int) -> None:
         """Shortens `row`'s pinned prefix until its layout (`shape`: cached blocks and the rest, each bucketed) has
@@ -222,8 +223,7 @@ class PromptCache:
             keep = max((b for b in (bucket(k, 1) for k in range(1, n)) if b < n), default=0)
             dropped, row.hit = row.hit[keep:], row.hit[:keep]
             if row.pinned:
-                self._pins.subtract(dropped)
-                self._pins += collections.Counter()  # drops zero counts
+                self._unpin(dropped)
 
     def _allocate(self, busy: set[int]) -> int | None:
         if self._free:
