@@ -24,6 +24,8 @@ import json
 import os
 import sys
 
+import programs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     local = DEVICES // a.num_processes
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local} --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = programs.xla_flags(local)
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, ROOT)
     import jax

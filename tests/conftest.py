@@ -3,11 +3,9 @@ import os
 import numpy as np
 import pytest
 
-# Tests run on the CPU in fp32; full-precision matmuls keep parity tolerances meaningful. XLA's quick CPU backend
-# (LLVM optimisation off) computes the same numbers and compiles in a fraction of the time, and the tests compile
-# far more than they run; the programs they start get the same flags (QUICK_XLA), so one compilation cache serves
-# all of them.
-QUICK_XLA = "--xla_backend_optimization_level=0"
+from programs import QUICK_XLA
+
+# Tests run on the CPU in fp32; full-precision matmuls keep parity tolerances meaningful. XLA's flags: programs.py.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", QUICK_XLA)
 import jax  # noqa: E402

@@ -84,9 +84,6 @@ def test_unknown_backend_is_a_clear_error():
 
 
 _SHARDED = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 from idefics_jax.model import sharding as shd
 from idefics_jax.ops.attention import Mask, attend, default_backend
@@ -130,8 +127,10 @@ def test_pallas_on_a_mesh_runs_per_device_shard():
     import subprocess
     import sys
 
+    import programs
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": root})
+                       env=programs.env(8, PYTHONPATH=root))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "max rel err" in r.stdout

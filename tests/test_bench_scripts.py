@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import QUICK_XLA
+import programs
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
@@ -39,8 +39,7 @@ def test_bench_script_runs(script, tmp_path):
     args, expected = SMALLEST[script]
     args = [a.replace("{tmp}", str(tmp_path / "work")) for a in args]
     # From a folder of its own, as a newcomer runs it from a clone; nothing is written into the repository.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": QUICK_XLA}
     r = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600, env=env)
+                       text=True, timeout=600, env=programs.env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert expected in r.stdout, r.stdout[-3000:]

@@ -67,13 +67,13 @@ import traceback
 
 import pytest
 
+import programs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 BENCH = os.path.join(ROOT, "bench")
 DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
                               if f.endswith(".md"))
-QUICK_XLA = "--xla_backend_optimization_level=0"  # conftest's: the runner runs as a script, without conftest
-EIGHT_DEVICES = f"--xla_force_host_platform_device_count=8 {QUICK_XLA}"
 ADDRESS = "127.0.0.1:8000"
 SERVER = "idefics-jax serve --model tiny-shapes --slots 8"
 LAUNCHERS = ("scripts/tpu-vm/tpu.sh", "scripts/gpu/node.sh", "scripts/gpu/slurm.sbatch")
@@ -363,10 +363,6 @@ def test_layout_doc_tree_names_every_module():
 
 # ---- running the blocks ---------------------------------------------------------------------------------------
 
-def _env(**extra) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": QUICK_XLA, **extra}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -420,7 +416,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         p = subprocess.Popen(prog + SERVER.split()[1:] + ["--port", str(port)], cwd=log.parent, stdout=out,
-                             stderr=subprocess.STDOUT, env=_env())
+                             stderr=subprocess.STDOUT, env=programs.env())
     yield port, p, log
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
@@ -449,7 +445,7 @@ def docs_run(server, tmp_path_factory):
                                          "cache": str(d / f"standins{i}")}))
         out = open(d / f"runner{i}.log", "w")
         runs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__), str(plan_file)], cwd=d, text=True,
-                                      stdout=out, stderr=subprocess.STDOUT, env=_env(XLA_FLAGS=EIGHT_DEVICES)),
+                                      stdout=out, stderr=subprocess.STDOUT, env=programs.env(8)),
                      results_file, d / f"runner{i}.log"))
     results = []
     for runner, results_file, runner_log in runs:
@@ -650,7 +646,7 @@ def _runner(plan_path: str) -> None:
     os.makedirs(cache, exist_ok=True)
     results, port = [], p["port"]
     served = False
-    env = {**os.environ, "XLA_FLAGS": QUICK_XLA}  # for programs: one device, as users run them
+    env = {**os.environ, "XLA_FLAGS": programs.xla_flags()}  # for programs: one device, as users run them
 
     def record(step, what, fn):
         nonlocal served

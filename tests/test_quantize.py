@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import programs
 from flax import nnx
 
 import idefics_jax
@@ -241,8 +243,7 @@ np.savez(out, **res)
 def test_sharded_quantized_load_equals_one_device(converted, cases, tmp_path):
     inputs = cases["batch_1_and_2_images"]
     np.savez(tmp_path / "in.npz", **inputs)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-           "JAX_PLATFORMS": "cpu"}
+    env = programs.env(8)
     subprocess.run([sys.executable, "-c", SHARDED, converted["int4"], converted["fp32"], str(tmp_path / "out.npz"),
                     str(tmp_path / "in.npz")], check=True, env=env, cwd=ROOT, timeout=600)
     r = np.load(tmp_path / "out.npz")

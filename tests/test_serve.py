@@ -26,6 +26,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+import programs
+
 from idefics_jax.checkpoints.checkpoint import quantized_format
 from idefics_jax.checkpoints.registry import resolve
 from idefics_jax.generation import decode as _decode
@@ -681,7 +683,7 @@ print(json.dumps({"got": got, "want": want, "spec": spec}))
 def test_engine_on_a_mesh(lively_hf):
     """On a (2, 2, 2) mesh of 8 simulated devices (a fresh process): the slot cache is sharded over the mesh
     (slots over data and fsdp, kv heads over tensor) and the answers are `generate`'s on that mesh."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
+    env = programs.env(8)
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, lively_hf], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
