@@ -646,7 +646,7 @@ def _runner(plan_path: str) -> None:
     os.makedirs(cache, exist_ok=True)
     results, port = [], p["port"]
     served = False
-    env = {**os.environ, "XLA_FLAGS": programs.xla_flags()}  # for programs: one device, as users run them
+    env = programs.env()  # for programs: one device, as users run them
 
     def record(step, what, fn):
         nonlocal served

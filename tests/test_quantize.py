@@ -11,8 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import programs
 from flax import nnx
 
 import idefics_jax
@@ -24,6 +22,8 @@ from idefics_jax.convert.hf_to_orbax import convert
 from idefics_jax.ops.quantize import QuantizedWeight, QuantizeError, group_size, quantize
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import step as step_lib
+
+import programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
