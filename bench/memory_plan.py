@@ -10,6 +10,7 @@ hostnames or accelerator type: there is no TPU to find; the compiler needs none.
 
     python bench/memory_plan.py [--out docs/memory-plan.md]
     python bench/memory_plan.py --quantized [--out docs/memory-plan.md]   # int8 / int4 / QLoRA rows only
+    python bench/memory_plan.py --configs [--out docs/memory-plan.md]     # the shipped TPU configs (libtpu)
     python bench/memory_plan.py --smoke     # the same programs (quantized ones too) for the tiny test model: seconds
 
 Caveats: the CPU compiler is not the TPU or GPU one. It schedules, fuses and pads differently (TPU pads the
@@ -21,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.util
 import math
 import os
-import re
 import sys
 import time
 
@@ -37,20 +35,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from idefics_jax.model import sharding as shd  # noqa: E402
-from idefics_jax.checkpoints.checkpoint import abstract_model  # noqa: E402
-from idefics_jax.checkpoints.checkpoint import quantized_shape, quantized_shardings  # noqa: E402
+from idefics_jax.checkpoints.checkpoint import abstract_model, abstract_placed  # noqa: E402
 from idefics_jax.model.config import ModelConfig  # noqa: E402
 from idefics_jax.model.idefics import KVCache, Mask, positions_from_mask  # noqa: E402
 from idefics_jax.model.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
-from idefics_jax.ops.quantize import eligible  # noqa: E402
-from idefics_jax.train import lora as lora_lib  # noqa: E402
-from idefics_jax.train import optim  # noqa: E402
+from idefics_jax.runtime import tpu as tpu_lib  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
-from idefics_jax.train.config import LoraConfig, OptimConfig  # noqa: E402
+from idefics_jax.train.config import LoraConfig, MeshConfig, OptimConfig, TrainConfig  # noqa: E402
+from idefics_jax.train.dry_run import batch_specs, compile_lowered, compile_step, per_device_bytes  # noqa: E402
 
 GiB = 2**30
 # XLA:CPU compiles the 8B programs several times faster without its backend optimisations; the TPU compiler keeps
@@ -63,39 +57,24 @@ class Platform:
     name: str
     devices: int  # as jax sees them: a v4 or v5p chip is one device (megacore)
     hbm_gib: float
-    # (topology name, chip config, chips per host) of `jax.experimental.topologies.get_topology_desc`, as in
-    # MaxText's accelerator_to_spec_map: the TPU compiled for when libtpu is installed. None: CPU devices.
-    topology: tuple | None = None
+    # The TPU slice compiled for when libtpu is installed (`runtime.tpu`). None: CPU devices.
+    tpu: tpu_lib.Slice | None = None
 
 
-PLATFORMS = (
-    Platform("TPU v5e-8", 8, 16, ("v5e:2x4", "default", (2, 2, 1))),
-    Platform("TPU v4-8", 4, 32, ("v4:2x2x1", "megacore", (2, 2, 1))),
-    Platform("TPU v5p-8", 4, 95, ("v5:2x2x1", "megacore", (2, 2, 1))),
-    Platform("8x H100 80GB", 8, 74.5),  # 80 GB
-)
+def tpu_platform(name: str) -> Platform:
+    s = tpu_lib.SLICES[name]
+    return Platform(f"TPU {name}", s.devices, s.hbm_gib, s)
 
 
-def have_libtpu() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
-
-
-@functools.lru_cache(maxsize=None)
-def _topology_devices(topology: tuple) -> tuple:
-    from jax.experimental import topologies
-
-    name, chip_config, per_host = topology
-    return tuple(topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
-                                              chips_per_host_bounds=per_host, num_slices=1).devices)
+PLATFORMS = (tpu_platform("v5e-8"), tpu_platform("v4-8"), tpu_platform("v5p-8"),
+             Platform("8x H100 80GB", 8, 74.5))  # 80 GB
 
 
 def target(p: Platform) -> tuple[tuple, str]:
     """-> (the devices `p`'s programs compile for, how they are compiled, for the table): its TPU topology when
     libtpu is installed, else the host's simulated CPU devices."""
-    if p.topology is not None and have_libtpu():
-        devices = _topology_devices(p.topology)
-        if len(devices) != p.devices:
-            raise ValueError(f"topology {p.topology[0]} has {len(devices)} devices, {p.name} {p.devices}")
+    if p.tpu is not None and tpu_lib.have_libtpu():
+        devices = tpu_lib.devices(p.tpu)
         return devices, f"libtpu ({devices[0].device_kind})"
     return tuple(jax.devices()[: p.devices]), f"XLA:CPU ({p.devices} CPU devices)"
 
@@ -142,106 +121,43 @@ def workloads(devices: int) -> tuple[Workload, ...]:
     )
 
 
-def _with_shardings(state, part: shd.Partitioning, quantize: str = ""):
-    """Abstract leaves carrying the shardings their logical axes give (scalars replicated); with `quantize`, the
-    matmul weights as abstract QuantizedWeights, sharded as `load_pretrained` places them."""
-
-    def leaf(p, v):
-        sds, meta = v.get_value(), v.get_metadata()
-        key = "/".join(map(str, p))
-        if quantize and eligible(key, meta.get("fan_in")):
-            q = quantized_shape(key, meta, quantize, None, sds.shape)
-            where = quantized_shardings(q, meta, part)
-            return v.replace(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), q, where))
-        axes = meta.get("axes")
-        sharding = part.sharding(axes, sds.shape) if axes else NamedSharding(part.mesh, PartitionSpec())
-        return v.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
-
-    return nnx.from_flat_state([(p, leaf(p, v)) for p, v in nnx.to_flat_state(state)])
-
-
-def _per_device_bytes(tree) -> int:
-    """Bytes one device holds of abstract arrays with shardings (the largest shard, for uneven layouts)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shard = x.sharding.shard_shape(x.shape)
-        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
-    return total
-
-
 def _batch(w: Workload, part: shd.Partitioning, labels: bool, config: ModelConfig) -> dict:
-    v = config.vision
-    B, T, I, P = w.batch, w.tokens, w.images, v.image_size
-    shapes = {"input_ids": ((B, T), jnp.int32), "attention_mask": ((B, T), jnp.int32),
-              "pixel_values": ((B, I, 3, P, P), jnp.float32), "pixel_attention_mask": ((B, I, P, P), jnp.bool_)}
-    if labels:
-        shapes["labels"] = ((B, T), jnp.int32)
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=part.sharding(("batch",) + (None,) * (len(s) - 1), s))
-            for k, (s, d) in shapes.items()}
+    return batch_specs(part, config, w.batch, w.tokens, w.images, labels=labels)
 
 
-def _replicated(part: shd.Partitioning):
-    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(part.mesh, PartitionSpec()))
-
-
-def _train_state(model, part: shd.Partitioning, lora_rank: int = 0):
-    """The training step's pieces for the abstract `model`: its split, the optimizer, an abstract TrainState
-    whose parameters and AdamW moments carry the shardings the parameters' logical axes give, the frozen
-    parameters and the LoRA config (with `lora_rank`: rank-r adapters train, replicated, over the frozen
-    sharded weights; else everything trains)."""
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    # `train.split(model)` with abstract leaves (it reads values).
-    params = {"/".join(map(str, p)): jax.ShapeDtypeStruct(
-        v.get_value().shape, v.get_value().dtype, sharding=part.sharding(v.get_metadata()["axes"], v.get_value().shape))
-        for p, v in flat}
-    if lora_rank:
-        lcfg = LoraConfig(rank=lora_rank)
-        fan_in = {"/".join(map(str, p)): v.get_metadata().get("fan_in") for p, v in flat}
-        shapes = jax.eval_shape(lambda f: lora_lib.init(fan_in, f, lcfg, jax.random.key(0)), params)
-        trainable, frozen = jax.tree.map(_replicated(part), shapes), params  # adapters are small
-    else:
-        lcfg, trainable, frozen = None, params, {}
-    s = train.Split(graphdef, tuple(flat), trainable, frozen)
-    tx = optim.make(OptimConfig(learning_rate=1e-5, weight_decay=0.1), 1000, s.fan_in, trainable)
-    # The moments are laid out like their parameters (as `train.init_state` makes them under jit).
-    opt_state = optax.tree_map_params(
-        tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
-        jax.eval_shape(tx.init, trainable), trainable, transform_non_params=_replicated(part))
-    step = _replicated(part)(jax.ShapeDtypeStruct((), jnp.int32))
-    return s, tx, train.TrainState(step, trainable, opt_state), frozen, lcfg
+def train_config(w: Workload, lora: LoraConfig | None = None, compute_dtype: str = "float32") -> TrainConfig:
+    """The training config whose step `w` compiles: remat per layer, AdamW, `w`'s mesh, LoRA and quantized base."""
+    mesh = MeshConfig(w.mesh.data, w.mesh.fsdp, w.mesh.tensor)
+    lora = lora or LoraConfig(rank=w.lora)
+    return TrainConfig(steps=1000, remat="full", quantize=w.quantize, compute_dtype=compute_dtype, lora=lora,
+                       mesh=mesh, optim=OptimConfig(learning_rate=1e-5, weight_decay=0.1),
+                       param_dtype=jnp.dtype(w.dtype).name)
 
 
 def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
-    """Lowers and compiles `w` on `devices`; returns bytes per device by component and XLA's analysis."""
+    """Lowers and compiles `w` on `devices`; returns bytes per device by component and XLA's analysis. Training:
+    the program `idefics-jax train --dry-run` compiles (`train.dry_run.compile_step`)."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
-    model = abstract_model(config, w.dtype, part)
-    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform}
-    t0 = time.time()
     if w.training:
-        s, tx, state, frozen, lcfg = _train_state(model, part, w.lora)
-        out["params"] = _per_device_bytes(frozen) + _per_device_bytes(state.trainable)
-        out["optimizer"] = _per_device_bytes(state.opt_state)
-        batch = _batch(w, part, labels=True, config=config)
         # The model's attention is the platform's default (`ops.attention.default_backend`): splash on TPU devices.
-        step = train.make_train_step(s, tx, remat="full", lora=lcfg)
-        args = (state, frozen, batch)
-        lowered = step.lower(*args)
+        out = compile_step(config, train_config(w), devices, _batch(w, part, labels=True, config=config),
+                           compiler_options=CPU_OPTIONS) | {"platform": devices[0].platform}
     else:
-        graphdef, state = nnx.split(model)
-        state = _with_shardings(state, part, w.quantize)
-        out["params"], out["optimizer"] = _per_device_bytes(state), 0
+        graphdef, state = nnx.split(abstract_placed(config, w.dtype, part, w.quantize))
+        out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform,
+               "params": per_device_bytes(state), "optimizer": 0}
+        t0 = time.time()
         batch = _batch(w, part, labels=False, config=config)
         t = config.text
         shape = (t.num_layers, w.batch, t.num_kv_heads, w.cache_slots, t.head_dim)
         kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
-        out["kv_cache"] = _per_device_bytes(KVCache(kv, kv))
+        out["kv_cache"] = per_device_bytes(KVCache(kv, kv))
 
         def prefill(state, batch):
             # As `generate` prefills: the prompt's T tokens attend over a cache of T slots (a causal `Mask`, so
             # the platform's kernel), which then grows to all S slots for the tokens to come.
             m = nnx.merge(graphdef, state)
-            x = m.embed(batch["input_ids"], batch["pixel_values"], batch["pixel_attention_mask"])
+            x = m.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
             mask = batch["attention_mask"]
             cache = KVCache.zeros(t, w.batch, w.tokens, w.dtype, part)
             h, cache = m.text(x, positions_from_mask(mask), Mask.decoder(mask, t.sliding_window), cache, 0)
@@ -250,41 +166,10 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
 
         jitted = jax.jit(prefill, out_shardings=(None, KVCache(kv.sharding, kv.sharding)))
         args = (state, batch)
-        lowered = jitted.lower(*args)
-    _compile(lowered, out, t0, args)
+        compile_lowered(jitted.lower(*args), devices, out, t0, args, CPU_OPTIONS)
     # On TPUs the attention is the splash kernel (`ops.attention.attend`), which holds no (heads, T, T) scores.
     out["hand"] = hand_estimate(w, out["mesh"], config, fused_attention=out["platform"] == "tpu")
     return out
-
-
-def _compile(lowered, out: dict, t0: float, args) -> None:
-    """Compiles `lowered` (lowered since `t0` from the abstract `args`) and adds the times, XLA's per-device memory
-    analysis and the number of TPU kernel calls (Mosaic custom calls: the splash attention) to `out`.
-
-    The TPU compiler refuses a program whose temporaries alone exceed the chip's HBM; it reports their size, which
-    is kept (`out["oom"]`) with the arguments' exact bytes (outputs not counted: a training step's alias its
-    donated state).
-    """
-    out["lower_s"] = time.time() - t0
-    t0 = time.time()
-    tpu = out.get("platform") == "tpu"
-    try:
-        compiled = lowered.compile(None if tpu else CPU_OPTIONS)
-    except jax.errors.JaxRuntimeError as e:
-        need = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
-        if not (tpu and "RESOURCE_EXHAUSTED" in str(e) and need):
-            raise
-        out.update(compile_s=time.time() - t0, oom=True, kernels=lowered.as_text().count("@tpu_custom_call"),
-                   arguments=_per_device_bytes(args), outputs=0, aliased=0, temporaries=float(need[1]) * GiB)
-        out["peak"] = out["arguments"] + out["temporaries"]
-        return
-    m = compiled.memory_analysis()
-    out["compile_s"] = time.time() - t0
-    out["compiled"] = compiled  # bench/tpu_plan.py reads its cost analysis
-    out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-    out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
-               temporaries=m.temp_size_in_bytes)
-    out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
 def hand_estimate(w: Workload, mesh: dict, config: ModelConfig, fused_attention: bool = False) -> dict:
@@ -370,9 +255,9 @@ def _peak(results, platform: str, workload: str) -> str:
 
 def document(results, seconds: float) -> str:
     """The whole of docs/memory-plan.md (`seconds`: how long compiling its programs took)."""
-    tpu = list(dict.fromkeys(f"{p.topology[0]} {p.topology[1]} for the {p.name.removeprefix('TPU ')}"
+    tpu = list(dict.fromkeys(f"{p.tpu.topology} {p.tpu.chip_config} for the {p.name.removeprefix('TPU ')}"
                              for p, _, r in results if r["platform"] == "tpu"))
-    cpu_tpu = sorted({p.name for p, _, r in results if p.topology and r["platform"] != "tpu"})
+    cpu_tpu = sorted({p.name for p, _, r in results if p.tpu and r["platform"] != "tpu"})
     v5e = lambda name: _peak(results, "TPU v5e-8", name)  # noqa: E731
     full_8k = v5e("fine-tune, bf16 params + AdamW, 8192 tokens")
     programs = len({id(r) for _, _, r in results})
@@ -487,7 +372,7 @@ Regenerate with `python bench/memory_plan.py --out docs/memory-plan.md`.
 """
 
 
-ONE_16 = Platform("one 16 GiB device (TPU v5e-1, T4, L4)", 1, 16, ("v5e:1x1", "default", (1, 1, 1)))
+ONE_16 = Platform("one 16 GiB device (TPU v5e-1, T4, L4)", 1, 16, tpu_lib.SLICES["v5e-1"])
 V5E_8 = PLATFORMS[0]
 QLORA = LoraConfig(rank=16, alpha=32.0)  # q, k, v, o of the decoder
 
@@ -517,23 +402,9 @@ def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
     """One QLoRA step (`train/step.py`: frozen quantized base, LoRA adapters + AdamW, remat, bf16 compute) lowered
     and compiled like `compile_program`."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
-    graphdef, state = nnx.split(abstract_model(config, w.dtype, part))
-    model = nnx.merge(graphdef, _with_shardings(state, part, w.quantize))
-    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform}
-    t0 = time.time()
-    parts = train.split(model, lora=QLORA, key=jax.random.key(0))
-    tx = optim.make(OptimConfig(), 1000, parts.fan_in, parts.trainable)
-    abstract = _replicated(part)
-    trainable = jax.tree.map(abstract, parts.trainable)
-    train_state = train.TrainState(abstract(jnp.zeros((), jnp.int32)), trainable,
-                                   jax.tree.map(abstract, jax.eval_shape(tx.init, trainable)))
-    out["params"] = _per_device_bytes(parts.frozen) + _per_device_bytes(trainable)
-    out["optimizer"] = _per_device_bytes(train_state.opt_state)
-    step = train.make_train_step(parts, tx, compute_dtype=jnp.bfloat16, remat="full", lora=QLORA)
-    args = (train_state, parts.frozen, _batch(w, part, labels=True, config=config))
-    lowered = step.lower(*args)
-    _compile(lowered, out, t0, args)
-    return out
+    out = compile_step(config, train_config(w, QLORA, "bfloat16"), devices,
+                       _batch(w, part, labels=True, config=config), compiler_options=CPU_OPTIONS)
+    return out | {"platform": devices[0].platform}
 
 
 def quantized_table(results) -> str:
@@ -598,11 +469,63 @@ def quantized_main(out_path: str | None, config: ModelConfig, smoke: bool = Fals
     return 0
 
 
-def _with_section(text: str, section: str) -> str:
-    """`text` with its quantized section replaced by `section` (appended where it has none)."""
-    if QUANT_BEGIN in text:
-        return text[:text.index(QUANT_BEGIN)] + section.rstrip("\n") + text[text.index(QUANT_END) + len(QUANT_END):]
+def _with_section(text: str, section: str, begin: str = QUANT_BEGIN, end: str = QUANT_END) -> str:
+    """`text` with its section between `begin` and `end` replaced by `section` (appended where it has none)."""
+    if begin in text:
+        return text[:text.index(begin)] + section.rstrip("\n") + text[text.index(end) + len(end):]
     return text.rstrip("\n") + "\n\n" + section
+
+
+# ---- the shipped TPU configs, as `idefics-jax train --dry-run` compiles them ----------------------------------------
+CONFIGS_BEGIN, CONFIGS_END = "<!-- shipped configs: begin -->", "<!-- shipped configs: end -->"
+SHIPPED = (("idefics3-8b-v5e8-lora", "v5e-8"), ("idefics3-8b-v4-8-full", "v4-8"))
+PRESET = "model=idefics3-8b-llama3"  # the configs name a converted checkpoint; the dry run needs the architecture
+
+
+def configs_table(rows) -> str:
+    head = ("| config | compiled for | mesh (data, fsdp, tensor) | batch x tokens, sub-images | params | optimizer | "
+            "arguments | temporaries | peak | fits |\n" + "|---" * 10 + "|\n")
+    return head + "".join(
+        f"| `{name}` | {r['target']} | ({', '.join(str(v) for v in r['mesh'].values())}) | {r['batch'][0]} x "
+        f"{r['batch'][1]}, {r['batch'][2]} | {_g(r['params'])} | {_g(r['optimizer'])} | {_g(r['arguments'])} | "
+        f"{_g(r['temporaries'])} | {_g(r['peak'])} of {_g(r['capacity'])} | {'yes' if r['fits'] else '**no**'} |\n"
+        for name, r in rows)
+
+
+def configs_main(out_path: str | None, smoke: bool = False) -> int:
+    """The shipped TPU configs' training steps for their slices (libtpu), as `idefics-jax train --dry-run CONFIG
+    model=idefics3-8b-llama3 --topology SLICE` prints them: the same function. `smoke`: the tiny config on this
+    host's devices."""
+    from idefics_jax.train import config as config_lib
+    from idefics_jax.train.dry_run import dry_run
+
+    if not smoke and not tpu_lib.have_libtpu():
+        raise SystemExit("--configs compiles for TPU slices: pip install -e '.[aot]' (libtpu)")
+    rows = []
+    t0 = time.time()
+    for name, slice_name in ([("tiny", None)] if smoke else SHIPPED):
+        print(f"compiling {name} for {slice_name or 'this host'} ...", file=sys.stderr, flush=True)
+        rows.append((name, dry_run(config_lib.load(name, [] if smoke else [PRESET]), slice_name)))
+    elapsed = time.time() - t0
+    print(configs_table(rows))
+    if out_path:
+        section = f"""{CONFIGS_BEGIN}
+## The shipped TPU configs
+
+What `idefics-jax train --dry-run CONFIG {PRESET} --topology SLICE` prints for the shipped TPU configs (the same
+function, `train/dry_run.py`): each config's own step (its batch, longest bucket and most sub-images, freezing,
+LoRA, parameter and compute dtypes, remat, gradient accumulation), compiled by libtpu for its slice. GiB per
+device. `python bench/memory_plan.py --configs --out docs/memory-plan.md` rewrites this section
+({time.strftime('%Y-%m-%d')}, {elapsed:.0f} s).
+
+{configs_table(rows)}
+{CONFIGS_END}
+"""
+        with open(out_path) as f:
+            text = f.read()
+        with open(out_path, "w") as f:
+            f.write(_with_section(text, section, CONFIGS_BEGIN, CONFIGS_END))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -612,6 +535,8 @@ def main(argv=None) -> int:
                     "programs, the quantized ones too)")
     ap.add_argument("--quantized", action="store_true", help="only the quantized rows: rewrites their "
                     "section of --out")
+    ap.add_argument("--configs", action="store_true", help="only the shipped TPU configs, as `train --dry-run` "
+                    "compiles them (libtpu): rewrites their section of --out")
     ap.add_argument("--platforms", default="", help="comma-separated platform names to keep (default: all)")
     a = ap.parse_args(argv)
     if a.smoke and a.out:
@@ -620,6 +545,8 @@ def main(argv=None) -> int:
         (IDEFICS3_8B_LLAMA3, PLATFORMS, workloads)
     if a.quantized:
         return quantized_main(a.out, config, a.smoke)
+    if a.configs:
+        return configs_main(a.out, a.smoke)
     compiled: dict = {}
     results = []
     keep = [x.strip() for x in a.platforms.split(",") if x.strip()]
@@ -641,13 +568,14 @@ def main(argv=None) -> int:
     print(f"compiled {len(compiled)} programs in {elapsed:.0f} s", file=sys.stderr, flush=True)
     print(table(results))
     if a.smoke:
-        return quantized_main(None, config, smoke=True)
+        return quantized_main(None, config, smoke=True) or configs_main(None, smoke=True)
     if a.out:
         # The quantized section (`--quantized`) is compiled separately: an existing one is kept.
         old = open(a.out).read() if os.path.exists(a.out) else ""
         text = document(results, elapsed)
-        if QUANT_BEGIN in old:
-            text = _with_section(text, old[old.index(QUANT_BEGIN):old.index(QUANT_END) + len(QUANT_END)])
+        for begin, end in ((QUANT_BEGIN, QUANT_END), (CONFIGS_BEGIN, CONFIGS_END)):
+            if begin in old:
+                text = _with_section(text, old[old.index(begin):old.index(end) + len(end)], begin, end)
         with open(a.out, "w") as f:
             f.write(text)
     return 0

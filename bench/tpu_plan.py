@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from idefics_jax.checkpoints.checkpoint import abstract_model  # noqa: E402
+from idefics_jax.checkpoints.checkpoint import abstract_model, abstract_placed  # noqa: E402
 from idefics_jax.generation import decode  # noqa: E402
 from idefics_jax.generation.sampling import Rows, SamplingConfig, mask_words  # noqa: E402
 from idefics_jax.model import sharding as shd  # noqa: E402
@@ -41,7 +41,8 @@ from idefics_jax.model.config import ModelConfig  # noqa: E402
 from idefics_jax.model.idefics import KVCache  # noqa: E402
 from idefics_jax.model.presets import IDEFICS3_8B_LLAMA3, SMOLVLM_2_2B, TINY  # noqa: E402
 from idefics_jax.ops.decode_weights import StackedLayers  # noqa: E402
-from idefics_jax.runtime import hlo_cost  # noqa: E402
+from idefics_jax.runtime import hlo_cost, tpu as tpu_lib  # noqa: E402
+from idefics_jax.train.dry_run import compile_lowered, per_device_bytes, replicated  # noqa: E402
 
 GiB = 2**30
 Workload = mp.Workload
@@ -54,12 +55,7 @@ class Chip:
     hbm_bytes_s: float  # HBM bandwidth, per chip
 
 
-CHIPS = {
-    "v5e": Chip("TPU v5e", 197e12, 819e9),
-    "v6e": Chip("TPU v6e", 918e12, 1640e9),
-    "v5p": Chip("TPU v5p", 459e12, 2765e9),
-    "cpu": Chip("simulated CPU device (v5e figures)", 197e12, 819e9),
-}
+SMOKE_CHIP = Chip("simulated CPU device (v5e figures)", 197e12, 819e9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +64,9 @@ class Slice:
     chip: Chip
 
 
-SLICES = {
-    "v5e-8": Slice(mp.Platform("TPU v5e-8", 8, 16, ("v5e:2x4", "default", (2, 2, 1))), CHIPS["v5e"]),
-    "v6e-8": Slice(mp.Platform("TPU v6e-8", 8, 32, ("v6e:2x4", "default", (2, 2, 1))), CHIPS["v6e"]),
-    "v5p-8": Slice(mp.Platform("TPU v5p-8", 4, 95, ("v5:2x2x1", "megacore", (2, 2, 1))), CHIPS["v5p"]),
-    "v5e-256": Slice(mp.Platform("TPU v5e-256", 256, 16, ("v5e:16x16", "default", (2, 2, 1))), CHIPS["v5e"]),
-    "v6e-256": Slice(mp.Platform("TPU v6e-256", 256, 32, ("v6e:16x16", "default", (2, 2, 1))), CHIPS["v6e"]),
-}
-SMOKE_SLICE = Slice(mp.SMOKE_PLATFORMS[0], CHIPS["cpu"])
+SLICES = {name: Slice(mp.tpu_platform(name), Chip(f"TPU {name.split('-')[0]}", s.peak_flops, s.hbm_bytes_s))
+          for name, s in tpu_lib.SLICES.items() if name in ("v5e-8", "v6e-8", "v5p-8", "v5e-256", "v6e-256")}
+SMOKE_SLICE = Slice(mp.SMOKE_PLATFORMS[0], SMOKE_CHIP)
 MODELS = {"idefics3-8b": ("Idefics3-8B", IDEFICS3_8B_LLAMA3), "smolvlm-2.2b": ("SmolVLM-2.2B", SMOLVLM_2_2B)}
 # Smoke: the tiny model with more layers, so that loop iterations weigh in the check.
 SMOKE_MODEL = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, num_layers=4),
@@ -121,15 +112,14 @@ def compile_decode_step(w: Workload, devices, config: ModelConfig) -> dict:
     """One decode step (`generation.decode.step`, greedy) of `w.batch` rows over `w.cache_slots` columns, the
     weights and cache sharded as the mesh's rules lay them out, lowered and compiled like `mp.compile_program`."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
-    graphdef, state = nnx.split(abstract_model(config, w.dtype, part))
-    state = mp._with_shardings(state, part)
+    graphdef, state = nnx.split(abstract_placed(config, w.dtype, part))
     out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform,
-           "params": mp._per_device_bytes(state), "optimizer": 0}
+           "params": per_device_bytes(state), "optimizer": 0}
     t, B, S = config.text, w.batch, w.cache_slots
     shape = (t.num_layers, B, t.num_kv_heads, S, t.head_dim)
     kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
-    out["kv_cache"] = mp._per_device_bytes(KVCache(kv, kv))
-    rep = mp._replicated(part)
+    out["kv_cache"] = per_device_bytes(KVCache(kv, kv))
+    rep = replicated(part)
 
     def rows_(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=part.sharding(("batch",) + (None,) * (len(shape) - 1),
@@ -149,31 +139,12 @@ def compile_decode_step(w: Workload, devices, config: ModelConfig) -> dict:
     t0 = time.time()
     args = (state, s, eos)
     lowered = jax.jit(one_step, donate_argnums=1).lower(*args)
-    mp._compile(lowered, out, t0, args)
+    compile_lowered(lowered, devices, out, t0, args, mp.CPU_OPTIONS)
     return out
 
 
 def compile_workload(w: Workload, devices, config: ModelConfig) -> dict:
-    if is_decode(w):
-        return compile_decode_step(w, devices, config)
-    if w.images == 0:  # text only
-        with _text_only():
-            return mp.compile_program(w, devices, config)
-    return mp.compile_program(w, devices, config)
-
-
-@contextlib.contextmanager
-def _text_only():
-    batch = mp._batch
-
-    def text_batch(w, part, labels, config):
-        return {k: v for k, v in batch(w, part, labels, config).items() if not k.startswith("pixel")}
-
-    mp._batch = text_batch
-    try:
-        yield
-    finally:
-        mp._batch = batch
+    return compile_decode_step(w, devices, config) if is_decode(w) else mp.compile_program(w, devices, config)
 
 
 # ---- model flops ---------------------------------------------------------------------------------------------------
@@ -434,7 +405,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         return smoke()
-    if not mp.have_libtpu():
+    if not tpu_lib.have_libtpu():
         ap.error("the plan compiles TPU programs: pip install -e '.[aot]' (libtpu) first; --smoke runs without")
     t_start = time.time()
     for name in [s for s in a.calibrate.split(",") if s]:

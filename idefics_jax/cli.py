@@ -35,6 +35,14 @@ def _train(a):
     from idefics_jax.train import config, run
 
     cfg = config.load(a.config, a.overrides)  # a bad config fails before joining other hosts
+    if a.dry_run or a.topology:
+        from idefics_jax.train.dry_run import dry_run, report
+
+        plan = dry_run(cfg, a.topology)
+        print(report(plan))
+        if not plan["fits"]:
+            raise ValueError(report(plan).splitlines()[-1])
+        return
     distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
     run.run(cfg)
 
@@ -176,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = parser("train", help="fine-tune with a shipped config or a YAML file (resumes from WORKDIR)")
     t.add_argument("config", nargs="?", help="a shipped config's name (see --list), or a YAML file")
     t.add_argument("--list", action="store_true", help="name the shipped configs and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="compile the step for the config's mesh (no weights, no data): memory per device, fits or not")
+    t.add_argument("--topology", default=None, metavar="SLICE",
+                   help="with --dry-run: compile for this TPU slice (v5e-8, v6e-8, v4-8, v5p-8, v5e-256, v6e-256; "
+                        "needs libtpu: the [aot] extra)")
     t.add_argument("overrides", nargs="*", help="key=value, nested with dots (optim.learning_rate=1e-4)")
     t.set_defaults(fn=_train)
     g = parser("generate", help="answer a prompt about images, streaming the text to stdout")

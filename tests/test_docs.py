@@ -154,7 +154,8 @@ def plan(toks: list[str]) -> str:
         if args[:1] == ["serve"]:
             return "server" if key(toks) == SERVER else "unhandled"
         if args[:1] == ["train"] and "--list" not in args:
-            return "train_config"
+            # A dry run on this host's devices runs; one for a TPU slice needs libtpu: its config is loaded.
+            return "cli" if "--dry-run" in args and "--topology" not in args else "train_config"
         return "cli" if args[:1] and args[0] in SUBCOMMANDS else "unhandled"
     if prog in ("python", "python3") and args:
         if args[:2] == ["-m", "idefics_jax.train"]:
@@ -272,7 +273,9 @@ def _train_config_argvs() -> list[tuple[str, list[str]]]:
     for b, toks in shell_commands():
         argv = launched(toks) if toks[0] in LAUNCHERS else toks[1:]
         if toks[0] == "idefics-jax" and plan(toks) == "train_config":
-            out.append((b["id"], argv[1:]))
+            flags = {i for i, a in enumerate(argv) if a == "--dry-run"}
+            flags |= {j for i, a in enumerate(argv) if a == "--topology" for j in (i, i + 1)}
+            out.append((b["id"], [a for i, a in enumerate(argv[1:], 1) if i not in flags]))
         elif toks[:3] in (["python", "-m", "idefics_jax.train"], ["python3", "-m", "idefics_jax.train"]):
             out.append((b["id"], toks[3:]))
         elif toks[0] in LAUNCHERS and argv and argv[0] == "train":

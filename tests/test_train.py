@@ -192,6 +192,19 @@ def test_loss_falls_and_metrics_are_written(tmp_path, shapes_data):
     assert sum(not np.array_equal(np.asarray(init[k][...]), np.asarray(got[k][...])) for k in init) > len(init) // 2
 
 
+def test_bf16_parameters_train_and_are_kept_in_bf16(tmp_path, shapes_data):
+    """param_dtype=bfloat16: the weights, gradients and AdamW moments in bf16 (half the memory); the loss still
+    falls, and the checkpoint a later run or an export reads holds bf16 weights."""
+    cfg = config_lib.load("configs/tiny.yaml", _overrides(tmp_path / "run", shapes_data, 8) + ["param_dtype=bfloat16"])
+    trainer.train(cfg)
+    losses = _losses(tmp_path / "run")
+    assert np.mean([losses[s] for s in (6, 7, 8)]) < 0.8 * np.mean([losses[s] for s in (1, 2, 3)]), losses
+    from idefics_jax.train.loading import trained_model
+
+    model, _ = trained_model(str(tmp_path / "run"))
+    assert {v[...].dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_text_lr_scale_slows_only_the_decoder():
     from idefics_jax.train import optim
     from idefics_jax.train.config import OptimConfig

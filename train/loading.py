@@ -79,6 +79,10 @@ def load_model(config: TrainConfig, partitioning: Partitioning | None):
     return model.set_attention(config.attention or None), model_dir
 
 
+def param_dtype(config: TrainConfig):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.param_dtype]
+
+
 def _load_model(config: TrainConfig, partitioning: Partitioning | None):
     path = model_path(config)
     run = run_step(path)
@@ -87,11 +91,12 @@ def _load_model(config: TrainConfig, partitioning: Partitioning | None):
         return (model if partitioning is None else _shard(model, partitioning)), processor_dir
     p = as_path(path)
     if p.is_dir() and not any(f.name.endswith(".safetensors") or f.name == "params" for f in p.iterdir()):
-        model = IdeficsModel(from_hf_file(path), rngs=nnx.Rngs(config.seed), partitioning=partitioning)
+        model = IdeficsModel(from_hf_file(path), rngs=nnx.Rngs(config.seed), dtype=param_dtype(config),
+                             partitioning=partitioning)
         model = model if partitioning is None else _shard(model, partitioning)
         model.generation_defaults = read_generation_defaults(path)  # eos for evaluation
         return model, path
-    return load_pretrained(path, dtype=jnp.float32, mesh=None if partitioning is None else partitioning.mesh,
+    return load_pretrained(path, dtype=param_dtype(config), mesh=None if partitioning is None else partitioning.mesh,
                            quantize=config.quantize or None, group_size=config.group_size or None), path
 
 

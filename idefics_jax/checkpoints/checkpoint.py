@@ -46,6 +46,27 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32,
     return nnx.eval_shape(lambda: IdeficsModel(config, rngs=nnx.Rngs(0), dtype=dtype, partitioning=partitioning))
 
 
+def abstract_placed(config: ModelConfig, dtype, partitioning: sharding.Partitioning, quantize: str = "",
+                    group: int | None = None) -> IdeficsModel:
+    """The model with ShapeDtypeStruct leaves that carry the shardings their logical axes give on
+    `partitioning`'s mesh (scalars replicated), as `load_pretrained` places them; with `quantize` ("int8" /
+    "int4"), the matmul weights as abstract QuantizedWeights. What ahead-of-time compilation takes."""
+    graphdef, state = nnx.split(abstract_model(config, dtype, partitioning))
+
+    def leaf(p, v):
+        sds, meta = v.get_value(), v.get_metadata()
+        key = "/".join(map(str, p))
+        if quantize and eligible(key, meta.get("fan_in")):
+            q = quantized_shape(key, meta, quantize, group, sds.shape)
+            where = quantized_shardings(q, meta, partitioning)
+            return v.replace(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), q, where))
+        axes = meta.get("axes")
+        return v.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=partitioning.sharding(axes, sds.shape)
+                                              if axes else partitioning.sharding((), ())))
+
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, leaf(p, v)) for p, v in nnx.to_flat_state(state)]))
+
+
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes by path ("text/layers/q")."""
     state = nnx.state(abstract_model(config))
