@@ -17,10 +17,7 @@ peak, a Llama-3.1-8B-shaped training step against MaxText's published MFU) is pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
-import math
 import os
 import sys
 import time
@@ -33,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from idefics_jax.checkpoints.checkpoint import abstract_model, abstract_placed  # noqa: E402
+from idefics_jax.checkpoints.checkpoint import abstract_placed  # noqa: E402
 from idefics_jax.generation import decode  # noqa: E402
 from idefics_jax.generation.sampling import Rows, SamplingConfig, mask_words  # noqa: E402
 from idefics_jax.model import sharding as shd  # noqa: E402
@@ -41,7 +38,9 @@ from idefics_jax.model.config import ModelConfig  # noqa: E402
 from idefics_jax.model.idefics import KVCache  # noqa: E402
 from idefics_jax.model.presets import IDEFICS3_8B_LLAMA3, SMOLVLM_2_2B, TINY  # noqa: E402
 from idefics_jax.ops.decode_weights import StackedLayers  # noqa: E402
+from idefics_jax.model.flops import model_flops  # noqa: E402
 from idefics_jax.runtime import hlo_cost, tpu as tpu_lib  # noqa: E402
+from idefics_jax.runtime.hlo_cost import Cost, by_depth, program_cost, unrolled_scans  # noqa: E402
 from idefics_jax.train.dry_run import compile_lowered, per_device_bytes, replicated  # noqa: E402
 
 GiB = 2**30
@@ -97,17 +96,6 @@ def is_decode(w: Workload) -> bool:
     return w.name.startswith("decode")
 
 
-@contextlib.contextmanager
-def unrolled():
-    """Every `lax.scan` traced inside runs unrolled (no while loop): the reference for the loop arithmetic."""
-    scan = jax.lax.scan
-    jax.lax.scan = functools.partial(scan, unroll=True)
-    try:
-        yield
-    finally:
-        jax.lax.scan = scan
-
-
 def compile_decode_step(w: Workload, devices, config: ModelConfig) -> dict:
     """One decode step (`generation.decode.step`, greedy) of `w.batch` rows over `w.cache_slots` columns, the
     weights and cache sharded as the mesh's rules lay them out, lowered and compiled like `mp.compile_program`."""
@@ -148,91 +136,30 @@ def compile_workload(w: Workload, devices, config: ModelConfig) -> dict:
 
 
 # ---- model flops ---------------------------------------------------------------------------------------------------
-def _param_counts(config: ModelConfig) -> dict:
-    counts = {"text_layers": 0, "lm_head": 0, "vision_layers": 0, "connector": 0}
-    for p, v in nnx.to_flat_state(nnx.state(abstract_model(config))):
-        path, n = "/".join(map(str, p)), math.prod(v.get_value().shape)
-        if path.startswith("text/layers/"):
-            counts["text_layers"] += n
-        elif path == "lm_head":
-            counts["lm_head"] += n
-        elif path.startswith("vision/layers/"):
-            counts["vision_layers"] += n
-        elif path.startswith("connector/"):
-            counts["connector"] += n
-    return counts
-
-
-def model_flops(w: Workload, config: ModelConfig) -> float:
-    """Model flops of one step of `w` (all chips): 2 per parameter per token forward (the token embedding and
-    the positions' tables are lookups), attention 4 x L x heads x head_dim x T per token (PaLM's convention: the
-    causal half not discounted); training 3x forward (full) or 2x for the decoder and 1x for the frozen vision
-    tower (LoRA); the prefill scores its last token only. The vision tower and connector count their patches."""
-    c, t, v = _param_counts(config), config.text, config.vision
-    B, T = w.batch, w.tokens
-    text = 2 * c["text_layers"] * B * T + 4 * t.num_layers * t.num_heads * t.head_dim * T * B * T
-    head = 2 * c["lm_head"] * B * (1 if w.cache_slots else T)
-    patches = v.patches_per_side**2
-    tiles = B * w.images
-    vision = tiles * (2 * c["vision_layers"] * patches + 4 * v.num_layers * v.hidden_size * patches * patches
-                      + 2 * c["connector"] * patches // config.connector.scale_factor**2)
+def workload_flops(w: Workload, config: ModelConfig) -> float:
+    """Model flops of one step of `w` (`model.flops`): training 3 passes (full) or 2 for the decoder and 1 for the
+    frozen vision tower (LoRA); inference one, the prefill scoring its last token only."""
     if w.cache_slots:
-        return text + head + vision
+        return model_flops(config, w.batch, w.tokens, w.images, head_tokens=1)
     if w.lora:
-        return 2 * (text + head) + vision
-    return 3 * (text + head + vision)
+        return model_flops(config, w.batch, w.tokens, w.images, text_passes=2)
+    return model_flops(config, w.batch, w.tokens, w.images, text_passes=3, vision_passes=3)
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Cost:
-    """Per-chip figures of a program by the compiler's cost model: flops, HBM bytes, estimated seconds (TPU's
-    `optimal_seconds`; None off TPU) and collective operand bytes and counts by kind."""
-
-    flops: float = 0.0
-    bytes: float = 0.0
-    seconds: float | None = 0.0
-    collective_bytes: dict = dataclasses.field(default_factory=dict)
-    collective_count: dict = dataclasses.field(default_factory=dict)
-
-    def plus(self, other: "Cost", times: float = 1.0) -> "Cost":
-        merge = lambda a, b: {k: a.get(k, 0) + times * b.get(k, 0) for k in {*a, *b}}  # noqa: E731
-        seconds = None if self.seconds is None or other.seconds is None else self.seconds + times * other.seconds
-        return Cost(self.flops + times * other.flops, self.bytes + times * other.bytes, seconds,
-                    merge(self.collective_bytes, other.collective_bytes),
-                    merge(self.collective_count, other.collective_count))
-
-
-def program_cost(compiled) -> Cost:
-    """The compiler's cost analysis of `compiled` and its collectives (`runtime.hlo_cost`)."""
-    ca = hlo_cost.xla_cost_analysis(compiled)
-    coll, _ = hlo_cost.collectives(compiled.as_text())
-    seconds = ca.get("optimal_seconds")
-    if seconds is not None and seconds < 0:
-        # libtpu adds -1 s for each instruction it cannot time (seen: -2.99917 s for a program whose bytes over
-        # the HBM bandwidth are 0.83 ms): the fraction is its estimate of the rest.
-        seconds -= math.floor(seconds)
-    return Cost(ca.get("flops", 0.0), ca.get("bytes accessed", 0.0), seconds, coll.bytes, coll.count)
-
-
 def with_layers(config: ModelConfig, text: int, vision: int) -> ModelConfig:
     return dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=text),
                                vision=dataclasses.replace(config.vision, num_layers=vision))
 
 
 def layered_cost(w: Workload, devices, config: ModelConfig) -> Cost:
-    """The cost of `w` with every layer and loop iteration counted: the compiler's cost analysis counts a loop
-    body once, so the program is compiled with every scan unrolled at 1 and 2 decoder layers (and 1 and 2 vision
-    layers where it runs the vision tower), and the cost extrapolated linearly to the model's depth."""
+    """The cost of `w` with every layer and loop iteration counted (`hlo_cost.by_depth`: compiled with its scans
+    unrolled at 1 and 2 decoder layers, and 1 and 2 vision layers where it runs the vision tower)."""
     def cost(text: int, vision: int) -> Cost:
-        with unrolled():
+        with unrolled_scans():
             return program_cost(compile_workload(w, devices, with_layers(config, text, vision))["compiled"])
 
-    base = cost(1, 1)
-    total = base.plus(cost(2, 1).plus(base, -1), config.text.num_layers - 1)
-    if w.images:
-        total = total.plus(cost(1, 2).plus(base, -1), config.vision.num_layers - 1)
-    return total
+    return by_depth(cost, config.text.num_layers, config.vision.num_layers if w.images else 0)
 
 
 def plan_row(sl: Slice, w: Workload, r: dict, config: ModelConfig, cost: Cost | None) -> dict:
@@ -250,7 +177,7 @@ def plan_row(sl: Slice, w: Workload, r: dict, config: ModelConfig, cost: Cost | 
         roof = (r["params"] + r["kv_cache"]) / sl.chip.hbm_bytes_s
         row.update(tokens_s=w.batch / seconds, roofline_tokens_s=w.batch / roof)
     else:
-        row["mfu"] = model_flops(w, config) / (seconds * sl.chip.peak_flops * n)
+        row["mfu"] = workload_flops(w, config) / (seconds * sl.chip.peak_flops * n)
         row["tokens_s"] = w.batch * w.tokens / seconds
     return row
 
@@ -349,7 +276,7 @@ def calibrate_llama(sl: Slice, devices, tokens: int) -> dict:
     cost = layered_cost(w, devices, LLAMA31_8B)
     seconds = cost.seconds or max(cost.flops / sl.chip.peak_flops, cost.bytes / sl.chip.hbm_bytes_s)
     return {"cost": cost, "seconds": seconds,
-            "mfu": model_flops(w, LLAMA31_8B) / (seconds * sl.chip.peak_flops * sl.platform.devices)}
+            "mfu": workload_flops(w, LLAMA31_8B) / (seconds * sl.chip.peak_flops * sl.platform.devices)}
 
 
 # ---- smoke: the layer arithmetic against a whole unrolled program -------------------------------------------------
@@ -359,7 +286,7 @@ def check_layers(devices, config: ModelConfig, loads) -> list[tuple[str, float, 
     than 5% (a decode step: its flops)."""
     out = []
     for w, est in loads:
-        with unrolled():
+        with unrolled_scans():
             r = compile_workload(w, devices, config)
         flat, loops = program_cost(r["compiled"]), hlo_cost.collectives(r["compiled"].as_text())[1]
         rf, rb = est.flops / flat.flops, est.bytes / flat.bytes

@@ -166,8 +166,9 @@ def dry_run(cfg: TrainConfig, slice_name: str | None = None) -> dict:
     batch = batch_specs(part, config, B, T, images, packed=cfg.data.packing)
     out = compile_step(config, cfg, devices, batch)
     out.pop("compiled", None)
-    return {**out, "capacity": capacity, "fits": not out.get("oom") and out["peak"] <= capacity,
-            "batch": (B, T, images), "target": how}
+    out.update(capacity=capacity, fits=not out.get("oom") and out["peak"] <= capacity, batch=(B, T, images),
+               target=how)
+    return out
 
 
 def _size(b: float) -> str:
