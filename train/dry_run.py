@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from idefics_jax.checkpoints.checkpoint import abstract_placed
 from idefics_jax.checkpoints.hf_config import from_hf_file
+from idefics_jax.checkpoints.paths import as_path
 from idefics_jax.checkpoints.registry import PRESETS, shipped_models, SHIPPED_DIR
 from idefics_jax.model import sharding as shd
 from idefics_jax.model.config import ModelConfig
@@ -123,7 +124,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     if cfg.model in PRESETS:
         return PRESETS[cfg.model]
     path = os.path.join(SHIPPED_DIR, cfg.model) if cfg.model in shipped_models() else cfg.model
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if (as_path(path) / "config.json").exists():  # a local directory or a bucket
         return from_hf_file(path)
     raise ValueError(f"model '{cfg.model}': no config.json there; a dry run needs only the architecture: name a "
                      f"preset (model=NAME; {', '.join(sorted(PRESETS))})")
