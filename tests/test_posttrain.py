@@ -250,3 +250,28 @@ def test_dpo_run_on_jsonl_pairs(tmp_path):
     assert rows[0]["rewards_margin"] == pytest.approx(0, abs=1e-6)
     # One update on the same two pairs prefers the chosen answers.
     assert rows[1]["rewards_margin"] > 0 and rows[1]["preference_accuracy"] == 1.0
+
+
+def test_jsonl_records_resolve_images_and_name_a_bad_line(tmp_path):
+    """DPO pairs and GRPO prompts from JSONL: images beside the file, and a bad line is one error naming it."""
+    import json
+
+    from idefics_jax.train.dpo import jsonl_pairs
+    from idefics_jax.train.grpo import jsonl_prompts
+
+    good = {"images": ["a.png", "/abs/b.png"], "prompt": "How many?", "chosen": 3, "rejected": "4", "answers": [3]}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n\n")
+    (pair,), (prompt,) = jsonl_pairs(str(path)), jsonl_prompts(str(path))
+    assert pair.images == [str(tmp_path / "a.png"), "/abs/b.png"] == prompt.images
+    assert (pair.chosen, pair.rejected, prompt.answers) == ("3", "4", ("3",))
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "x", "answers": ["1"]}) + "\n")
+    with pytest.raises(ValueError, match=r"r\.jsonl:2: not a DPO record \{images, prompt, chosen, rejected\} "
+                                         r"\('chosen'\)$"):
+        jsonl_pairs(str(path))
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"r\.jsonl:1: not a GRPO record \{images, prompt, answers\} \("):
+        jsonl_prompts(str(path))
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=r"r\.jsonl: no records$"):
+        jsonl_prompts(str(path))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 
 import jax
@@ -32,6 +31,7 @@ from idefics_jax.train import logprobs, optim, preference, rollouts, step as ste
 from idefics_jax.train.config import TrainConfig
 from idefics_jax.train.grpo import _Position, one_source, shapes_color_count
 from idefics_jax.train.loading import load_model
+from idefics_jax.train.records import read_jsonl
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
 SAMPLES = 8  # answers sampled per prompt when pairs are built from the model's own answers
@@ -47,20 +47,9 @@ class Pair:
 
 
 def jsonl_pairs(path: str) -> list[Pair]:
-    folder, out = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                images = [im if os.path.isabs(im) else os.path.join(folder, im) for im in r.get("images", [])]
-                out.append(Pair(user_turn(r["prompt"], len(images)), images, str(r["chosen"]), str(r["rejected"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: not a DPO record {{images, prompt, chosen, rejected}} ({e})") from None
-    if not out:
-        raise ValueError(f"{path}: no records")
-    return out
+    """{"images": [...], "prompt": str, "chosen": str, "rejected": str} lines -> pairs."""
+    return read_jsonl(path, "a DPO record {images, prompt, chosen, rejected}", lambda r, images: Pair(
+        user_turn(r["prompt"], len(images)), images, str(r["chosen"]), str(r["rejected"])))
 
 
 def own_answer_pairs(engine, batch: int, n: int, seed: int, temperature: float = TEMPERATURE) -> list[Pair]:

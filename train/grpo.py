@@ -35,6 +35,7 @@ from idefics_jax.train import config as config_lib
 from idefics_jax.train import grpo_loss, logprobs, optim, rewards, rollouts, step as step_lib
 from idefics_jax.train.config import TrainConfig
 from idefics_jax.train.loading import load_model
+from idefics_jax.train.records import read_jsonl
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
 
@@ -75,21 +76,8 @@ def shapes_mixed(batch: int, n: int, seed: int) -> list[rollouts.Prompt]:
 
 def jsonl_prompts(path: str) -> list[rollouts.Prompt]:
     """{"images": [...], "prompt": str, "answers": [...]} lines -> prompts (images as paths beside the file)."""
-    folder, out = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                images = [im if os.path.isabs(im) else os.path.join(folder, im) for im in r.get("images", [])]
-                out.append(rollouts.Prompt(user_turn(r["prompt"], len(images)), images,
-                                           tuple(str(a) for a in r["answers"]), r["prompt"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: not a GRPO record {{images, prompt, answers}} ({e})") from None
-    if not out:
-        raise ValueError(f"{path}: no records")
-    return out
+    return read_jsonl(path, "a GRPO record {images, prompt, answers}", lambda r, images: rollouts.Prompt(
+        user_turn(r["prompt"], len(images)), images, tuple(str(a) for a in r["answers"]), r["prompt"]))
 
 
 def prompt_source(config: TrainConfig) -> Callable[[int], list[rollouts.Prompt]]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any, ClassVar, Mapping, Sequence
+import json
+import os
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -134,3 +136,26 @@ def decode_image(data: bytes):
 
 def decode_images(r: Record) -> list:
     return [decode_image(b) for b in r.images]
+
+
+T = TypeVar("T")
+
+
+def read_jsonl(path: str, what: str, make: Callable[[dict, list[str]], T]) -> list[T]:
+    """Each non-blank line of the JSONL file `path` as `make(record, images)`, its "images" as paths (relative
+    ones beside the file). A line `make` cannot take is one error naming the file, the line and `what` it should
+    be; a file without records is an error too."""
+    folder, out = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                images = [im if os.path.isabs(im) else os.path.join(folder, im) for im in r.get("images", [])]
+                out.append(make(r, images))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{i}: not {what} ({e})") from None
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
