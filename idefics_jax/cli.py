@@ -39,9 +39,10 @@ def _train(a):
         from idefics_jax.train.dry_run import dry_run, report
 
         plan = dry_run(cfg, a.topology)
-        print(report(plan))
+        text = report(plan)
+        print(text)
         if not plan["fits"]:
-            raise ValueError(report(plan).splitlines()[-1])
+            raise ValueError(text.splitlines()[-1])
         return
     distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
     run.run(cfg)

@@ -30,7 +30,7 @@ from idefics_jax.train import config as config_lib
 from idefics_jax.train import logprobs, optim, preference, rollouts, step as step_lib
 from idefics_jax.train.config import TrainConfig
 from idefics_jax.train.grpo import _Position, one_source, shapes_color_count
-from idefics_jax.train.loading import load_model
+from idefics_jax.train.loading import compute_dtype, load_model
 from idefics_jax.train.records import read_jsonl
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
@@ -80,7 +80,7 @@ class Dpo:
         self.chat = Chat(model, self.processor)
         self.parts = step_lib.split(model, config.freeze, config.lora, jax.random.key(config.seed))
         self.start = None if config.lora.rank > 0 else jax.tree.map(jnp.copy, self.parts.trainable)
-        compute = {"float32": None, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+        compute = compute_dtype(config)
         self.tx = optim.make(config.optim, config.steps, self.parts.fan_in, self.parts.trainable)
         self.state = step_lib.init_state(self.parts.trainable, self.tx)
         self.schedule = optim.schedule(config.optim, config.steps)

@@ -24,7 +24,7 @@ from idefics_jax.model.config import ModelConfig
 from idefics_jax.ops.platform import compile_ahead, describe, memory_limit
 from idefics_jax.runtime import tpu
 from idefics_jax.train import optim, step as step_lib
-from idefics_jax.train.loading import param_dtype
+from idefics_jax.train.loading import compute_dtype, param_dtype
 from idefics_jax.train.config import TrainConfig
 
 GiB = 2**30
@@ -78,7 +78,7 @@ def compile_step(model_config: ModelConfig, cfg: TrainConfig, devices, batch: di
         tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
         jax.eval_shape(tx.init, trainable), trainable, transform_non_params=replicated(part))
     state = step_lib.TrainState(replicated(part)(jax.ShapeDtypeStruct((), jnp.int32)), trainable, opt_state)
-    compute = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
+    compute = compute_dtype(cfg)
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat, lora=lora,
                                           grad_accum=cfg.optim.grad_accum)
     args = (state, parts.frozen, batch)

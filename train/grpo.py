@@ -34,7 +34,7 @@ from idefics_jax.ops import heap
 from idefics_jax.train import config as config_lib
 from idefics_jax.train import grpo_loss, logprobs, optim, rewards, rollouts, step as step_lib
 from idefics_jax.train.config import TrainConfig
-from idefics_jax.train.loading import load_model
+from idefics_jax.train.loading import compute_dtype, load_model
 from idefics_jax.train.records import read_jsonl
 from idefics_jax.train.trainer import StopSignals, TrainingError, _Checkpoints, _Report
 
@@ -155,7 +155,7 @@ class Grpo:
         # the update donates.
         lora = config.lora.rank > 0
         self.start = None if lora else jax.tree.map(jnp.copy, self.parts.trainable)
-        self.compute = {"float32": None, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+        self.compute = compute_dtype(config)
         self.tx = optim.make(config.optim, config.steps, self.parts.fan_in, self.parts.trainable)
         self.update = make_grpo_step(self.parts, self.tx, config, self.compute)
         self.logps = make_logps(self.parts, self.compute, g.temperature)

@@ -83,6 +83,11 @@ def param_dtype(config: TrainConfig):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.param_dtype]
 
 
+def compute_dtype(config: TrainConfig):
+    """What the step casts the parameters to: None keeps them as they are (fp32)."""
+    return {"float32": None, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+
+
 def _load_model(config: TrainConfig, partitioning: Partitioning | None):
     path = model_path(config)
     run = run_step(path)

@@ -34,7 +34,7 @@ from idefics_jax.train.config import TrainConfig
 from idefics_jax.train.benchmarks import Benchmarks
 from idefics_jax.train.data import LoaderConfig, Mixture, batches
 from idefics_jax.train.evaluate import Evaluator
-from idefics_jax.train.loading import load_model
+from idefics_jax.train.loading import compute_dtype, load_model
 from idefics_jax.train.writers import Writers, check_wandb
 
 
@@ -225,7 +225,7 @@ def _setup(config: TrainConfig) -> _Setup:
     mesh = sharding.make_mesh(mesh_shape) if jax.device_count() > 1 else None
     partitioning = None if mesh is None else sharding.Partitioning(mesh, sharding.RULES)
     model, model_dir = load_model(config, partitioning)
-    compute = {"float32": None, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+    compute = compute_dtype(config)
     parts = step_lib.split(model, config.freeze, config.lora, jax.random.key(config.seed))
     tx = optim.make(config.optim, config.steps, parts.fan_in, parts.trainable)
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=config.remat, lora=config.lora,
