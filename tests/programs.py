@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-QUICK_XLA = "--xla_backend_optimization_level=0"
+QUICK_XLA = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 
 
 def xla_flags(devices: int = 1) -> str:
