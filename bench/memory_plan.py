@@ -44,7 +44,9 @@ from idefics_jax.model.presets import IDEFICS3_8B_LLAMA3, TINY  # noqa: E402
 from idefics_jax.runtime import tpu as tpu_lib  # noqa: E402
 from idefics_jax.train import step as train  # noqa: E402
 from idefics_jax.train.config import LoraConfig, MeshConfig, OptimConfig, TrainConfig  # noqa: E402
-from idefics_jax.train.dry_run import batch_specs, compile_lowered, compile_step, per_device_bytes  # noqa: E402
+from idefics_jax.model.sharding import per_device_bytes  # noqa: E402
+from idefics_jax.ops.platform import compile_lowered  # noqa: E402
+from idefics_jax.train.dry_run import batch_specs, compile_step  # noqa: E402
 
 GiB = 2**30
 # XLA:CPU compiles the 8B programs several times faster without its backend optimisations; the TPU compiler keeps
@@ -121,7 +123,7 @@ def workloads(devices: int) -> tuple[Workload, ...]:
     )
 
 
-def _batch(w: Workload, part: shd.Partitioning, labels: bool, config: ModelConfig) -> dict:
+def batch(w: Workload, part: shd.Partitioning, labels: bool, config: ModelConfig) -> dict:
     return batch_specs(part, config, w.batch, w.tokens, w.images, labels=labels)
 
 
@@ -140,14 +142,14 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
     if w.training:
         # The model's attention is the platform's default (`ops.attention.default_backend`): splash on TPU devices.
-        out = compile_step(config, train_config(w), devices, _batch(w, part, labels=True, config=config),
+        out = compile_step(config, train_config(w), devices, batch(w, part, labels=True, config=config),
                            compiler_options=CPU_OPTIONS) | {"platform": devices[0].platform}
     else:
         graphdef, state = nnx.split(abstract_placed(config, w.dtype, part, w.quantize))
         out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform,
                "params": per_device_bytes(state), "optimizer": 0}
         t0 = time.time()
-        batch = _batch(w, part, labels=False, config=config)
+        inputs = batch(w, part, labels=False, config=config)
         t = config.text
         shape = (t.num_layers, w.batch, t.num_kv_heads, w.cache_slots, t.head_dim)
         kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
@@ -165,8 +167,8 @@ def compile_program(w: Workload, devices, config: ModelConfig) -> dict:
             return m.lm_logits(h[:, -1:]), KVCache(jnp.pad(cache.k, grow), jnp.pad(cache.v, grow))
 
         jitted = jax.jit(prefill, out_shardings=(None, KVCache(kv.sharding, kv.sharding)))
-        args = (state, batch)
-        compile_lowered(jitted.lower(*args), devices, out, t0, args, CPU_OPTIONS)
+        args = (state, inputs)
+        compile_lowered(jitted.lower(*args), devices, out, t0, per_device_bytes(args), CPU_OPTIONS)
     # On TPUs the attention is the splash kernel (`ops.attention.attend`), which holds no (heads, T, T) scores.
     out["hand"] = hand_estimate(w, out["mesh"], config, fused_attention=out["platform"] == "tpu")
     return out
@@ -403,7 +405,7 @@ def compile_qlora(w: Workload, devices, config: ModelConfig) -> dict:
     and compiled like `compile_program`."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
     out = compile_step(config, train_config(w, QLORA, "bfloat16"), devices,
-                       _batch(w, part, labels=True, config=config), compiler_options=CPU_OPTIONS)
+                       batch(w, part, labels=True, config=config), compiler_options=CPU_OPTIONS)
     return out | {"platform": devices[0].platform}
 
 

@@ -27,21 +27,16 @@ import memory_plan as mp  # noqa: E402  (sets the CPU device count and platform 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from idefics_jax.checkpoints.checkpoint import abstract_placed  # noqa: E402
-from idefics_jax.generation import decode  # noqa: E402
-from idefics_jax.generation.sampling import Rows, SamplingConfig, mask_words  # noqa: E402
 from idefics_jax.model import sharding as shd  # noqa: E402
 from idefics_jax.model.config import ModelConfig  # noqa: E402
-from idefics_jax.model.idefics import KVCache  # noqa: E402
 from idefics_jax.model.presets import IDEFICS3_8B_LLAMA3, SMOLVLM_2_2B, TINY  # noqa: E402
-from idefics_jax.ops.decode_weights import StackedLayers  # noqa: E402
 from idefics_jax.model.flops import model_flops  # noqa: E402
 from idefics_jax.runtime import hlo_cost, tpu as tpu_lib  # noqa: E402
 from idefics_jax.runtime.hlo_cost import Cost, by_depth, program_cost, unrolled_scans  # noqa: E402
-from idefics_jax.train.dry_run import compile_lowered, per_device_bytes, replicated  # noqa: E402
+from idefics_jax.serve import dry_run as serve_dry_run  # noqa: E402
+from idefics_jax.train.dry_run import step_cost, step_flops, with_layers  # noqa: E402
 
 GiB = 2**30
 Workload = mp.Workload
@@ -97,38 +92,12 @@ def is_decode(w: Workload) -> bool:
 
 
 def compile_decode_step(w: Workload, devices, config: ModelConfig) -> dict:
-    """One decode step (`generation.decode.step`, greedy) of `w.batch` rows over `w.cache_slots` columns, the
-    weights and cache sharded as the mesh's rules lay them out, lowered and compiled like `mp.compile_program`."""
+    """One decode step of `w.batch` rows over `w.cache_slots` columns: the program `idefics-jax serve --dry-run`
+    compiles (`serve.dry_run.compile_decode_step`)."""
     part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
-    graphdef, state = nnx.split(abstract_placed(config, w.dtype, part))
-    out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "platform": devices[0].platform,
-           "params": per_device_bytes(state), "optimizer": 0}
-    t, B, S = config.text, w.batch, w.cache_slots
-    shape = (t.num_layers, B, t.num_kv_heads, S, t.head_dim)
-    kv = jax.ShapeDtypeStruct(shape, w.dtype, sharding=part.sharding(KVCache.AXES, shape))
-    out["kv_cache"] = per_device_bytes(KVCache(kv, kv))
-    rep = replicated(part)
-
-    def rows_(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=part.sharding(("batch",) + (None,) * (len(shape) - 1),
-                                                                          shape))
-
-    s = decode.DecodeState(KVCache(kv, kv), rows_((B, S), jnp.bool_), rows_((B, S), jnp.int32), rep(
-        jax.ShapeDtypeStruct((), jnp.int32)), rows_((B,), jnp.int32), rows_((B,), jnp.int32), rows_((B,), jnp.int32),
-        rows_((B,), jnp.bool_), jax.tree.map(rep, jax.eval_shape(lambda: Rows.empty(B))),
-        rows_((B, mask_words(config.text.vocab_size)), jnp.int32))
-    eos = rep(jax.ShapeDtypeStruct((1,), jnp.int32))
-
-    def one_step(state, s, eos):
-        m = nnx.merge(graphdef, state)
-        s, nxt, _ = decode.step(m, StackedLayers(m.text.layers.weights()), s, eos, jnp.int32(0), SamplingConfig())
-        return s, nxt
-
-    t0 = time.time()
-    args = (state, s, eos)
-    lowered = jax.jit(one_step, donate_argnums=1).lower(*args)
-    compile_lowered(lowered, devices, out, t0, args, mp.CPU_OPTIONS)
-    return out
+    return serve_dry_run.compile_decode_step(config, w.dtype, part, w.batch, w.cache_slots,
+                                             compiler_options=mp.CPU_OPTIONS) | {"platform": devices[0].platform,
+                                                                                  "optimizer": 0}
 
 
 def compile_workload(w: Workload, devices, config: ModelConfig) -> dict:
@@ -137,24 +106,26 @@ def compile_workload(w: Workload, devices, config: ModelConfig) -> dict:
 
 # ---- model flops ---------------------------------------------------------------------------------------------------
 def workload_flops(w: Workload, config: ModelConfig) -> float:
-    """Model flops of one step of `w` (`model.flops`): training 3 passes (full) or 2 for the decoder and 1 for the
-    frozen vision tower (LoRA); inference one, the prefill scoring its last token only."""
-    if w.cache_slots:
-        return model_flops(config, w.batch, w.tokens, w.images, head_tokens=1)
-    if w.lora:
-        return model_flops(config, w.batch, w.tokens, w.images, text_passes=2)
-    return model_flops(config, w.batch, w.tokens, w.images, text_passes=3, vision_passes=3)
+    """Model flops of one step of `w` (`model.flops`): training as `train --dry-run` counts them
+    (`train.dry_run.step_flops`); inference one pass, the prefill scoring its last token only."""
+    if w.training:
+        return step_flops(config, mp.train_config(w), w.batch, w.tokens, w.images)
+    return model_flops(config, w.batch, w.tokens, w.images, head_tokens=1)
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------------
-def with_layers(config: ModelConfig, text: int, vision: int) -> ModelConfig:
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=text),
-                               vision=dataclasses.replace(config.vision, num_layers=vision))
-
-
 def layered_cost(w: Workload, devices, config: ModelConfig) -> Cost:
     """The cost of `w` with every layer and loop iteration counted (`hlo_cost.by_depth`: compiled with its scans
-    unrolled at 1 and 2 decoder layers, and 1 and 2 vision layers where it runs the vision tower)."""
+    unrolled at 1 and 2 decoder layers, and 1 and 2 vision layers where it runs the vision tower). Training: the
+    estimate `train --dry-run` prints (`train.dry_run.step_cost`)."""
+    part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
+    if w.training:
+        return step_cost(config, mp.train_config(w), devices, mp.batch(w, part, True, config),
+                         compiler_options=mp.CPU_OPTIONS)
+    if is_decode(w):
+        return serve_dry_run.decode_step_cost(config, w.dtype, part, w.batch, w.cache_slots,
+                                              compiler_options=mp.CPU_OPTIONS)
+
     def cost(text: int, vision: int) -> Cost:
         with unrolled_scans():
             return program_cost(compile_workload(w, devices, with_layers(config, text, vision))["compiled"])

@@ -122,15 +122,26 @@ def _version() -> str:
 
 
 def _serve(a):
+    _check_quantize_options(a)
+    if a.dry_run or a.topology:
+        from idefics_jax.serve.dry_run import dry_run, report
+
+        plan = dry_run(a.model, slots=a.slots, max_len=a.max_len, dtype=a.dtype, quantize=a.quantize,
+                       group_size=a.group_size, mesh=a.mesh, slice_name=a.topology,
+                       prefix_cache_gb=a.prefix_cache_gb, image_cache_gb=a.image_cache_gb)
+        text = report(plan)
+        print(text)
+        if not plan["fits"]:
+            raise ValueError(text.splitlines()[-1])
+        return
     from idefics_jax.serve.app import serve
     from idefics_jax.train.loading import load_chat
 
-    _check_quantize_options(a)
     serve(a.model, load=load_chat, host=a.host, port=a.port, slots=a.slots, max_len=a.max_len, max_queue=a.max_queue,
           dtype=a.dtype, allow_local_images=a.allow_local_images, max_images=a.max_images,
           max_image_pixels=a.max_image_pixels, quantize=a.quantize, group_size=a.group_size, attention=a.attention,
           api_key=a.api_key, max_body_mb=a.max_body_mb, prefix_cache_gb=a.prefix_cache_gb,
-          image_cache_gb=a.image_cache_gb)
+          image_cache_gb=a.image_cache_gb, mesh=a.mesh)
 
 
 def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -238,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize_options(s, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     s.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
                    help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
+    s.add_argument("--mesh", default=None, metavar="MESH",
+                   help="spread the model over this host's devices: tensor (what decoding wants), fsdp, fsdp_tp, data, "
+                        "or sizes (tensor=4,data=2); default one device")
+    s.add_argument("--dry-run", action="store_true", help="compile the decode step (no weights): memory per device, "
+                   "fits or not; with --topology also the estimated tokens/s")
+    s.add_argument("--topology", default=None, metavar="SLICE",
+                   help="with --dry-run: compile for this TPU slice (v5e-8, v6e-8, v4-8, v5p-8, v5e-256, v6e-256; "
+                        "needs libtpu: the [aot] extra)")
     s.set_defaults(fn=_serve)
     v = parser("eval", help="score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, ...)")
     v.add_argument("--model", default="tiny-shapes", help="checkpoint directory or a shipped model's name")

@@ -15,6 +15,7 @@ Blocks, by fence language (any other language fails `test_every_block_is_handled
   * `idefics-jax train CONFIG key=value ...` and `python3 -m idefics_jax.train ...`: training takes minutes to
     hours, so the config and its overrides are loaded by `train.config.load`, which refuses an unknown key, a bad
     value or a missing config;
+  * `idefics-jax serve --dry-run` on this host's devices: executed like the commands above;
   * `idefics-jax serve --model tiny-shapes --slots 8` (SERVER): started for real (on a free port) as the server
     that the client blocks and the `curl` commands talk to, and stopped with SIGTERM, which must exit 0;
   * `python bench/X.py ...`: parsed by the script's own argparse parser (the script stops right after parsing);
@@ -94,6 +95,10 @@ NOT_RUN = {
         "a server runs until stopped; the test runs SERVER, the tiny-shapes one, instead",
     "idefics-jax serve --model smolvlm-int4 --slots 8":
         "a server runs until stopped; the test runs SERVER, the tiny-shapes one, instead",
+    "idefics-jax serve --model idefics3-8b-orbax --mesh tensor --slots 64 --max-len 4096":
+        "a server runs until stopped; the test runs SERVER, the tiny-shapes one, instead",
+    "idefics-jax serve --dry-run --model idefics3-8b-llama3 --mesh tensor --slots 64 --max-len 4096 --topology v5e-8":
+        "compiles for a TPU slice: needs libtpu (the [aot] extra)",
     "idefics-jax export out/train-tiny-shapes-long idefics_jax/models/tiny-shapes":
         "needs the WORKDIR of an 80-minute training run (tests/test_train.py exports runs)",
 }
@@ -152,6 +157,9 @@ def plan(toks: list[str]) -> str:
     prog, args = toks[0], toks[1:]
     if prog == "idefics-jax":
         if args[:1] == ["serve"]:
+            # A dry run on this host's devices runs; one for a TPU slice needs libtpu (NOT_RUN says so).
+            if "--dry-run" in args:
+                return "unhandled" if "--topology" in args else "cli"
             return "server" if key(toks) == SERVER else "unhandled"
         if args[:1] == ["train"] and "--list" not in args:
             # A dry run on this host's devices runs; one for a TPU slice needs libtpu: its config is loaded.

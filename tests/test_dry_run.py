@@ -5,6 +5,7 @@ import os
 
 import jax
 import pytest
+from flax import nnx
 
 from idefics_jax import cli
 from idefics_jax.train import config as config_lib
@@ -60,7 +61,7 @@ def test_a_config_that_does_not_fit_says_so_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["model=ckpt/nowhere"], "error: model 'ckpt/nowhere': no config.json there; a dry run needs only the "
-                             "architecture: name a preset (model=NAME; "),
+                             "architecture: name a preset ("),
     (["--topology", "v9-8"], "error: unknown TPU slice 'v9-8' (known: v5e-8, v6e-8, v4-8, v5p-8, "),
     (["optim.grad_accum=3"], "error: optim.grad_accum: 3 micro-batches do not divide data.batch_size 8"),
 ])
@@ -81,3 +82,44 @@ def test_a_preset_compiles_on_simulated_devices_of_its_mesh():
     assert 8.4e9 * 4 < plan["params"] < 8.6e9 * 4, plan["params"]
     assert plan["batch"] == (1, 1024, 17)
     assert os.path.basename(cfg.workdir) == "idefics3-8b-lora"
+
+
+# ---- serve --dry-run -----------------------------------------------------------------------------------------------
+def test_serve_dry_run_prints_weights_and_slots(capsys):
+    assert cli.main(["serve", "--dry-run", "--model", "tiny-shapes", "--slots", "4", "--max-len", "256",
+                     "--prefix-cache-gb", "0.5", "--image-cache-gb", "0"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("compiled for 1 local CPU device (cpu); mesh data 1, fsdp 1, tensor 1; 4 slots of 256 "
+                             "positions, bfloat16"), out
+    # tiny-shapes: 4 layers, 2 kv heads of 32; keys and values of 4 x 256 positions in bf16.
+    assert "KV cache 1.0 MiB" in out[1] and "with the prompt caches " in out[1], out
+    assert out[-1] == "fits"
+
+
+def test_serve_dry_run_that_does_not_fit_says_so_in_one_line(capsys):
+    code = cli.main(["serve", "--dry-run", "--model", "tiny-shapes", "--slots", "64", "--max-len", "1000000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("idefics-jax serve: error: does not fit: peak ") and " GiB per device " in err[0], err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "tensr=2"], "error: mesh 'tensr=2': name a preset (fsdp, fsdp_tp, data, tensor) or sizes as "),
+    (["--model", "ckpt/nowhere"], "error: model 'ckpt/nowhere': no config.json there; "),
+    (["--topology", "v9-8"], "error: unknown TPU slice 'v9-8' (known: v5e-8, "),
+])
+def test_serve_dry_run_names_a_bad_mesh_model_or_slice(capsys, args, message):
+    assert cli.main(["serve", "--dry-run", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_chat_loads_onto_a_named_mesh():
+    """`serve --mesh` / `Chat.load(mesh=...)`: the weights placed on a (data, fsdp, tensor) mesh of this host's
+    devices, as `load_pretrained(mesh=...)` places them."""
+    from idefics_jax.generation.chat import Chat
+
+    chat = Chat.load("tiny-shapes", mesh="tensor")
+    leaves = jax.tree.leaves(nnx.state(chat.model, nnx.Param))
+    assert all(x.sharding.mesh.axis_names == ("data", "fsdp", "tensor") for x in leaves)
+    assert {x.sharding.mesh.shape["tensor"] for x in leaves} == {len(jax.devices())}

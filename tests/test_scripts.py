@@ -82,3 +82,54 @@ def test_xpk_dry_runs_one_and_two_v5e_256_slices():
 def test_shellcheck():
     r = subprocess.run(["shellcheck", TPU, NODE, SLURM, XPK], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+def _docker_excluded(path: str, patterns: list[str]) -> bool:
+    """Whether `docker build` leaves `path` (relative, '/'-separated) out of the context under .dockerignore
+    `patterns`, by Docker's rules: Go's filepath.Match per pattern (`*` and `?` stop at '/') plus `**` for any
+    number of directories, a leading `!` re-including, the last matching pattern deciding, and a path excluded
+    when it or a directory above it matches."""
+    import re
+
+    def regex(p: str) -> str:
+        out, i = "", 0
+        while i < len(p):
+            if p.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif p.startswith("**", i):
+                out, i = out + ".*", i + 2
+            else:
+                out, i = out + {"*": "[^/]*", "?": "[^/]"}.get(p[i], re.escape(p[i])), i + 1
+        return out
+
+    rules = [(p.startswith("!"), re.compile(regex(p.lstrip("!").strip("/")) + "$")) for p in patterns]
+    parts = path.split("/")
+    excluded = False
+    for keep, rx in rules:
+        if any(rx.match("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not keep
+    return excluded
+
+
+def test_docker_context_holds_the_package_and_nothing_else():
+    """The files `docker build` sends (scripts/xpk/xpk.sh's image): what the Dockerfile copies, the shipped model's
+    weights included; no tests, caches, git history, build output or checkpoints, wherever a run left them."""
+    patterns = [line.strip() for line in open(os.path.join(ROOT, ".dockerignore"))
+                if line.strip() and not line.startswith("#")]
+    present = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs]
+    # What a user's clone may hold besides: caches, checkpoints and run outputs.
+    strays = ["tests/test_x.py", "idefics_jax/__pycache__/a.pyc", "train/__pycache__/b.pyc", ".pytest_cache/v",
+              "ckpt/idefics3-8b/params/x", "out/run1/checkpoints/1/x", "eval-out/docvqa/x.jsonl", "m.orbax/x",
+              "model.safetensors", "idefics_jax.egg-info/PKG-INFO", ".git/HEAD", ".venv/bin/python"]
+    context = [p for p in present + strays if not _docker_excluded(p, patterns)]
+    assert not [p for p in context if p.split("/")[0] in ("tests", ".git", "ckpt", "out", "eval-out", ".venv")
+                or "__pycache__" in p or ".egg-info" in p or p.endswith((".orbax/x", ".pytest_cache/v"))
+                or p == "model.safetensors"], context
+    copied = [line.split()[1] for line in open(os.path.join(ROOT, "Dockerfile")) if line.startswith("COPY ")]
+    sources = [s for line in open(os.path.join(ROOT, "Dockerfile")) if line.startswith("COPY ")
+               for s in line.split()[1:-1]]
+    assert copied and all(any(p == s or p.startswith(s + "/") for p in context) for s in sources), sources
+    assert "idefics_jax/models/tiny-shapes/model.safetensors" in context
+    assert {p.split("/")[0] for p in context} <= {"idefics_jax", "convert", "train", "configs", "pyproject.toml",
+                                                  "README.md", "LICENSE", "Dockerfile", ".dockerignore"}, \
+        sorted({p.split("/")[0] for p in context})

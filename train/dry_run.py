@@ -2,41 +2,34 @@
 weights and no data loaded (abstract arrays carrying their shardings): per-device memory and whether it fits. On
 this host's devices, or with `slice_name` for a TPU slice (libtpu compiles it; no TPU needed).
 
+With a cost model (`runtime.hlo_cost`), the step's flops, HBM bytes and collectives per device, every layer
+counted; on a TPU slice also the compiler's estimated step time and the MFU it implies.
+
 `compile_step` is the program `bench/memory_plan.py` reports too: one path for both."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from idefics_jax.checkpoints.checkpoint import abstract_placed
-from idefics_jax.checkpoints.hf_config import from_hf_file
-from idefics_jax.checkpoints.paths import as_path
-from idefics_jax.checkpoints.registry import PRESETS, shipped_models, SHIPPED_DIR
+from idefics_jax.checkpoints.registry import architecture
 from idefics_jax.model import sharding as shd
 from idefics_jax.model.config import ModelConfig
-from idefics_jax.ops.platform import compile_ahead, describe, memory_limit
+from idefics_jax.model.flops import model_flops
+from idefics_jax.ops.platform import compile_lowered, describe, size_text, target
 from idefics_jax.runtime import tpu
+from idefics_jax.runtime.hlo_cost import Cost, by_depth, program_cost, unrolled_scans
 from idefics_jax.train import optim, step as step_lib
 from idefics_jax.train.loading import compute_dtype, param_dtype
 from idefics_jax.train.config import TrainConfig
 
 GiB = 2**30
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of abstract arrays with shardings (the largest shard, for uneven layouts)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def replicated(part: shd.Partitioning):
-    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(part.mesh, PartitionSpec()))
 
 
 def batch_specs(part: shd.Partitioning, config: ModelConfig, B: int, T: int, images: int, *, labels: bool = True,
@@ -71,63 +64,67 @@ def compile_step(model_config: ModelConfig, cfg: TrainConfig, devices, batch: di
     t0 = time.time()
     parts = step_lib.split(model, cfg.freeze, lora, jax.random.key(cfg.seed))
     # Adapters are small and replicated; every other trainable parameter keeps its place.
-    trainable = jax.tree.map(replicated(part), parts.trainable) if lora else parts.trainable
+    trainable = jax.tree.map(shd.replicated(part), parts.trainable) if lora else parts.trainable
     tx = optim.make(cfg.optim, cfg.steps, parts.fan_in, trainable)
     # The moments are laid out like their parameters (as `step.init_state` makes them under jit).
     opt_state = optax.tree_map_params(
         tx, lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
-        jax.eval_shape(tx.init, trainable), trainable, transform_non_params=replicated(part))
-    state = step_lib.TrainState(replicated(part)(jax.ShapeDtypeStruct((), jnp.int32)), trainable, opt_state)
+        jax.eval_shape(tx.init, trainable), trainable, transform_non_params=shd.replicated(part))
+    state = step_lib.TrainState(shd.replicated(part)(jax.ShapeDtypeStruct((), jnp.int32)), trainable, opt_state)
     compute = compute_dtype(cfg)
     train_step = step_lib.make_train_step(parts, tx, compute_dtype=compute, remat=cfg.remat, lora=lora,
                                           grad_accum=cfg.optim.grad_accum)
     args = (state, parts.frozen, batch)
     out = {"mesh": dict(zip(shd.MESH_AXES, part.mesh.devices.shape)), "target": describe(devices),
-           "params": per_device_bytes((parts.frozen, trainable)),
-           "optimizer": per_device_bytes(opt_state)}
+           "params": shd.per_device_bytes((parts.frozen, trainable)),
+           "optimizer": shd.per_device_bytes(opt_state)}
     lowered = train_step.lower(*args)
-    compile_lowered(lowered, devices, out, t0, args, compiler_options)
+    compile_lowered(lowered, devices, out, t0, shd.per_device_bytes(args), compiler_options)
     return out
 
 
-def compile_lowered(lowered, devices, out: dict, t0: float, args, compiler_options: dict | None = None) -> None:
-    """Compiles `lowered` for `devices` (lowered since `t0` from the abstract `args`) and adds the times, XLA's
-    per-device memory analysis and the number of TPU kernel calls (Mosaic custom calls: the splash attention) to
-    `out`. When the TPU compiler refuses a program whose temporaries alone exceed the chip, the temporaries it
-    reports are kept (`out["oom"]`) with the arguments' exact bytes (outputs not counted: a training step's alias
-    its donated state)."""
-    out["lower_s"] = time.time() - t0
-    t0 = time.time()
-    compiled, temporaries = compile_ahead(lowered, devices, compiler_options)
-    out["compile_s"] = time.time() - t0
-    if compiled is None:
-        out.update(oom=True, kernels=lowered.as_text().count("@tpu_custom_call"), arguments=per_device_bytes(args),
-                   outputs=0, aliased=0, temporaries=temporaries)
-        out["peak"] = out["arguments"] + out["temporaries"]
-        return
-    m = compiled.memory_analysis()
-    out["compiled"] = compiled
-    out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-    out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
-               temporaries=m.temp_size_in_bytes)
-    out["peak"] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+# ---- the estimated step ------------------------------------------------------------------------------------------
+def with_layers(config: ModelConfig, text: int, vision: int) -> ModelConfig:
+    """`config` with `text` decoder layers and `vision` vision layers."""
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=text),
+                               vision=dataclasses.replace(config.vision, num_layers=vision))
+
+
+def step_cost(model_config: ModelConfig, cfg: TrainConfig, devices, batch: dict, *,
+              compiler_options: dict | None = None) -> Cost:
+    """The compiler's cost of `cfg`'s step per device with every layer, loss chunk and micro-batch counted: the
+    cost analysis counts a loop body once, so the step is compiled with its scans unrolled at 1 and 2 decoder
+    (and vision) layers and extrapolated to the model's depth (`hlo_cost.by_depth`)."""
+    def at(text: int, vision: int) -> Cost:
+        with unrolled_scans():
+            r = compile_step(with_layers(model_config, text, vision), cfg, devices, batch,
+                             compiler_options=compiler_options)
+        return program_cost(r["compiled"])
+
+    images = "pixel_values" in batch
+    return by_depth(at, model_config.text.num_layers, model_config.vision.num_layers if images else 0)
+
+
+def step_flops(model_config: ModelConfig, cfg: TrainConfig, B: int, T: int, images: int) -> float:
+    """Model flops of one step (`model.flops`; remat's recomputation not counted, as MFU defines it): a tower
+    whose weights train makes 3 passes (forward, activation and weight gradients), one whose weights stay under
+    trained layers above it 2 (LoRA adapters' own flops are negligible), a frozen vision tower 1."""
+    lora = cfg.lora.rank > 0
+    text_passes = 2 if lora or "text" in cfg.freeze else 3
+    vision_lora = lora and any(t.startswith(("vision/", "connector/")) for t in cfg.lora.targets)
+    vision_frozen = "vision" in cfg.freeze or (lora and not vision_lora)
+    vision_passes = 1 if vision_frozen else (2 if lora else 3)
+    return model_flops(model_config, B, T, images, text_passes=text_passes, vision_passes=vision_passes)
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The architecture `cfg.model` names, read without its weights: a preset name, a directory holding
-    config.json (a checkpoint, an HF directory, a shipped model), or the built-in "shapes"."""
+    """The architecture `cfg.model` names (`checkpoints.registry.architecture`), or the built-in "shapes"."""
     if cfg.model == "shapes":
         from idefics_jax.shapes import model as shapes_model
 
         return shapes_model.CONFIG
-    if cfg.model in PRESETS:
-        return PRESETS[cfg.model]
-    path = os.path.join(SHIPPED_DIR, cfg.model) if cfg.model in shipped_models() else cfg.model
-    if (as_path(path) / "config.json").exists():  # a local directory or a bucket
-        return from_hf_file(path)
-    raise ValueError(f"model '{cfg.model}': no config.json there; a dry run needs only the architecture: name a "
-                     f"preset (model=NAME; {', '.join(sorted(PRESETS))})")
+    return architecture(cfg.model)
 
 
 def image_slots(config: ModelConfig, cfg: TrainConfig) -> int:
@@ -153,15 +150,11 @@ def dry_run(cfg: TrainConfig, slice_name: str | None = None) -> dict:
     """Compiles `cfg`'s step for the largest batch its data config makes (the longest length bucket, the most
     sub-images), on this host's devices or, with `slice_name` ("v5e-8"), for that TPU slice. -> `compile_step`'s
     figures plus `capacity` (bytes per device: the slice's HBM, an accelerator's memory limit, or this host's
-    memory for CPU devices), `fits`, `batch` (B, T, images) and `target`."""
+    memory for CPU devices), `fits`, `batch` (B, T, images) and `target`; for a TPU slice whose step fits, also
+    `cost` (the compiler's per-device cost of the whole step, `step_cost`), `model_flops`, `seconds` (the
+    compiler's estimated step time) and `mfu`."""
     config = model_config(cfg)
-    if slice_name:
-        s = tpu.slice_named(slice_name)
-        devices, capacity, how = tpu.devices(s), s.hbm_gib * GiB, f"TPU {s.name} (libtpu, ahead of time)"
-    else:
-        devices = tuple(jax.devices())
-        capacity = memory_limit(devices[0]) or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / len(devices)
-        how = describe(devices)
+    devices, capacity, how = target(slice_name)
     B, T, images = cfg.data.batch_size, max(cfg.data.length_buckets), image_slots(config, cfg)
     part = shd.Partitioning(shd.make_mesh(shd.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices))
     batch = batch_specs(part, config, B, T, images, packed=cfg.data.packing)
@@ -169,22 +162,32 @@ def dry_run(cfg: TrainConfig, slice_name: str | None = None) -> dict:
     out.pop("compiled", None)
     out.update(capacity=capacity, fits=not out.get("oom") and out["peak"] <= capacity, batch=(B, T, images),
                target=how)
+    # Only the TPU compiler estimates time; a step that does not fit gets its answer without three more compiles.
+    if slice_name and out["fits"]:
+        cost = step_cost(config, cfg, devices, batch)
+        flops = step_flops(config, cfg, B, T, images)
+        peak = tpu.slice_named(slice_name).peak_flops
+        out.update(cost=cost, model_flops=flops, seconds=cost.seconds,
+                   mfu=flops / (cost.seconds * peak * len(devices)))
     return out
 
 
-def _size(b: float) -> str:
-    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
-
-
 def report(r: dict) -> str:
-    """The dry run in three lines; the last says whether it fits (with the per-device peak when it does not)."""
-    g = _size
+    """The dry run in three lines, four with the step's estimated cost; the last says whether it fits (with the
+    per-device peak when it does not)."""
+    g = size_text
     B, T, images = r["batch"]
     mesh = ", ".join(f"{k} {v}" for k, v in r["mesh"].items())
     lines = [f"compiled for {r['target']}; mesh {mesh}; batch {B} x {T} tokens, {images} sub-images per sample "
              f"(lowered {r['lower_s']:.1f} s, compiled {r['compile_s']:.1f} s)",
              f"per device: parameters {g(r['params'])}, optimizer state {g(r['optimizer'])}, arguments "
              f"{g(r['arguments'])}, temporaries {g(r['temporaries'])}; peak {g(r['peak'])} of {g(r['capacity'])}"]
+    if "cost" in r:
+        c = r["cost"]
+        lines.append(f"the TPU compiler's estimate: step {1e3 * r['seconds']:,.0f} ms, MFU {100 * r['mfu']:.1f}%, "
+                     f"{B * T / r['seconds']:,.0f} tokens/s; per device {c.flops / 1e12:.2f} TFLOP, HBM "
+                     f"{g(c.bytes)}, collectives {c.collectives_text(g)} (every layer counted; model "
+                     f"{r['model_flops'] / 1e12:.1f} TFLOP per step)")
     if r["fits"]:
         lines.append("fits")
     else:

@@ -133,7 +133,7 @@ def trained_model(workdir: str, step: int | None = None):
 
 
 def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize: str | None = None,
-                 group_size: int | None = None, attention: str | None = None, **chat_options):
+                 group_size: int | None = None, attention: str | None = None, mesh=None, **chat_options):
     """A Chat over the model of the run in `workdir` (newest step by default, LoRA adapters merged), cast to
     `dtype`, quantized with `quantize` / `group_size` and with the `attention` backend as `Chat.load` does, keeping
     the run's generation defaults (eos, pad); `chat_options` as `Chat.load` (do_image_splitting, longest_edge,
@@ -142,6 +142,9 @@ def trained_chat(workdir: str, *, step: int | None = None, dtype=None, quantize:
 
     from idefics_jax.generation.chat import Chat
 
+    if mesh is not None:
+        raise ValueError(f"{workdir}: a training run's WORKDIR loads onto one device; `idefics-jax export` it to "
+                         "spread it over a mesh")
     model, model_dir = trained_model(workdir, step)
     defaults = model.generation_defaults  # a model rebuilt below does not carry them
     if dtype is not None:  # the full-precision weights; a QLoRA run's quantized base stays as it is

@@ -73,6 +73,20 @@ def published() -> dict[str, str]:
     return {name: p.hub_id for name, p in PRESET_TABLE.items() if p.hub_id}
 
 
+def architecture(name: str) -> ModelConfig:
+    """The architecture `name` names, read without its weights: a preset, a shipped model, or a directory (local
+    or in a bucket) holding config.json (a checkpoint, an HF directory, a training run's export)."""
+    from idefics_jax.checkpoints.hf_config import from_hf_file
+
+    if name in PRESETS:
+        return PRESETS[name]
+    path = os.path.join(SHIPPED_DIR, name) if name in shipped_models() else name
+    if (as_path(path) / "config.json").exists():
+        return from_hf_file(path)
+    raise CheckpointError(f"model '{name}': no config.json there; a dry run needs only the architecture: name a "
+                          f"preset ({', '.join(sorted(PRESETS))})")
+
+
 def is_run(path) -> bool:
     """Whether `path` (local, `gs://`, any path object) is a training WORKDIR (its checkpoints and the config it
     ran with)."""

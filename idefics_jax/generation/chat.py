@@ -177,14 +177,25 @@ class Chat:
     @classmethod
     def load(cls, path: str, *, dtype=None, do_image_splitting: bool | None = None,
              longest_edge: int | None = None, max_frames: int | None = None, fps: float | None = None,
-             quantize: str | None = None, group_size: int | None = None, attention: str | None = None) -> "Chat":
+             quantize: str | None = None, group_size: int | None = None, attention: str | None = None,
+             mesh=None) -> "Chat":
         """The model and processor of a checkpoint directory (an `idefics-jax convert` output or an HF one), a
         shipped model ("tiny-shapes"), a preset ("smolvlm-256m") or a hub id ("org/name[@revision]");
-        `quantize` / `group_size` / `attention` as in `load_pretrained`."""
+        `quantize` / `group_size` / `attention` as in `load_pretrained`. `mesh`: spread the model over all
+        devices, a mesh shape (`sharding.parse_mesh`: "tensor", "data=2,tensor=4"; or a `MeshShape`) or a `Mesh`;
+        None: one device."""
+        from jax.sharding import Mesh
         from transformers import AutoProcessor
 
+        from idefics_jax.model import sharding
+
+        if isinstance(mesh, str):
+            mesh = sharding.parse_mesh(mesh)
+        if mesh is not None and not isinstance(mesh, Mesh):
+            mesh = sharding.make_mesh(mesh)
         path = resolve(path)
-        model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention)
+        model = load_pretrained(path, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention,
+                                mesh=mesh)
         return cls(model, AutoProcessor.from_pretrained(local_side_files(path)), do_image_splitting=do_image_splitting,
                    longest_edge=longest_edge, max_frames=max_frames, fps=fps)
 

@@ -9,7 +9,9 @@ model, at the cost of memory when the sizes do not divide.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import re
 from typing import Mapping, Sequence
 
 import jax
@@ -106,6 +108,25 @@ FSDP = MeshShape(fsdp=-1)
 FSDP_TP = MeshShape(fsdp=-1, tensor=4)
 # Data parallelism: weights replicated, the batch split over all devices.
 DATA_PARALLEL = MeshShape(data=-1)
+# Tensor parallelism over all devices: what decoding wants (each step reads every weight once, split over the
+# chips, with two all-reduces per layer and no weight all-gather; docs/tpu-plan.md).
+TENSOR = MeshShape(tensor=-1)
+PRESET_MESHES = {"fsdp": FSDP, "fsdp_tp": FSDP_TP, "data": DATA_PARALLEL, "tensor": TENSOR}
+
+
+def parse_mesh(text: str) -> MeshShape:
+    """A mesh as the command line names it: a preset (fsdp, fsdp_tp, data, tensor) or axis sizes
+    ("tensor=8", "data=2,tensor=4"; axes left out have size 1, one size may be -1: the remaining devices)."""
+    if text in PRESET_MESHES:
+        return PRESET_MESHES[text]
+    sizes = {}
+    for part in text.split(","):
+        name, eq, size = part.partition("=")
+        if not eq or name.strip() not in MESH_AXES or not re.fullmatch(r"-?\d+", size.strip()):
+            raise ValueError(f"mesh '{text}': name a preset ({', '.join(PRESET_MESHES)}) or sizes as "
+                             f"axis=N,... over the axes {', '.join(MESH_AXES)}")
+        sizes[name.strip()] = int(size)
+    return MeshShape(**sizes)
 
 
 
@@ -278,6 +299,16 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays with shardings (the largest shard, for uneven layouts)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def replicated(part: Partitioning):
+    """-> a function giving an abstract array (ShapeDtypeStruct) a copy on every device of `part`'s mesh."""
+    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(part.mesh, PartitionSpec()))
 
 
 def param_bytes_per_device(model) -> dict:

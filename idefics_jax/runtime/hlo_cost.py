@@ -233,6 +233,10 @@ class Cost:
     collective_bytes: dict = dataclasses.field(default_factory=dict)
     collective_count: dict = dataclasses.field(default_factory=dict)
 
+    def collectives_text(self, size: Callable[[float], str]) -> str:
+        """'all-gather 1.2 GiB, all-reduce 4.0 MiB' (bytes as `size` writes them), or 'none'."""
+        return ", ".join(f"{k} {size(v)}" for k, v in sorted(self.collective_bytes.items()) if v) or "none"
+
     def plus(self, other: "Cost", times: float = 1.0) -> "Cost":
         merge = lambda a, b: {k: a.get(k, 0) + times * b.get(k, 0) for k in {*a, *b}}  # noqa: E731
         seconds = None if self.seconds is None or other.seconds is None else self.seconds + times * other.seconds

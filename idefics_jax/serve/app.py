@@ -347,10 +347,10 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
           max_images: int = 8, max_image_pixels: int = MAX_IMAGE_PIXELS, drain_timeout: float = 30.0,
           quantize: str | None = None, group_size: int | None = None, attention: str | None = None,
           load: Callable | None = None, api_key: str | None = None, max_body_mb: float = MAX_BODY_MB,
-          prefix_cache_gb: float = 1.0, image_cache_gb: float = 0.25) -> None:
+          prefix_cache_gb: float = 1.0, image_cache_gb: float = 0.25, mesh: str | None = None) -> None:
     """Loads `model` (any name `Chat.load` takes, or with `load` whatever it takes, e.g. the training layer's
-    `load_chat` for a WORKDIR; `quantize` / `group_size` / `attention` as in `load_pretrained`) and serves it until
-    SIGTERM / Ctrl-C. `api_key` (default: the IDEFICS_JAX_API_KEY environment variable; none: open to all)."""
+    `load_chat` for a WORKDIR; `quantize` / `group_size` / `attention` / `mesh` as in `Chat.load`) and serves it
+    until SIGTERM / Ctrl-C. `api_key` (default: the IDEFICS_JAX_API_KEY environment variable; none: open to all)."""
     import uvicorn
 
     from idefics_jax.generation.chat import Chat
@@ -365,7 +365,8 @@ def serve(model: str = "tiny-shapes", *, host: str = "127.0.0.1", port: int = 80
     if api_key is None and exposed(host):
         print(f"WARNING: serving on {host} without an API key: anyone who can reach port {port} can use the "
               f"model; set --api-key or {ENV_KEY}", file=sys.stderr, flush=True)
-    chat = (load or Chat.load)(model, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention)
+    chat = (load or Chat.load)(model, dtype=dtype, quantize=quantize, group_size=group_size, attention=attention,
+                               mesh=mesh)
     engine = Engine(chat.model, chat, slots=slots, max_len=max_len, max_queue=max_queue,
                     prefix_cache_gb=prefix_cache_gb, image_cache_gb=image_cache_gb)
     name = os.path.basename(os.path.normpath(model))
