@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -27,7 +28,10 @@ import memory_plan as mp  # noqa: E402  (sets the CPU device count and platform 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
+
+from idefics_jax.checkpoints.checkpoint import abstract_placed  # noqa: E402
 
 from idefics_jax.model import sharding as shd  # noqa: E402
 from idefics_jax.model.config import ModelConfig  # noqa: E402
@@ -62,12 +66,13 @@ SLICES = {name: Slice(mp.tpu_platform(name), Chip(f"TPU {name.split('-')[0]}", s
           for name, s in tpu_lib.SLICES.items() if name in ("v5e-8", "v6e-8", "v5p-8", "v5e-256", "v6e-256")}
 SMOKE_SLICE = Slice(mp.SMOKE_PLATFORMS[0], SMOKE_CHIP)
 MODELS = {"idefics3-8b": ("Idefics3-8B", IDEFICS3_8B_LLAMA3), "smolvlm-2.2b": ("SmolVLM-2.2B", SMOLVLM_2_2B)}
-# Smoke: the tiny model with more layers, so that loop iterations weigh in the check.
-SMOKE_MODEL = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, num_layers=4),
-                                  vision=dataclasses.replace(TINY.vision, num_layers=3))
+# Smoke: the tiny model with more layers, so that loop iterations weigh in the check, and 8 heads of each kind, so
+# that tensor parallelism over 8 devices splits them (as Idefics3-8B's 32 and 8 split over a v5e-8).
+SMOKE_MODEL = dataclasses.replace(
+    TINY, text=dataclasses.replace(TINY.text, num_layers=4, hidden_size=64, intermediate_size=128, num_heads=8,
+                                   num_kv_heads=8), vision=dataclasses.replace(TINY.vision, num_layers=3))
 # Decode-step presets compared per slice: tensor parallelism over every chip, or FSDP + tensor 4.
-TENSOR = shd.MeshShape(tensor=-1)
-DECODE_PRESETS = (("tensor", TENSOR), ("FSDP_TP", shd.FSDP_TP))
+DECODE_PRESETS = (("tensor", shd.TENSOR), ("FSDP_TP", shd.FSDP_TP))
 DECODE_BATCHES = (1, 8, 64)
 
 
@@ -272,14 +277,50 @@ def check_layers(devices, config: ModelConfig, loads) -> list[tuple[str, float, 
     return out
 
 
+def check_sharding(devices, config: ModelConfig, train: tuple[Workload, dict], decode_tensor: dict,
+                   decode_fsdp_tp: dict) -> list[str]:
+    """The presets' collectives on the smoke programs (their compiled HLO, every loop iteration counted): the
+    decode step under the tensor preset all-gathers no weight (its all-gathers, if any, carry the rows' tokens:
+    under 1% of the weights a device holds), where FSDP_TP's gathers its weight shards; the FSDP training step's
+    collective operand bytes are within 10% of the FSDP formula 2 P / n + P (P bytes of parameters over n
+    devices: each device gathers its shards in the forward pass and again in the backward one, and contributes its
+    whole gradient to the reduction). Raises when a check fails; -> the lines that say what was measured."""
+    def gathered(r):
+        return hlo_cost.collectives(r["compiled"].as_text())[0].bytes.get("all-gather", 0)
+
+    out = []
+    ag, ag_fsdp = gathered(decode_tensor), gathered(decode_fsdp_tp)
+    if ag > 0.01 * decode_tensor["params"] or ag_fsdp < 0.1 * decode_fsdp_tp["params"]:
+        raise RuntimeError(f"decode step all-gathers {ag:.0f} bytes under the tensor preset ({ag_fsdp:.0f} under "
+                           f"FSDP_TP), against {decode_tensor['params']} bytes of weights per device")
+    out.append(f"decode step, batch 8: all-gather {ag:.0f} bytes per device under tensor (weights "
+               f"{decode_tensor['params']:,}), {ag_fsdp:,.0f} under FSDP_TP")
+    w, r = train
+    part = shd.Partitioning(shd.make_mesh(w.mesh, devices))
+    P = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(nnx.state(abstract_placed(config, w.dtype, part))))
+    n = part.mesh.size
+    got = hlo_cost.collectives(r["compiled"].as_text())[0].bytes
+    formula = 2 * P / n + P
+    ratio = sum(got.values()) / formula
+    if not 0.9 <= ratio <= 1.1:
+        raise RuntimeError(f"{w.name}: collectives move {sum(got.values()):,.0f} operand bytes per device, "
+                           f"{ratio:.3f}x the FSDP formula's {formula:,.0f}")
+    kinds = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(got.items()))
+    out.append(f"{w.name}, FSDP over {n}: collectives {kinds} bytes per device = {ratio:.3f}x the FSDP formula "
+               f"2 P / n + P = {formula:,.0f} (P = {P:,} bytes of parameters)")
+    return out
+
+
 def smoke() -> int:
     sl, devices = SMOKE_SLICE, tuple(jax.devices()[:8])
     # The training step and one decode step (the other workloads compile as in bench/memory_plan.py --smoke).
     loads = [w for w in workloads(8, smoke=True)
              if w.training and not w.lora or w.name == "decode step, batch 8, tensor"]
-    rows, costs = [], []
+    rows, costs, programs = [], [], []
     for w in loads:
         r = compile_workload(w, devices, SMOKE_MODEL)
+        programs.append(r)
         costs.append((w, layered_cost(w, devices, SMOKE_MODEL)))
         rows.append(("tiny", sl, w, plan_row(sl, w, r, SMOKE_MODEL, costs[-1][1])))
     print(table(rows))
@@ -289,6 +330,12 @@ def smoke() -> int:
     for name, rf, rb in check_layers(devices, SMOKE_MODEL, [costs[0], costs[-1]]):
         print(f"| {name} | {rf:.3f} | {rb:.3f} |")
     print("layered costs within 5% of the unrolled programs")
+    fsdp_tp = next(w for w in workloads(8, smoke=True) if w.name == "decode step, batch 8, FSDP_TP")
+    for line in check_sharding(devices, SMOKE_MODEL, (loads[0], programs[0]), programs[-1],
+                               compile_workload(fsdp_tp, devices, SMOKE_MODEL)):
+        print(line)
+    print("sharding checks passed: no weight all-gather in the decode step under tensor; FSDP collectives as the "
+          "formula")
     return 0
 
 
