@@ -58,6 +58,7 @@ def _generate(a):
     if a.longest_edge is not None and a.longest_edge < 1:
         raise ValueError(f"--longest-edge must be a positive number of pixels; got {a.longest_edge}")
     _check_quantize_options(a)
+    _check_mesh(a)
     # Sampling when any sampling knob is set (a temperature of 0 means greedy).
     knobs = a.top_k is not None or a.top_p is not None
     temperature = a.temperature if a.temperature is not None else (1.0 if knobs else 0.0)
@@ -71,7 +72,8 @@ def _generate(a):
 
     distributed.initialize()
     chat = load_chat(a.model, dtype=a.dtype, do_image_splitting=False if a.no_image_splitting else None,
-                     longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size, attention=a.attention)
+                     longest_edge=a.longest_edge, quantize=a.quantize, group_size=a.group_size, attention=a.attention,
+                     mesh=a.mesh)
     out = sys.stdout if distributed.is_main() else open(os.devnull, "w")  # every host computes, one prints
     content = [{"type": "video"} for _ in a.video] + [{"type": "image"} for _ in a.image] + [
         {"type": "text", "text": a.prompt}]
@@ -123,6 +125,7 @@ def _version() -> str:
 
 def _serve(a):
     _check_quantize_options(a)
+    _check_mesh(a)
     if a.dry_run or a.topology:
         from idefics_jax.serve.dry_run import dry_run, report
 
@@ -150,6 +153,19 @@ def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what}: int8 per output channel, int4 in groups along the contraction")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="int4 group size (default 128, or the largest power of two below it dividing the width)")
+
+
+def _mesh_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, metavar="MESH",
+                   help="spread the model over this host's devices (all hosts' on a pod): tensor (what decoding "
+                        "wants), fsdp, fsdp_tp, data, or sizes (tensor=4,data=2); default one device")
+
+
+def _check_mesh(a) -> None:
+    from idefics_jax.model.sharding import parse_mesh
+
+    if a.mesh is not None:
+        parse_mesh(a.mesh)
 
 
 def _check_quantize_options(a) -> None:
@@ -228,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize_options(g, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     g.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
                    help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
+    _mesh_option(g)
     g.set_defaults(fn=_generate)
     s = parser("serve", help="OpenAI-compatible chat server with continuous batching, and a chat page at /")
     s.add_argument("--model", default="tiny-shapes", help="checkpoint or shipped model (default: tiny-shapes)")
@@ -249,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize_options(s, "quantize the matmul weights while loading (a quantized checkpoint needs no flag)")
     s.add_argument("--attention", choices=["xla", "cudnn", "pallas"], default=None,
                    help="prompt attention backend (default: pallas on TPU, cudnn on GPU, xla on CPU)")
-    s.add_argument("--mesh", default=None, metavar="MESH",
-                   help="spread the model over this host's devices: tensor (what decoding wants), fsdp, fsdp_tp, data, "
-                        "or sizes (tensor=4,data=2); default one device")
+    _mesh_option(s)
     s.add_argument("--dry-run", action="store_true", help="compile the decode step (no weights): memory per device, "
                    "fits or not; with --topology also the estimated tokens/s")
     s.add_argument("--topology", default=None, metavar="SLICE",

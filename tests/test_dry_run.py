@@ -123,3 +123,11 @@ def test_chat_loads_onto_a_named_mesh():
     leaves = jax.tree.leaves(nnx.state(chat.model, nnx.Param))
     assert all(x.sharding.mesh.axis_names == ("data", "fsdp", "tensor") for x in leaves)
     assert {x.sharding.mesh.shape["tensor"] for x in leaves} == {len(jax.devices())}
+
+
+def test_generate_names_a_bad_mesh_before_loading(capsys):
+    assert cli.main(["generate", "--mesh", "tensor=2,pipe=2", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["idefics-jax generate: error: mesh 'tensor=2,pipe=2': name a preset (fsdp, fsdp_tp, data, tensor) "
+                   "or sizes as axis=N,... over the axes data, fsdp, tensor"], err
+

@@ -33,8 +33,23 @@ class StackedLayers:
     weights: Any
 
     def scan(self, fn: Callable, carry, xs=None):
-        """Runs `fn(carry, w, x) -> (carry, y)` over the layers (and per-layer `xs`) -> (carry, ys)."""
-        return jax.lax.scan(lambda c, wx: fn(c, self._layer(wx[0]), wx[1]), carry, (self.weights, xs))
+        """Runs `fn(carry, w, x) -> (carry, y)` over the layers (and per-layer `xs`, each y shaped as its x: the
+        KV cache) -> (carry, ys)."""
+        if xs is None:
+            return jax.lax.scan(lambda c, w: fn(c, self._layer(w), None), carry, self.weights)
+
+        # The stacked cache rides in the loop's carry and each layer writes its slice back into it: as the scan's
+        # inputs and outputs it would be read whole and written whole into a second buffer at every decode step.
+        def body(c, wi):
+            h, stacked = c
+            w, i = wi
+            h, y = fn(h, self._layer(w), jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), stacked))
+            stacked = jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, i, 0), stacked, y)
+            return (h, stacked), None
+
+        L = jax.tree.leaves(xs)[0].shape[0]
+        (carry, ys), _ = jax.lax.scan(body, (carry, xs), (self.weights, jnp.arange(L)))
+        return carry, ys
 
     def _layer(self, w):
         return w
