@@ -36,13 +36,17 @@ def _train(a):
 
     cfg = config.load(a.config, a.overrides)  # a bad config fails before joining other hosts
     if a.dry_run or a.topology:
-        from idefics_jax.train.dry_run import dry_run, report
+        from idefics_jax.train.dry_run import dry_run, estimate, estimate_report, report
 
         plan = dry_run(cfg, a.topology)
         text = report(plan)
-        print(text)
+        print(text, flush=True)
         if not plan["fits"]:
             raise ValueError(text.splitlines()[-1])
+        if a.topology:  # only the TPU compiler estimates time
+            print("estimating the step time: the step compiled again at 1 and 2 layers, its loops unrolled (minutes "
+                  "for an 8B model) ...", file=sys.stderr, flush=True)
+            print(estimate_report(plan, estimate(cfg, a.topology, plan)))
         return
     distributed.initialize()  # several hosts (TPU pod, SLURM, coordinator variables): join them
     run.run(cfg)

@@ -150,31 +150,37 @@ def dry_run(cfg: TrainConfig, slice_name: str | None = None) -> dict:
     """Compiles `cfg`'s step for the largest batch its data config makes (the longest length bucket, the most
     sub-images), on this host's devices or, with `slice_name` ("v5e-8"), for that TPU slice. -> `compile_step`'s
     figures plus `capacity` (bytes per device: the slice's HBM, an accelerator's memory limit, or this host's
-    memory for CPU devices), `fits`, `batch` (B, T, images) and `target`; for a TPU slice whose step fits, also
-    `cost` (the compiler's per-device cost of the whole step, `step_cost`), `model_flops`, `seconds` (the
-    compiler's estimated step time) and `mfu`."""
+    memory for CPU devices), `fits`, `batch` (B, T, images) and `target`."""
     config = model_config(cfg)
     devices, capacity, how = target(slice_name)
     B, T, images = cfg.data.batch_size, max(cfg.data.length_buckets), image_slots(config, cfg)
-    part = shd.Partitioning(shd.make_mesh(shd.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices))
-    batch = batch_specs(part, config, B, T, images, packed=cfg.data.packing)
-    out = compile_step(config, cfg, devices, batch)
+    out = compile_step(config, cfg, devices, _batch(cfg, config, devices, B, T, images))
     out.pop("compiled", None)
     out.update(capacity=capacity, fits=not out.get("oom") and out["peak"] <= capacity, batch=(B, T, images),
                target=how)
-    # Only the TPU compiler estimates time; a step that does not fit gets its answer without three more compiles.
-    if slice_name and out["fits"]:
-        cost = step_cost(config, cfg, devices, batch)
-        flops = step_flops(config, cfg, B, T, images)
-        peak = tpu.slice_named(slice_name).peak_flops
-        out.update(cost=cost, model_flops=flops, seconds=cost.seconds,
-                   mfu=flops / (cost.seconds * peak * len(devices)))
     return out
 
 
+def _batch(cfg: TrainConfig, config: ModelConfig, devices, B: int, T: int, images: int) -> dict:
+    part = shd.Partitioning(shd.make_mesh(shd.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices))
+    return batch_specs(part, config, B, T, images, packed=cfg.data.packing)
+
+
+def estimate(cfg: TrainConfig, slice_name: str, plan: dict) -> dict:
+    """The TPU compiler's estimate of the step `dry_run` compiled (`plan`) for TPU slice `slice_name` (only the TPU
+    compiler estimates time): `cost` (per device, the whole step: `step_cost`, three more compiles), `model_flops`,
+    `seconds` and `mfu`."""
+    config = model_config(cfg)
+    devices, _, _ = target(slice_name)
+    cost = step_cost(config, cfg, devices, _batch(cfg, config, devices, *plan["batch"]))
+    flops = step_flops(config, cfg, *plan["batch"])
+    peak = tpu.slice_named(slice_name).peak_flops
+    return {"cost": cost, "model_flops": flops, "seconds": cost.seconds,
+            "mfu": flops / (cost.seconds * peak * len(devices))}
+
+
 def report(r: dict) -> str:
-    """The dry run in three lines, four with the step's estimated cost; the last says whether it fits (with the
-    per-device peak when it does not)."""
+    """The dry run in three lines; the last says whether it fits (with the per-device peak when it does not)."""
     g = size_text
     B, T, images = r["batch"]
     mesh = ", ".join(f"{k} {v}" for k, v in r["mesh"].items())
@@ -182,14 +188,19 @@ def report(r: dict) -> str:
              f"(lowered {r['lower_s']:.1f} s, compiled {r['compile_s']:.1f} s)",
              f"per device: parameters {g(r['params'])}, optimizer state {g(r['optimizer'])}, arguments "
              f"{g(r['arguments'])}, temporaries {g(r['temporaries'])}; peak {g(r['peak'])} of {g(r['capacity'])}"]
-    if "cost" in r:
-        c = r["cost"]
-        lines.append(f"the TPU compiler's estimate: step {1e3 * r['seconds']:,.0f} ms, MFU {100 * r['mfu']:.1f}%, "
-                     f"{B * T / r['seconds']:,.0f} tokens/s; per device {c.flops / 1e12:.2f} TFLOP, HBM "
-                     f"{g(c.bytes)}, collectives {c.collectives_text(g)} (every layer counted; model "
-                     f"{r['model_flops'] / 1e12:.1f} TFLOP per step)")
     if r["fits"]:
         lines.append("fits")
     else:
         lines.append(f"does not fit: peak {g(r['peak'])} per device, {g(r['capacity'])} available")
     return "\n".join(lines)
+
+
+def estimate_report(plan: dict, e: dict) -> str:
+    """`estimate`'s figures in one line."""
+    g = size_text
+    B, T, _ = plan["batch"]
+    c = e["cost"]
+    return (f"the TPU compiler's estimate: step {1e3 * e['seconds']:,.0f} ms, MFU {100 * e['mfu']:.1f}%, "
+            f"{B * T / e['seconds']:,.0f} tokens/s; per device {c.flops / 1e12:.2f} TFLOP, HBM {g(c.bytes)}, "
+            f"collectives {c.collectives_text(g)} (every layer counted; model {e['model_flops'] / 1e12:.1f} TFLOP "
+            "per step)")
