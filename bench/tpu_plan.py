@@ -40,7 +40,7 @@ from idefics_jax.model.flops import model_flops  # noqa: E402
 from idefics_jax.runtime import hlo_cost, tpu as tpu_lib  # noqa: E402
 from idefics_jax.runtime.hlo_cost import Cost, by_depth, program_cost, unrolled_scans  # noqa: E402
 from idefics_jax.serve import dry_run as serve_dry_run  # noqa: E402
-from idefics_jax.train.dry_run import step_cost, step_flops, with_layers  # noqa: E402
+from idefics_jax.train.dry_run import step_cost, step_flops  # noqa: E402
 
 GiB = 2**30
 Workload = mp.Workload
@@ -133,7 +133,7 @@ def layered_cost(w: Workload, devices, config: ModelConfig) -> Cost:
 
     def cost(text: int, vision: int) -> Cost:
         with unrolled_scans():
-            return program_cost(compile_workload(w, devices, with_layers(config, text, vision))["compiled"])
+            return program_cost(compile_workload(w, devices, config.with_depth(text, vision))["compiled"])
 
     return by_depth(cost, config.text.num_layers, config.vision.num_layers if w.images else 0)
 

@@ -9,7 +9,6 @@ counted; on a TPU slice also the compiler's estimated step time and the MFU it i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -84,12 +83,6 @@ def compile_step(model_config: ModelConfig, cfg: TrainConfig, devices, batch: di
 
 
 # ---- the estimated step ------------------------------------------------------------------------------------------
-def with_layers(config: ModelConfig, text: int, vision: int) -> ModelConfig:
-    """`config` with `text` decoder layers and `vision` vision layers."""
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=text),
-                               vision=dataclasses.replace(config.vision, num_layers=vision))
-
-
 def step_cost(model_config: ModelConfig, cfg: TrainConfig, devices, batch: dict, *,
               compiler_options: dict | None = None) -> Cost:
     """The compiler's cost of `cfg`'s step per device with every layer, loss chunk and micro-batch counted: the
@@ -97,7 +90,7 @@ def step_cost(model_config: ModelConfig, cfg: TrainConfig, devices, batch: dict,
     (and vision) layers and extrapolated to the model's depth (`hlo_cost.by_depth`)."""
     def at(text: int, vision: int) -> Cost:
         with unrolled_scans():
-            r = compile_step(with_layers(model_config, text, vision), cfg, devices, batch,
+            r = compile_step(model_config.with_depth(text, vision), cfg, devices, batch,
                              compiler_options=compiler_options)
         return program_cost(r["compiled"])
 

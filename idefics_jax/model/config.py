@@ -101,6 +101,12 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
+    def with_depth(self, text: int, vision: int | None = None) -> "ModelConfig":
+        """This architecture with `text` decoder layers (and `vision` vision layers; None keeps them)."""
+        vision = self.vision.num_layers if vision is None else vision
+        return self.replace(text=dataclasses.replace(self.text, num_layers=text),
+                            vision=dataclasses.replace(self.vision, num_layers=vision))
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationDefaults:

@@ -7,7 +7,6 @@ tokens/s, beside the HBM roofline (weights and cache read once per step).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -68,10 +67,6 @@ def compile_decode_step(config: ModelConfig, dtype, part: shd.Partitioning, rows
     return out
 
 
-def with_text_layers(config: ModelConfig, layers: int) -> ModelConfig:
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=layers))
-
-
 def decode_step_cost(config: ModelConfig, dtype, part: shd.Partitioning, rows: int, columns: int, *,
                      quantize: str = "", group_size: int | None = None,
                      compiler_options: dict | None = None) -> Cost:
@@ -79,7 +74,7 @@ def decode_step_cost(config: ModelConfig, dtype, part: shd.Partitioning, rows: i
     layers unrolled and extrapolated to the model's depth: `hlo_cost.by_depth`)."""
     def at(text: int, vision: int) -> Cost:
         with unrolled_scans():
-            r = compile_decode_step(with_text_layers(config, text), dtype, part, rows, columns, quantize=quantize,
+            r = compile_decode_step(config.with_depth(text), dtype, part, rows, columns, quantize=quantize,
                                     group_size=group_size, compiler_options=compiler_options)
         return program_cost(r["compiled"])
 
